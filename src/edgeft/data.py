@@ -1,0 +1,368 @@
+"""Datasets by name or path, and the batches training and evaluation read.
+
+Datasets that fit in memory (digits, MNIST, CIFAR) are held as one uint8 tensor already at the
+model's input size; their augmentation runs batched on the training device. Folders are read
+file by file through the shared loader in `edgeft.preprocess`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from edgeft.errors import InputError, RunError
+from edgeft.preprocess import Preprocess, load_image, normalize, preprocess_image, to_array
+
+__all__ = [
+    "AUGMENTATIONS",
+    "BUILTIN_DATASETS",
+    "DataBundle",
+    "FolderImages",
+    "TensorImages",
+    "augment_batch",
+    "iterate_batches",
+    "load_data",
+]
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+AUGMENTATIONS = ("none", "light", "standard")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TensorImages:
+    """A split held in memory: uint8 images (N, C, size, size) at the model's input size."""
+
+    images: torch.Tensor
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """A split of image files; `augment` picks the training or the eval transform."""
+
+    def __init__(self, files: list[tuple[Path, int]], preprocess: Preprocess, augment: str = "none", flips: bool = True):
+        self.files = files
+        self.preprocess = preprocess
+        self.labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+        self.transform = _folder_train_transform(preprocess, augment, flips) if augment != "none" else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[index]
+        if self.transform is None:
+            return torch.from_numpy(preprocess_image(path, self.preprocess)), label
+        return self.transform(load_image(path, channels=self.preprocess.channels)), label
+
+
+@dataclass
+class DataBundle:
+    """A dataset ready to train on: both splits, class names, and the eval preprocessing."""
+
+    name: str
+    classes: list[str]
+    preprocess: Preprocess
+    train: TensorImages | FolderImages
+    val: TensorImages | FolderImages
+    flips: bool  # horizontal flips keep the label (not for digits)
+    skipped_files: int = 0  # unreadable files left out of a folder dataset
+    skipped_examples: tuple[str, ...] = ()  # the first few, with their reasons
+
+
+def default_preprocess(*, size: int, channels: int, resize: int | None = None) -> Preprocess:
+    mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,)
+    std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,)
+    return Preprocess(size=size, resize=resize or size, mean=mean, std=std, channels=channels)
+
+
+def load_data(
+    data: str,
+    *,
+    root: str | Path = "data",
+    img_size: int | None = None,
+    channels: int | None = None,
+    val_split: float = 0.2,
+    seed: int = 0,
+    max_bad_fraction: float = 0.01,
+) -> DataBundle:
+    """`data` is a built-in name (digits, mnist, fashion-mnist, cifar10, cifar100; the last four
+    under `root`) or an ImageFolder directory (with train/ and val/, or split by `val_split`)."""
+    if not 0.0 < val_split < 1.0:
+        raise InputError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
+    if img_size is not None and not 8 <= img_size <= 1024:
+        raise InputError(f"--img-size must be between 8 and 1024, got {img_size}")
+    if channels not in (None, 1, 3):
+        raise InputError(f"--channels must be 1 or 3, got {channels}")
+    if data == "digits":
+        return _digits(img_size or 32, channels or 1, val_split, seed)
+    if data in BUILTIN_DATASETS:
+        return _torchvision_dataset(data, Path(root), img_size or 32, channels)
+    path = Path(data)
+    if not path.is_dir():
+        raise InputError(f"--data {data!r} is neither a folder nor one of: {', '.join(BUILTIN_DATASETS)}")
+    return _folder(path, img_size or 224, channels, val_split, seed, max_bad_fraction)
+
+
+# --- in-memory datasets ---------------------------------------------------------------------
+
+
+def _to_tensor_images(arrays: np.ndarray, labels: np.ndarray, spec: Preprocess) -> TensorImages:
+    """Resize raw uint8 images with the shared preprocessing, so evaluation here equals
+    `preprocess_image` on the same pixels saved as a file."""
+    resized = [to_array(load_image(Image.fromarray(a), channels=spec.channels), spec) for a in arrays]
+    images = np.stack(resized).reshape(len(resized), spec.size, spec.size, -1).transpose(0, 3, 1, 2)
+    return TensorImages(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _digits(size: int, channels: int, val_split: float, seed: int) -> DataBundle:
+    with resources.files("edgeft").joinpath("assets/digits.npz").open("rb") as f:
+        arrays = np.load(f)
+        images, labels = arrays["images"], arrays["labels"]
+    spec = default_preprocess(size=size, channels=channels)
+    train_idx, val_idx = _stratified_split(labels.tolist(), val_split, seed)
+    return DataBundle(
+        name="digits",
+        classes=[str(d) for d in range(10)],
+        preprocess=spec,
+        train=_to_tensor_images(images[train_idx], labels[train_idx], spec),
+        val=_to_tensor_images(images[val_idx], labels[val_idx], spec),
+        flips=False,
+    )
+
+
+def _torchvision_dataset(name: str, root: Path, size: int, channels: int | None) -> DataBundle:
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    native_channels = 1 if "mnist" in name else 3
+    spec = default_preprocess(size=size, channels=channels or native_channels)
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = cls(str(root), train=train, download=True)
+        except Exception as exc:  # noqa: BLE001 - URLError, RuntimeError, HTTPError: all mean "not here"
+            raise InputError(
+                f"{name} is not under {root.resolve()} and could not be downloaded ({exc}); "
+                f"download it there on a connected machine, or pass --data-root"
+            ) from None
+        arrays = np.asarray(dataset.data)
+        splits.append(_to_tensor_images(arrays, np.asarray(dataset.targets), spec))
+    return DataBundle(name, list(dataset.classes), spec, splits[0], splits[1], flips=name != "mnist")
+
+
+# --- folders --------------------------------------------------------------------------------
+
+
+def _folder(
+    root: Path, size: int, channels: int | None, val_split: float, seed: int, max_bad: float
+) -> DataBundle:
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_files = _scan(root / "train")
+        val_classes, val_files = _scan(root / "val")
+        if val_classes != classes:
+            raise InputError(f"{root}/train and {root}/val have different class folders")
+    else:
+        classes, files = _scan(root)
+        train_idx, val_idx = _stratified_split([label for _, label in files], val_split, seed)
+        train_files, val_files = [files[i] for i in train_idx], [files[i] for i in val_idx]
+    all_files = train_files + val_files
+    modes, errors = _verify([path for path, _ in all_files])
+    bad = {path for path, _ in errors}
+    if len(bad) > max_bad * len(all_files):
+        raise RunError(
+            f"{len(bad)} of {len(all_files)} files in {root} are not readable images "
+            f"(more than {max_bad:.0%}), e.g. {errors[0][1]}"
+        )
+    for path, reason in errors:
+        log.warning("skipped %s", reason)
+    if channels is None:
+        channels = 1 if modes and all(m in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") for m in modes) else 3
+    spec = default_preprocess(size=size, channels=channels, resize=math.floor(size / 0.875))
+    keep = lambda files: [(p, label) for p, label in files if p not in bad]  # noqa: E731
+    train, val = keep(train_files), keep(val_files)
+    if not val:
+        raise InputError(f"{root}: the validation split is empty; add images or raise --val-split")
+    return DataBundle(
+        name=str(root),
+        classes=classes,
+        preprocess=spec,
+        train=FolderImages(train, spec),
+        val=FolderImages(val, spec),
+        flips=True,
+        skipped_files=len(bad),
+        skipped_examples=tuple(reason for _, reason in errors[:5]),
+    )
+
+
+def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class folders (sorted) and every visible file inside them."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    if not files:
+        raise InputError(f"{root} holds no images in class sub-folders (expected {root}/<class>/<image>)")
+    used = sorted({label for _, label in files})
+    if len(used) < 2:
+        raise InputError(f"{root} has {len(used)} class folder with images; a classifier needs at least 2")
+    if len(used) < len(classes):
+        empty = [classes[i] for i in range(len(classes)) if i not in used]
+        raise InputError(f"{root}: class folders without images: {', '.join(empty)}")
+    return classes, files
+
+
+def _verify(paths: list[Path]) -> tuple[list[str], list[tuple[Path, str]]]:
+    """Decode every file once: the modes of the good ones, and (path, reason) for the bad ones."""
+
+    def check(path: Path) -> tuple[str | None, str | None]:
+        try:
+            with Image.open(path) as img:
+                mode = img.mode
+            load_image(path)
+            return mode, None
+        except InputError as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - anything Pillow raises marks the file as bad
+            return None, f"{path}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(check, paths))
+    modes = [mode for mode, _ in results if mode is not None]
+    errors = [(path, reason) for path, (_, reason) in zip(paths, results) if reason is not None]
+    return modes, errors
+
+
+def _stratified_split(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a per-class shuffled split; every class with >= 2 items is in both splits."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    train, val = [], []
+    for label in sorted(by_class):
+        indices = by_class[label]
+        order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        n_val = min(max(1, round(len(order) * val_split)), len(order) - 1) if len(order) > 1 else 0
+        val += order[:n_val]
+        train += order[n_val:]
+    return sorted(train), sorted(val)
+
+
+# --- augmentation and batches ---------------------------------------------------------------
+
+_PRESETS = {  # translate: fraction of the side; rotate: degrees; scale: +-; jitter: brightness/contrast +-
+    "none": dict(translate=0.0, rotate=0.0, scale=0.0, jitter=0.0),
+    "light": dict(translate=0.08, rotate=0.0, scale=0.0, jitter=0.0),
+    "standard": dict(translate=0.08, rotate=12.0, scale=0.1, jitter=0.2),
+}
+
+
+def augment_batch(x: torch.Tensor, preset: str, *, flips: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random affine (shift, rotation, scale, horizontal flip) and brightness/contrast jitter for
+    a float batch in [0, 1], one draw per image, in one pass on whatever device `x` lives on."""
+    p = _PRESETS[preset]
+    n = x.shape[0]
+    if preset == "none":
+        return x
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(x.device)
+
+    angle = uniform(n) * math.radians(p["rotate"])
+    scale = 1 + uniform(n) * p["scale"]
+    flip = torch.ones(n, device=x.device)
+    if flips:
+        flip = torch.where(torch.rand(n, generator=generator).to(x.device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = torch.cos(angle) / scale * flip
+    theta[:, 0, 1] = -torch.sin(angle) / scale
+    theta[:, 1, 0] = torch.sin(angle) / scale * flip
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, :, 2] = uniform(n, 2) * 2 * p["translate"]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if p["jitter"]:
+        brightness = 1 + uniform(n, 1, 1, 1) * p["jitter"]
+        contrast = 1 + uniform(n, 1, 1, 1) * p["jitter"]
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * contrast + mean) * brightness
+        x = x.clamp_(0, 1)
+    return x
+
+
+def _folder_train_transform(spec: Preprocess, augment: str, flips: bool):
+    """torchvision transforms for one training image from a folder (PIL in, tensor out)."""
+    from torchvision.transforms import v2
+
+    p = _PRESETS[augment]
+    min_scale = 0.35 if augment == "standard" else 0.6
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(spec.size, scale=(min_scale, 1.0), antialias=True)]
+    if flips:
+        steps.append(v2.RandomHorizontalFlip())
+    if p["jitter"]:
+        steps.append(v2.ColorJitter(brightness=p["jitter"], contrast=p["jitter"], saturation=p["jitter"]))
+    if p["rotate"]:
+        steps.append(v2.RandomRotation(p["rotate"]))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    return v2.Compose(steps)
+
+
+def iterate_batches(
+    split: TensorImages | FolderImages,
+    *,
+    batch_size: int,
+    preprocess: Preprocess,
+    device: torch.device,
+    shuffle: bool = False,
+    augment: str = "none",
+    flips: bool = False,
+    seed: int = 0,
+    workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized float batches (and int64 labels) on `device`; the order and the augmentation
+    depend on `seed` only, so a resumed run sees the same epochs."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(split, TensorImages):
+        order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+        mean = torch.tensor(preprocess.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(preprocess.std, device=device).view(1, -1, 1, 1)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            x = split.images[index].to(device, non_blocking=True).float().div_(255.0)
+            if augment != "none":
+                x = augment_batch(x, augment, flips=flips, generator=generator)
+            yield (x - mean) / std, split.labels[index].to(device, non_blocking=True)
+        return
+    if augment != "none":
+        split = FolderImages(split.files, preprocess, augment, flips)
+    loader = torch.utils.data.DataLoader(
+        split,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+    )
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

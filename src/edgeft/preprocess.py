@@ -1,0 +1,155 @@
+"""The one image loader and the one preprocessing function, shared by training, validation and
+prediction. Pillow and numpy only: the predictor imports this without torch."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from edgeft.errors import InputError
+
+__all__ = [
+    "ALPHA_BACKGROUND",
+    "IMAGE_EXTENSIONS",
+    "MAX_FILE_BYTES",
+    "MAX_PIXELS",
+    "Preprocess",
+    "load_image",
+    "normalize",
+    "preprocess_image",
+    "to_array",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused before they are opened
+MAX_PIXELS = 100_000_000  # width x height above this is refused as a decompression bomb
+ALPHA_BACKGROUND = 255  # transparent pixels are composited on white
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input: shorter side resized to `resize`, centre crop of
+    `size`, scaled to [0, 1], normalized per channel."""
+
+    size: int  # side of the square input the model sees
+    resize: int  # shorter side before the centre crop (>= size)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int = 3  # 1: grayscale model, 3: RGB model
+    interpolation: str = "bilinear"  # nearest | bilinear | bicubic
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise InputError(f"preprocess: channels={self.channels} needs that many mean/std values")
+        if self.interpolation not in _RESAMPLE:
+            raise InputError(f"preprocess: interpolation must be one of {', '.join(_RESAMPLE)}")
+        if not 0 < self.size <= self.resize:
+            raise InputError(f"preprocess: need 0 < size <= resize, got size={self.size}, resize={self.resize}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocess:
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
+def load_image(source: str | os.PathLike | Image.Image, *, channels: int = 3) -> Image.Image:
+    """Decode a file into an 'L' (channels=1) or 'RGB' image: first frame, EXIF orientation
+    applied, alpha composited on white, 16-bit scaled to 8-bit. Raises InputError for anything
+    that is not a readable, reasonably sized image."""
+    if isinstance(source, Image.Image):
+        return _to_mode(ImageOps.exif_transpose(source), channels)
+    path = Path(source)
+    try:
+        nbytes = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if nbytes == 0:
+        raise InputError(f"{path}: empty file")
+    if nbytes > MAX_FILE_BYTES:
+        raise InputError(f"{path}: {nbytes / 2**20:.0f} MiB is over the {MAX_FILE_BYTES // 2**20} MiB limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise InputError(
+                        f"{path}: {width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit (decompression bomb?)"
+                    )
+                img.seek(0)
+                img.load()
+                return _to_mode(ImageOps.exif_transpose(img), channels)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: too many pixels (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: broken image ({exc})") from None
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode to 'L' or 'RGB' by the rules in the module docstring."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _sixteen_bit_to_8(img)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND,) * 3 + (255,))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
+    """Scale 16-bit (and 32-bit integer) images to 0..255; floats are taken as 0..1."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        values = values * 255.0
+    else:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_array(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """Resize and centre-crop to `spec.size`: a uint8 array, HWC (RGB) or HW (gray)."""
+    width, height = img.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short != spec.resize:
+        new_long = int(spec.resize * long / short)
+        new_size = (spec.resize, new_long) if width <= height else (new_long, spec.resize)
+        img = img.resize(new_size, _RESAMPLE[spec.interpolation])
+    width, height = img.size
+    top = int(round((height - spec.size) / 2.0))
+    left = int(round((width - spec.size) / 2.0))
+    if (width, height) != (spec.size, spec.size):
+        img = img.crop((left, top, left + spec.size, top + spec.size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """uint8 HWC/HW pixels -> normalized float32 CHW."""
+    chw = pixels.reshape(pixels.shape[0], pixels.shape[1], -1).transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    return (chw.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def preprocess_image(source: str | os.PathLike | Image.Image, spec: Preprocess) -> np.ndarray:
+    """The model input for one image: float32 CHW, exactly what training's eval transform gives."""
+    return normalize(to_array(load_image(source, channels=spec.channels), spec), spec)

@@ -1,0 +1,405 @@
+"""The fit loop: `train(TrainConfig(...))` writes a run folder and returns a `TrainResult`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeft import __version__
+from edgeft.checkpoint import load_checkpoint, save_checkpoint
+from edgeft.data import AUGMENTATIONS, DataBundle, iterate_batches, load_data
+from edgeft.errors import InputError
+from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name
+from edgeft.plots import plot_training_curves
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "TrainConfig", "TrainResult", "resolve_device", "train"]
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "plateau", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as the run's config.json and inside its checkpoints."""
+
+    model: str = "resnet18"  # a name from `edgeft models`
+    data: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path
+    data_root: str = "data"  # where torchvision datasets live (and are downloaded to)
+    weights: str = "none"  # none | imagenet | path to an edgeft checkpoint or a state_dict
+    img_size: int | None = None  # None: 32 for digits/MNIST/CIFAR, 224 for folders
+    channels: int | None = None  # None: the data's (folders: 1 when every image is grayscale)
+    val_split: float = 0.2  # fraction held out when the data has no validation split
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float | None = None  # None: 3e-3 from scratch, 1e-3 fine-tuning (x10 for sgd)
+    weight_decay: float = 0.05  # not applied to biases and normalization layers
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine (with linear warm-up) | plateau (on val loss) | none
+    warmup_epochs: float = 1.0  # cosine only
+    label_smoothing: float = 0.1
+    augment: str = "standard"  # none | light | standard
+    freeze_epochs: int = 0  # train only the new head for this many epochs, then everything
+    unfreeze_lr_scale: float = 0.1  # learning-rate factor once the backbone is unfrozen
+    patience: int = 5  # stop after this many epochs without a lower val loss; 0: never
+    amp: bool | None = None  # autocast (bf16, or fp16 with loss scaling); None: on for CUDA
+    channels_last: bool | None = None  # None: on for CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    workers: int = 2  # DataLoader workers for folder datasets
+    max_bad_fraction: float = 0.01  # abort when more of a folder's files are unreadable
+    out: str = "runs"  # parent of the run folder
+    name: str | None = None  # run folder name; None: <model>-<data>, numbered if it exists
+
+    def resolved_lr(self) -> float:
+        base = 3e-3 if self.weights == "none" else 1e-3
+        return self.lr if self.lr is not None else base * (10 if self.optimizer == "sgd" else 1)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written as summary.json)."""
+
+    run_dir: str
+    best_checkpoint: str
+    best_val_acc: float
+    best_epoch: int
+    epochs: int  # epochs completed
+    stopped_early: bool
+    train_images_per_s: float
+    wall_s: float
+    skipped_files: int
+    device: str
+    params: int
+    history: list[dict] = field(default_factory=list, repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when usable, else CPU; asking for an unusable CUDA device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _check(config: TrainConfig) -> None:
+    choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENTATIONS}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise InputError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise InputError("--epochs and --batch-size must be at least 1")
+    if not 0 <= config.freeze_epochs < config.epochs:
+        raise InputError(f"--freeze-epochs must be between 0 and epochs-1 ({config.epochs - 1})")
+    if config.freeze_epochs and config.weights == "none":
+        raise InputError("--freeze-epochs needs pretrained --weights (a random backbone gains nothing from freezing)")
+    if not 0 <= config.label_smoothing < 1:
+        raise InputError("--label-smoothing must be in [0, 1)")
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    base = config.name or f"{config.model}-{Path(config.data).name or 'data'}"
+    parent = Path(config.out)
+    run_dir, n = parent / base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = parent / f"{base}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Two groups: weights with decay, biases and normalization parameters without."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = config.resolved_lr()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _lr_factor(config: TrainConfig, steps_per_epoch: int):
+    """Learning-rate multiplier per optimizer step: warm-up then cosine, restarted at the unfreeze
+    point and scaled by `unfreeze_lr_scale` after it. Rebuilt from the config on resume."""
+    freeze_steps = config.freeze_epochs * steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        scale, start, end = (1.0, 0, freeze_steps) if step < freeze_steps else (
+            config.unfreeze_lr_scale if freeze_steps else 1.0, freeze_steps, total_steps)  # fmt: skip
+        if config.scheduler != "cosine":
+            return scale
+        warmup = min(config.warmup_epochs * steps_per_epoch, (end - start) / 2)
+        t = step - start
+        if t < warmup:
+            return scale * (t + 1) / (warmup + 1)
+        progress = (t - warmup) / max(1.0, end - start - warmup)
+        return scale * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    return factor
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    use_amp = config.amp if config.amp is not None else device.type == "cuda"
+    if not use_amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def evaluate(
+    model: nn.Module, bundle: DataBundle, *, device: torch.device, batch_size: int = 256, autocast_dtype=None,
+    channels_last: bool = False,
+) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy on the validation split."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with torch.inference_mode(), autocast:
+        for x, y in iterate_batches(bundle.val, batch_size=batch_size, preprocess=bundle.preprocess, device=device):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    n = len(bundle.val)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
+    """Train `config.model` on `config.data`; with `resume` (a run folder or its last.pt), continue
+    that run where it stopped, with its own config."""
+    started = time.perf_counter()
+    state = None
+    if resume is not None:
+        last = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
+        state = load_checkpoint(last)
+        if "resume" not in state:
+            raise InputError(f"{last} has no resume state (resume from a run's last.pt)")
+        known = {f.name for f in fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+        run_dir = last.parent
+    _check(config)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    bundle = load_data(
+        config.data, root=config.data_root, img_size=config.img_size, channels=config.channels,
+        val_split=config.val_split, seed=config.seed, max_bad_fraction=config.max_bad_fraction,
+    )  # fmt: skip
+    in_chans = bundle.preprocess.channels
+    weights = config.weights if state is None else "none"  # resumed weights come from last.pt
+    model = get_model(config.model, num_classes=len(bundle.classes), in_chans=in_chans, weights=weights).to(device)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast_dtype = _autocast_dtype(config, device)
+    optimizer = _optimizer(config, model)
+    steps_per_epoch = math.ceil(len(bundle.train) / config.batch_size)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
+    plateau = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.2, patience=max(1, config.patience // 2))
+        if config.scheduler == "plateau" else None
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    history: list[dict] = []
+    step_losses: list[float] = []
+    best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0}
+    lowest_val_loss, stale_epochs, start_epoch, previous_wall = math.inf, 0, 0, 0.0
+    if state is None:
+        run_dir = _new_run_dir(config)
+    else:
+        model.load_state_dict(state["state_dict"])
+        r = state["resume"]
+        optimizer.load_state_dict(r["optimizer"])
+        lambda_lr.load_state_dict(r["scheduler"])
+        if plateau is not None:
+            plateau.load_state_dict(r["plateau"])
+        scaler.load_state_dict(r["scaler"])
+        history, step_losses, best = r["history"], r["step_losses"], r["best"]
+        lowest_val_loss, stale_epochs, start_epoch = r["lowest_val_loss"], r["stale_epochs"], r["epoch"]
+        previous_wall = r["wall_s"]
+        torch.set_rng_state(r["rng_cpu"])
+        if device.type == "cuda" and r["rng_cuda"]:
+            torch.cuda.set_rng_state_all(r["rng_cuda"])
+        random.setstate(r["rng_python"])
+        log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    meta = {
+        "arch": config.model,
+        "num_classes": len(bundle.classes),
+        "in_chans": in_chans,
+        "classes": list(bundle.classes),
+        "preprocess": bundle.preprocess.to_dict(),
+        "config": asdict(config),
+        "edgeft_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    head = head_name(model)
+    stopped_early = False
+    with _progress(progress) as bar:
+        for epoch in range(start_epoch, config.epochs):
+            frozen = epoch < config.freeze_epochs
+            if plateau is not None and config.freeze_epochs and epoch == config.freeze_epochs:
+                for group in optimizer.param_groups:
+                    group["lr"] *= config.unfreeze_lr_scale
+            freeze_backbone(model, frozen)
+            model.train()
+            if frozen:
+                backbone_bn_eval(model)
+                model.get_submodule(head).train()
+            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}" + (" (head)" if frozen else ""),
+                                total=steps_per_epoch, metrics="")  # fmt: skip
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            losses = []
+            seen = 0
+            batches = iterate_batches(
+                bundle.train, batch_size=config.batch_size, preprocess=bundle.preprocess, device=device,
+                shuffle=True, augment=config.augment, flips=bundle.flips, seed=config.seed * 100_003 + epoch,
+                workers=config.workers,
+            )  # fmt: skip
+            for step, (x, y) in enumerate(batches, 1):
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+                with autocast:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                lambda_lr.step()
+                loss = loss.detach()
+                losses.append(loss)
+                loss_sum += loss * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if progress and (step % 10 == 0 or step == steps_per_epoch):  # a sync every 10 steps only
+                    rate = seen / (time.perf_counter() - epoch_start)
+                    metrics = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.2%}  {rate:,.0f} img/s"
+                    bar.update(task, completed=step, metrics=metrics)
+            train_seconds = time.perf_counter() - epoch_start
+            val_loss, val_acc = evaluate(model, bundle, device=device, autocast_dtype=autocast_dtype,
+                                         channels_last=channels_last)  # fmt: skip
+            if plateau is not None:
+                plateau.step(val_loss)
+            step_losses += torch.stack(losses).tolist()
+            row = {
+                "epoch": epoch + 1,
+                "phase": "head" if frozen else "all",
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum.item() / seen,
+                "train_acc": correct.item() / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "seconds": time.perf_counter() - epoch_start,
+                "images_per_s": seen / train_seconds,
+            }
+            history.append(row)
+            bar.update(task, metrics=f"{bar.tasks[task].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
+            if (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"]):
+                best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+                save_checkpoint(run_dir / "best.pt", {**meta, "metrics": best, "state_dict": model.state_dict()})
+            if val_loss < lowest_val_loss:
+                lowest_val_loss, stale_epochs = val_loss, 0
+            else:
+                stale_epochs += 1
+            stopped_early = bool(config.patience) and stale_epochs >= config.patience and epoch + 1 < config.epochs
+            resume_state = {
+                "epoch": epoch + 1 if not stopped_early else config.epochs,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": lambda_lr.state_dict(),
+                "plateau": plateau.state_dict() if plateau is not None else None,
+                "scaler": scaler.state_dict(),
+                "history": history,
+                "step_losses": step_losses,
+                "best": best,
+                "lowest_val_loss": lowest_val_loss,
+                "stale_epochs": stale_epochs,
+                "wall_s": previous_wall + time.perf_counter() - started,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                "rng_python": random.getstate(),
+            }
+            save_checkpoint(run_dir / "last.pt", {**meta, "metrics": row, "state_dict": model.state_dict(), "resume": resume_state})
+            _write_history(run_dir / "history.csv", history)
+            plot_training_curves(history, step_losses, run_dir / "curves.png", title=f"{config.model} on {bundle.name}")
+            if stopped_early:
+                log.info("early stop: val loss has not improved for %d epochs", stale_epochs)
+                break
+
+    result = TrainResult(
+        run_dir=str(run_dir),
+        best_checkpoint=str(run_dir / "best.pt"),
+        best_val_acc=best["val_acc"],
+        best_epoch=best["epoch"],
+        epochs=len(history),
+        stopped_early=stopped_early,
+        train_images_per_s=sum(r["images_per_s"] for r in history) / max(1, len(history)),
+        wall_s=previous_wall + time.perf_counter() - started,
+        skipped_files=bundle.skipped_files,
+        device=str(device),
+        params=sum(p.numel() for p in model.parameters()),
+        history=history,
+    )
+    summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    summary.update(model=config.model, data=bundle.name, classes=list(bundle.classes),
+                   skipped_examples=list(bundle.skipped_examples))  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)

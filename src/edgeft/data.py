@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from edgeft.config import AUGMENTATIONS
 from edgeft.errors import InputError, RunError
 from edgeft.preprocess import Preprocess, load_image, normalize, preprocess_image, to_array
 
 __all__ = [
-    "AUGMENTATIONS",
     "BUILTIN_DATASETS",
     "DataBundle",
     "FolderImages",
@@ -37,7 +37,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
-AUGMENTATIONS = ("none", "light", "standard")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

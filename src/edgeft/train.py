@@ -18,56 +18,15 @@ from torch import nn
 
 from edgeft import __version__
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
-from edgeft.data import AUGMENTATIONS, DataBundle, iterate_batches, load_data
+from edgeft.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
+from edgeft.data import DataBundle, iterate_batches, load_data
 from edgeft.errors import InputError
-from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name
+from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "TrainConfig", "TrainResult", "resolve_device", "train"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "plateau", "none")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as the run's config.json and inside its checkpoints."""
-
-    model: str = "resnet18"  # a name from `edgeft models`
-    data: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path
-    data_root: str = "data"  # where torchvision datasets live (and are downloaded to)
-    weights: str = "none"  # none | imagenet | path to an edgeft checkpoint or a state_dict
-    img_size: int | None = None  # None: 32 for digits/MNIST/CIFAR, 224 for folders
-    channels: int | None = None  # None: the data's (folders: 1 when every image is grayscale)
-    val_split: float = 0.2  # fraction held out when the data has no validation split
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float | None = None  # None: 3e-3 from scratch, 1e-3 fine-tuning (x10 for sgd)
-    weight_decay: float = 0.05  # not applied to biases and normalization layers
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine (with linear warm-up) | plateau (on val loss) | none
-    warmup_epochs: float = 1.0  # cosine only
-    label_smoothing: float = 0.1
-    augment: str = "standard"  # none | light | standard
-    freeze_epochs: int = 0  # train only the new head for this many epochs, then everything
-    unfreeze_lr_scale: float = 0.1  # learning-rate factor once the backbone is unfrozen
-    patience: int = 5  # stop after this many epochs without a lower val loss; 0: never
-    amp: bool | None = None  # autocast (bf16, or fp16 with loss scaling); None: on for CUDA
-    channels_last: bool | None = None  # None: on for CUDA
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    workers: int = 2  # DataLoader workers for folder datasets
-    max_bad_fraction: float = 0.01  # abort when more of a folder's files are unreadable
-    out: str = "runs"  # parent of the run folder
-    name: str | None = None  # run folder name; None: <model>-<data>, numbered if it exists
-
-    def resolved_lr(self) -> float:
-        base = 3e-3 if self.weights == "none" else 1e-3
-        return self.lr if self.lr is not None else base * (10 if self.optimizer == "sgd" else 1)
-
 
 @dataclass
 class TrainResult:
@@ -106,6 +65,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _check(config: TrainConfig) -> None:
+    if config.model not in list_models():
+        get_model(config.model, num_classes=2)  # raises the unknown-model error with the list
     choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENTATIONS}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:

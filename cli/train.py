@@ -1,0 +1,72 @@
+"""`edgeft train`: options in, TrainConfig to the library, a summary out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgeft.config import TrainConfig as C
+
+from . import app
+
+_DATA = "Data"
+_OPT = "Optimization"
+_RUN = "Run"
+
+
+@app.command("train")
+def train_command(
+    model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
+    data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA)] = C.data,
+    data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)] = C.data_root,
+    weights: Annotated[str, typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.")] = C.weights,
+    img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: 32 for built-in data, 224 for folders).", rich_help_panel=_DATA)] = C.img_size,
+    channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)] = C.channels,
+    val_split: Annotated[float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)] = C.val_split,
+    augment: Annotated[str, typer.Option(help="none | light | standard.", rich_help_panel=_DATA)] = C.augment,
+    max_bad_fraction: Annotated[float, typer.Option(help="Abort when more of a folder's files are unreadable.", rich_help_panel=_DATA)] = C.max_bad_fraction,
+    epochs: Annotated[int, typer.Option(rich_help_panel=_OPT)] = C.epochs,
+    batch_size: Annotated[int, typer.Option(rich_help_panel=_OPT)] = C.batch_size,
+    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd.", rich_help_panel=_OPT)] = C.optimizer,
+    lr: Annotated[Optional[float], typer.Option(help="(default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd)", rich_help_panel=_OPT)] = C.lr,
+    weight_decay: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.weight_decay,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=_OPT)] = C.momentum,
+    scheduler: Annotated[str, typer.Option(help="cosine | plateau | none.", rich_help_panel=_OPT)] = C.scheduler,
+    warmup_epochs: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.warmup_epochs,
+    label_smoothing: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.label_smoothing,
+    freeze_epochs: Annotated[int, typer.Option(help="Epochs training only the new head (backbone and its BatchNorm frozen).", rich_help_panel=_OPT)] = C.freeze_epochs,
+    unfreeze_lr_scale: Annotated[float, typer.Option(help="LR factor after unfreezing.", rich_help_panel=_OPT)] = C.unfreeze_lr_scale,
+    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without lower val loss; 0 never.", rich_help_panel=_OPT)] = C.patience,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Autocast (bf16, fp16 + loss scaling) (default: on for CUDA).", rich_help_panel=_RUN)] = C.amp,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="(default: on for CUDA)", rich_help_panel=_RUN)] = C.channels_last,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)] = C.device,
+    seed: Annotated[int, typer.Option(rich_help_panel=_RUN)] = C.seed,
+    workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
+    out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
+    name: Annotated[Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)] = C.name,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue a run: its folder or last.pt (its own config is used).", rich_help_panel=_RUN)] = None,
+) -> None:
+    """Fine-tune (--weights imagenet|PATH) or train from scratch; writes runs/<name>/."""
+    options = dict(locals())
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeft.train import train
+
+    resume = options.pop("resume")
+    config = C(**options)
+    result = train(config, resume=resume, progress=True)
+
+    table = Table(show_header=False, box=None)
+    table.add_row("best val accuracy", f"{result.best_val_acc:.2%} (epoch {result.best_epoch})")
+    table.add_row("epochs", f"{result.epochs}" + (" (early stop)" if result.stopped_early else ""))
+    table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}")
+    table.add_row("wall time", f"{result.wall_s:.1f} s")
+    if result.skipped_files:
+        table.add_row("skipped files", f"[yellow]{result.skipped_files}[/] (listed in summary.json)")
+    table.add_row("run folder", result.run_dir)
+    console = Console()
+    console.print(table)
+    console.print(f"next: edgeft export {result.best_checkpoint}")

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["plot_training_curves"]
 
@@ -18,7 +19,7 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: st
     fig, (ax_loss, ax_acc, ax_steps) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss per epoch (train with label smoothing)")
     ax_acc.plot(epochs, [100 * row["train_acc"] for row in history], "o-", label="train")
     ax_acc.plot(epochs, [100 * row["val_acc"] for row in history], "o-", label="val")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy per epoch")
@@ -26,6 +27,7 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: st
     ax_steps.set(xlabel="iteration", ylabel="training loss", title="loss per iteration")
     for ax in (ax_loss, ax_acc, ax_steps):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.legend()
     ax_acc.legend()
     if title:

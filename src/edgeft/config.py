@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AUGMENTATIONS", "OPTIMIZERS", "SCHEDULERS", "TrainConfig"]
+__all__ = ["AUGMENTATIONS", "FORMATS", "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "ExportConfig", "TrainConfig"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
@@ -48,3 +48,28 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         base = 3e-3 if self.weights == "none" else 1e-3
         return self.lr if self.lr is not None else base * (10 if self.optimizer == "sgd" else 1)
+
+
+FORMATS = ("onnx", "torchscript", "all")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class ExportConfig:
+    """What `edgeft export` writes, and how it proves the files before keeping them."""
+
+    checkpoint: str  # an edgeft checkpoint (runs/<name>/best.pt)
+    format: str = "onnx"  # onnx | torchscript | all
+    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: ONNX only; TorchScript fp16: CUDA only)
+    out: str = "exported"  # output folder
+    name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
+    opset: int = 18  # ONNX opset
+    device: str = "cpu"  # where TorchScript is traced (cuda for an fp16 TorchScript)
+    validate: bool = True  # compare with the checkpoint on real images; gate the result
+    data: str | None = None  # validation data; None: the checkpoint's own validation split
+    data_root: str | None = None  # None: the checkpoint's
+    calib_data: str | None = None  # int8 calibration images; None: the checkpoint's training data
+    calib_size: int = 256  # images used for int8 calibration
+    max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default
+    batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
+    force: bool = False  # keep a file that fails its gate (marked failed in its metadata)

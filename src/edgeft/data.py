@@ -100,9 +100,11 @@ def load_data(
     val_split: float = 0.2,
     seed: int = 0,
     max_bad_fraction: float = 0.01,
+    preprocess: Preprocess | None = None,
 ) -> DataBundle:
     """`data` is a built-in name (digits, mnist, fashion-mnist, cifar10, cifar100; the last four
-    under `root`) or an ImageFolder directory (with train/ and val/, or split by `val_split`)."""
+    under `root`) or an ImageFolder directory (with train/ and val/, or split by `val_split`).
+    `preprocess` replaces the data's default (an exported model's own, when validating it)."""
     if not 0.0 < val_split < 1.0:
         raise InputError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
     if img_size is not None and not 8 <= img_size <= 1024:
@@ -110,13 +112,14 @@ def load_data(
     if channels not in (None, 1, 3):
         raise InputError(f"--channels must be 1 or 3, got {channels}")
     if data == "digits":
-        return _digits(img_size or 32, channels or 1, val_split, seed)
+        return _digits(preprocess or default_preprocess(size=img_size or 32, channels=channels or 1), val_split, seed)
     if data in BUILTIN_DATASETS:
-        return _torchvision_dataset(data, Path(root), img_size or 32, channels)
+        native = default_preprocess(size=img_size or 32, channels=channels or (1 if "mnist" in data else 3))
+        return _torchvision_dataset(data, Path(root), preprocess or native)
     path = Path(data)
     if not path.is_dir():
         raise InputError(f"--data {data!r} is neither a folder nor one of: {', '.join(BUILTIN_DATASETS)}")
-    return _folder(path, img_size or 224, channels, val_split, seed, max_bad_fraction)
+    return _folder(path, img_size or 224, channels, val_split, seed, max_bad_fraction, preprocess)
 
 
 # --- in-memory datasets ---------------------------------------------------------------------
@@ -130,11 +133,10 @@ def _to_tensor_images(arrays: np.ndarray, labels: np.ndarray, spec: Preprocess) 
     return TensorImages(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
 
 
-def _digits(size: int, channels: int, val_split: float, seed: int) -> DataBundle:
+def _digits(spec: Preprocess, val_split: float, seed: int) -> DataBundle:
     with resources.files("edgeft").joinpath("assets/digits.npz").open("rb") as f:
         arrays = np.load(f)
         images, labels = arrays["images"], arrays["labels"]
-    spec = default_preprocess(size=size, channels=channels)
     train_idx, val_idx = _stratified_split(labels.tolist(), val_split, seed)
     return DataBundle(
         name="digits",
@@ -146,12 +148,10 @@ def _digits(size: int, channels: int, val_split: float, seed: int) -> DataBundle
     )
 
 
-def _torchvision_dataset(name: str, root: Path, size: int, channels: int | None) -> DataBundle:
+def _torchvision_dataset(name: str, root: Path, spec: Preprocess) -> DataBundle:
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
-    native_channels = 1 if "mnist" in name else 3
-    spec = default_preprocess(size=size, channels=channels or native_channels)
     splits = []
     for train in (True, False):
         try:
@@ -170,7 +170,8 @@ def _torchvision_dataset(name: str, root: Path, size: int, channels: int | None)
 
 
 def _folder(
-    root: Path, size: int, channels: int | None, val_split: float, seed: int, max_bad: float
+    root: Path, size: int, channels: int | None, val_split: float, seed: int, max_bad: float,
+    preprocess: Preprocess | None,
 ) -> DataBundle:
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes, train_files = _scan(root / "train")
@@ -193,7 +194,7 @@ def _folder(
         log.warning("skipped %s", reason)
     if channels is None:
         channels = 1 if modes and all(m in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") for m in modes) else 3
-    spec = default_preprocess(size=size, channels=channels, resize=math.floor(size / 0.875))
+    spec = preprocess or default_preprocess(size=size, channels=channels, resize=math.floor(size / 0.875))
     keep = lambda files: [(p, label) for p, label in files if p not in bad]  # noqa: E731
     train, val = keep(train_files), keep(val_files)
     if not val:

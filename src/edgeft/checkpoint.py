@@ -12,7 +12,7 @@ import torch
 
 from edgeft.errors import InputError
 
-__all__ = ["FORMAT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "load_checkpoint", "load_weights_only", "save_checkpoint"]
 
 FORMAT = "edgeft.checkpoint/1"
 _REQUIRED = ("arch", "num_classes", "in_chans", "classes", "preprocess", "state_dict")
@@ -38,16 +38,31 @@ def save_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
     return path
 
 
+def _unpickling_reason(exc: Exception) -> str:
+    """The informative line of torch.load's (long) error message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error" in line or "Unsupported" in line:
+            return line.split("WeightsUnpickler error:")[-1].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_weights_only(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(weights_only=True)`; a missing file, a pickle that would run code, a truncated
+    or foreign file raise InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickles with code, truncated files, non-PyTorch files
+        raise InputError(f"{path}: not a weights-only PyTorch file ({_unpickling_reason(exc)})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read an edgeft checkpoint; anything else raises InputError saying what it is."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
-    try:
-        content = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickles with code, truncated files, non-PyTorch files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a weights-only edgeft checkpoint ({reason})") from None
+    content = load_weights_only(path, map_location=map_location)
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         found = content.get("format") if isinstance(content, dict) else type(content).__name__
         raise InputError(f"{path}: not an edgeft checkpoint (format {found!r}, expected {FORMAT!r})")

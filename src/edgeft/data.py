@@ -31,6 +31,7 @@ __all__ = [
     "TensorImages",
     "augment_batch",
     "iterate_batches",
+    "load_checkpoint_data",
     "load_data",
 ]
 
@@ -366,3 +367,22 @@ def iterate_batches(
     )
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def load_checkpoint_data(checkpoint: dict, *, data: str | None = None, data_root: str | None = None) -> DataBundle:
+    """The data a checkpoint was trained on (same split, same seed), or `data` instead, read with
+    the checkpoint's own preprocessing; the class names must match the checkpoint's."""
+    config = checkpoint.get("config", {})
+    source = data or config.get("data")
+    if not source:
+        raise InputError("the checkpoint does not record its data; pass --data")
+    bundle = load_data(
+        source,
+        root=data_root or config.get("data_root", "data"),
+        val_split=config.get("val_split", 0.2),
+        seed=config.get("seed", 0),
+        preprocess=Preprocess.from_dict(checkpoint["preprocess"]),
+    )
+    if list(bundle.classes) != list(checkpoint["classes"]):
+        raise InputError(f"--data {source}: classes {bundle.classes} differ from the model's {checkpoint['classes']}")
+    return bundle

@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from edgeft.checkpoint import load_weights_only
 from edgeft.errors import InputError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "imagenet_weights_file",
     "list_models",
     "load_weights_file",
+    "model_from_checkpoint",
     "model_info",
 ]
 
@@ -106,6 +108,13 @@ def get_model(name: str, *, num_classes: int, in_chans: int = 3, weights: str = 
     return model
 
 
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """The model an edgeft checkpoint holds, in eval mode on the CPU."""
+    model = get_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], in_chans=checkpoint["in_chans"])
+    model.load_state_dict({_strip_prefixes(k): v for k, v in checkpoint["state_dict"].items()})
+    return model.eval()
+
+
 def _imagenet_model(name: str) -> nn.Module:
     path = imagenet_weights_file(name)
     try:
@@ -122,10 +131,7 @@ def load_weights_file(path: str | os.PathLike, *, arch: str | None = None) -> di
     path = Path(path)
     if not path.is_file():
         raise InputError(f"weights file {path} does not exist (use none, imagenet or a file path)")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise InputError(f"{path}: not a weights-only PyTorch file ({str(exc).splitlines()[0]})") from None
+    content = load_weights_only(path)
     if isinstance(content, dict) and str(content.get("format", "")).startswith("edgeft.checkpoint"):
         if arch is not None and content.get("arch") != arch:
             raise InputError(f"{path} holds a {content.get('arch')} checkpoint, not {arch}")

@@ -240,7 +240,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         "preprocess": bundle.preprocess.to_dict(),
         "config": asdict(config),
         "edgeft_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     head = head_name(model)
     stopped_early = False

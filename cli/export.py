@@ -1,0 +1,140 @@
+"""`edgeft export`, `edgeft validate` and `edgeft info`: exported files, their gate, their metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgeft.config import ExportConfig as C
+from edgeft.errors import GateError, InputError
+
+from . import app
+
+
+def _newest_checkpoint(runs: Path = Path("runs")) -> Path:
+    found = sorted(runs.glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError("no checkpoint given and none in runs/*/best.pt; run `edgeft train` first")
+    return found[-1]
+
+
+def _validation_rows(v) -> list[tuple[str, str]]:
+    return [
+        ("reference accuracy", f"{v.reference_acc:.2%}"),
+        ("exported accuracy", f"{v.exported_acc:.2%}  (drop {v.acc_drop:.2f} pt, gate {v.max_acc_drop:g} pt)"),
+        ("top-1 agreement", f"{v.top1_agreement:.2%}"),
+        ("max |logit diff|", f"{v.max_abs_logit_diff:.3g}"),
+        ("images", f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}, {v.provider}"),
+        ("gate", "[green]passed[/]" if v.passed else f"[red]FAILED[/]: {v.reason}"),
+    ]
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")] = None,
+    format: Annotated[str, typer.Option(help="onnx | torchscript | all.")] = C.format,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 (int8: ONNX; fp16 TorchScript: CUDA).")] = C.precision,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
+    name: Annotated[Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")] = C.name,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = C.opset,
+    device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")] = C.device,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result.")] = C.validate,
+    data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = C.data,
+    data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")] = C.data_root,
+    calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (default: the checkpoint's training data).")] = C.calib_data,
+    calib_size: Annotated[int, typer.Option(help="int8 calibration images used.")] = C.calib_size,
+    max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")] = C.max_acc_drop,
+    batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
+    force: Annotated[bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")] = C.force,
+) -> None:
+    """Write TorchScript / ONNX files that carry their classes and preprocessing, proven on real images."""
+    options = dict(locals())
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeft.export import export
+
+    options["checkpoint"] = str(checkpoint or _newest_checkpoint())
+    options["out"] = str(out)
+    result = export(C(**options))
+    console = Console()
+    for f in result.files:
+        table = Table(title=f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)", show_header=False)
+        if f.validation is not None:
+            for row in _validation_rows(f.validation):
+                table.add_row(*row)
+        else:
+            table.add_row("validation", "[yellow]skipped (--no-validate)[/]")
+        if not f.kept:
+            table.add_row("file", "[red]removed[/] (use --force to keep it, marked failed)")
+        console.print(table)
+    failed = [f for f in result.files if f.validation is not None and not f.validation.passed]
+    if failed:
+        raise GateError("; ".join(f"{Path(f.path).name}: {f.validation.reason}" for f in failed))
+
+
+@app.command("validate")
+def validate_command(
+    file: Annotated[Path, typer.Argument(help="An exported .onnx or .ts file.")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one it was exported from).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = None,
+    data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
+    max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")] = None,
+    batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
+    device: Annotated[str, typer.Option(help="cpu | cuda[:N].")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compare an exported file with its checkpoint on real images; exit 1 when the gate fails."""
+    from edgeft.validate import validate_file
+
+    result = validate_file(file, reference=reference, data=data, data_root=data_root, max_acc_drop=max_acc_drop,
+                           batch_size=batch_size, device=device)  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=str(file), show_header=False)
+        for row in _validation_rows(result):
+            table.add_row(*row)
+        Console().print(table)
+    if not result.passed:
+        raise GateError(f"{file}: {result.reason}")
+
+
+@app.command("info")
+def info_command(
+    file: Annotated[Path, typer.Argument(help="An exported .onnx or .ts file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata JSON.")] = False,
+) -> None:
+    """Print the metadata embedded in an exported file."""
+    from edgeft.artifact import read_metadata
+
+    metadata = read_metadata(file)
+    if as_json:
+        typer.echo(json.dumps(metadata, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(file), show_header=False)
+    v = metadata.get("validation")
+    p = metadata["preprocess"]
+    rows = [
+        ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
+        ("classes", ", ".join(metadata["classes"][:20]) + (" ..." if len(metadata["classes"]) > 20 else "")),
+        ("input", f"{metadata['input']['name']} float32 {metadata['input']['layout']} {metadata['input']['shape']}"),
+        ("preprocess", f"resize {p['resize']} ({p['interpolation']}), crop {p['size']}, mean {p['mean']}, std {p['std']}"),
+        ("source", f"{metadata['source_checkpoint']['path']} (sha256 {metadata['source_checkpoint']['sha256'][:12]}...)"),
+        ("validation", "not run" if not v else
+            f"{'passed' if v['passed'] else 'FAILED'}: {v['exported_acc']:.2%} vs {v['reference_acc']:.2%} on {v['n_images']} images"),
+        ("versions", ", ".join(f"{k} {val}" for k, val in metadata["versions"].items())),
+        ("created", metadata["created"]),
+    ]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

@@ -27,6 +27,7 @@ def save_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
         raise ValueError(f"checkpoint content lacks {missing}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **content}, f)
             f.flush()

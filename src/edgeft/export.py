@@ -127,6 +127,7 @@ def export(config: ExportConfig) -> ExportResult:
         fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix, dir=out)
         os.close(fd)
         tmp = Path(name)
+        tmp.chmod(0o644)
         try:
             meta = {**metadata, "opset": config.opset if fmt == "onnx" else None}
             if fmt == "onnx":
@@ -183,13 +184,22 @@ def _write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, p
         )  # fmt: skip
     program.save(str(path), external_data=False)
     if precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
+        onnx.save(_to_fp16(onnx.load(str(path))), str(path))
     elif precision == "int8":
         _quantize(path, calibration)
     check_external_data(path)
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def _to_fp16(model):
+    """fp16 weights and compute behind float32 inputs and outputs (the casts the converter adds
+    come last in the node list, so the graph is sorted again)."""
+    import onnx_ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = ir.from_proto(convert_float_to_float16(model, keep_io_types=True))
+    converted.graph.sort()
+    return ir.to_proto(converted)
 
 
 def _quantize(path: Path, calibration: np.ndarray) -> None:

@@ -98,7 +98,7 @@ def load_image(source: str | os.PathLike | Image.Image, *, channels: int = 3) ->
         raise InputError(f"{path}: too many pixels (decompression bomb?)") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad headers, codec errors
         raise InputError(f"{path}: broken image ({exc})") from None
 
 

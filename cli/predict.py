@@ -1,0 +1,50 @@
+"""`edgeft predict`: top-k labels for images, from an exported ONNX file. Never imports torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+
+
+@app.command("predict")
+def predict_command(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked for images).")],
+    model: Annotated[Optional[Path], typer.Option(help="An exported .onnx file (default: the newest in ./exported/).")] = None,
+    top_k: Annotated[int, typer.Option(help="Labels shown per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per image.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (cuda never falls back silently).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 8,
+) -> None:
+    """Classify images with onnxruntime; exit 2 when any input could not be read."""
+    from edgeft.predict import Predictor, collect_images, newest_model
+
+    if model is None:
+        model = newest_model()
+        print(f"edgeft: using {model}", file=sys.stderr)
+    predictor = Predictor(model, device=device)
+    print(f"edgeft: running on {predictor.provider}", file=sys.stderr)
+    predictions = predictor.predict_iter(collect_images(inputs), top_k=top_k, batch_size=batch_size)
+    failed = 0
+    if as_json:
+        for p in predictions:
+            failed += p.error is not None
+            print(json.dumps(p.to_dict()), flush=True)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("file", "top-k (probability)")
+        for p in predictions:
+            failed += p.error is not None
+            labels = ", ".join(f"[bold]{t.label}[/] {t.prob:.1%}" if i == 0 else f"{t.label} {t.prob:.1%}" for i, t in enumerate(p.top_k))
+            table.add_row(p.file, f"[red]error: {p.error}[/]" if p.error else labels)
+        Console().print(table)
+    if failed:
+        print(f"edgeft: {failed} input(s) could not be read", file=sys.stderr)
+        raise typer.Exit(2)

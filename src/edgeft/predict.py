@@ -1,0 +1,164 @@
+"""`Predictor`: an exported ONNX file and onnxruntime, nothing else. Never imports torch.
+
+    from edgeft.predict import Predictor
+    for p in Predictor("exported/resnet18-digits.onnx").predict(["img.png"]):
+        print(p.file, p.top_k[0].label, p.top_k[0].prob)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import InputError
+from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+
+__all__ = ["Label", "Prediction", "Predictor", "collect_images", "newest_model"]
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    index: int
+    prob: float
+
+
+@dataclass
+class Prediction:
+    """One image's top-k classes, or the reason it could not be read."""
+
+    file: str
+    top_k: list[Label] = field(default_factory=list)
+    provider: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"file": self.file, "error": self.error}
+        return {"file": self.file, "top_k": [asdict(label) for label in self.top_k], "provider": self.provider}
+
+
+def newest_model(folder: str | os.PathLike = "exported") -> Path:
+    """The most recently written .onnx file in `folder`."""
+    found = sorted(Path(folder).glob("*.onnx"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError(f"no --model given and no .onnx file in {folder}/; run `edgeft export` first")
+    return found[-1]
+
+
+def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, and the image files under each directory (sorted, recursively)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            files.append(item)
+    return files
+
+
+class Predictor:
+    """An exported classifier: its preprocessing and classes come from the file's metadata."""
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"model {path} does not exist")
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # a CUDA provider that cannot load is reported below, not logged
+        wants_cuda = device.startswith("cuda") or (device == "auto" and _cuda_present(ort))
+        providers: list = [_CPU]
+        if wants_cuda:
+            index = int(device.split(":")[1]) if ":" in device else 0
+            providers = [(_CUDA, {"device_id": index}), _CPU]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise InputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.provider = self.session.get_providers()[0]
+        if device.startswith("cuda") and self.provider != _CUDA:
+            raise InputError(f"--device {device}: onnxruntime cannot use CUDA here (providers: {ort.get_available_providers()}); use --device cpu")
+        text = self.session.get_modelmeta().custom_metadata_map.get("edgeft")
+        if not text:
+            raise InputError(f"{path}: no edgeft metadata; export it with `edgeft export`")
+        self.metadata = json.loads(text)
+        self.path = path
+        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+        self.classes: list[str] = list(self.metadata["classes"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model output for a float32 NCHW batch that is already preprocessed."""
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def predict(self, images: Iterable[str | os.PathLike], *, top_k: int = 5, batch_size: int = 8) -> list[Prediction]:
+        return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size))
+
+    def predict_iter(
+        self, images: Iterable[str | os.PathLike], *, top_k: int = 5, batch_size: int = 8, decoders: int = 4
+    ) -> Iterator[Prediction]:
+        """Predictions in input order. Files are decoded by `decoders` threads ahead of the
+        batch being inferred; an unreadable file yields a Prediction with `error` set."""
+        if batch_size < 1 or top_k < 1:
+            raise InputError("--batch-size and --top-k must be at least 1")
+        k = min(top_k, len(self.classes))
+        with ThreadPoolExecutor(max_workers=decoders) as pool:
+            pending: deque = deque()
+            batch: list[tuple[str, np.ndarray]] = []
+            for path in images:
+                pending.append((str(path), pool.submit(preprocess_image, path, self.preprocess)))
+                while len(pending) > 2 * batch_size * decoders or (pending and pending[0][1].done()):
+                    yield from self._take(pending.popleft(), batch, batch_size, k)
+            while pending:
+                yield from self._take(pending.popleft(), batch, batch_size, k)
+            yield from self._run(batch, k)
+
+    def _take(self, item, batch: list, batch_size: int, k: int) -> Iterator[Prediction]:
+        name, future = item
+        try:
+            batch.append((name, future.result()))
+        except InputError as exc:
+            yield from self._run(batch, k)  # keep the output in input order
+            yield Prediction(file=name, error=str(exc))
+            return
+        if len(batch) >= batch_size:
+            yield from self._run(batch, k)
+
+    def _run(self, batch: list[tuple[str, np.ndarray]], k: int) -> Iterator[Prediction]:
+        if not batch:
+            return
+        logits = self.logits(np.stack([array for _, array in batch]))
+        probs = _softmax(logits)
+        order = np.argsort(-probs, axis=1)[:, :k]
+        for (name, _), row, top in zip(batch, probs, order):
+            labels = [Label(self.classes[i], int(i), float(row[i])) for i in top]
+            yield Prediction(file=name, top_k=labels, provider=self.provider)
+        batch.clear()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _cuda_present(ort) -> bool:
+    """onnxruntime-gpu lists CUDA even where no GPU or CUDA library is; only try it when an
+    NVIDIA device exists, so a CPU-only machine does not pay for the failed attempt."""
+    return _CUDA in ort.get_available_providers() and (Path("/dev/nvidiactl").exists() or os.name == "nt")

@@ -41,10 +41,11 @@ def save_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
 
 def _unpickling_reason(exc: Exception) -> str:
     """The informative line of torch.load's (long) error message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
     for line in lines:
-        if "WeightsUnpickler error" in line or "Unsupported" in line:
-            return line.split("WeightsUnpickler error:")[-1].strip()
+        if "unsupported" in line.lower():  # "Unsupported operand 103", "unsupported GLOBAL posix.system"
+            return line
     return lines[0] if lines else type(exc).__name__
 
 

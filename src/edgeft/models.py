@@ -117,12 +117,19 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 
 def _imagenet_model(name: str) -> nn.Module:
     path = imagenet_weights_file(name)
+    if path.is_file():  # torchvision unpickles the cache with weights_only=False: vet it first
+        load_weights_only(path)
     try:
         return torchvision.models.get_model(name, weights="DEFAULT")
     except OSError as exc:  # URLError is an OSError: offline and not cached
         raise InputError(
             f"ImageNet weights for {name} are not cached and cannot be downloaded ({exc}); "
             f"put {path.name} in {path.parent}/ (or set TORCH_HOME), or pass --weights PATH"
+        ) from None
+    except (RuntimeError, KeyError) as exc:  # load_state_dict: the cached file holds other tensors
+        raise InputError(
+            f"{path} does not hold the ImageNet weights of {name} ({str(exc).strip().splitlines()[0]}); "
+            f"replace it with the file from {torchvision.models.get_model_weights(name).DEFAULT.url}"
         ) from None
 
 

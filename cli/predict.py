@@ -39,7 +39,9 @@ def predict_command(
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("file", "top-k (probability)")
+        table = Table()
+        table.add_column("file", overflow="fold")
+        table.add_column("top-k (probability)")
         for p in predictions:
             failed += p.error is not None
             labels = ", ".join(f"[bold]{t.label}[/] {t.prob:.1%}" if i == 0 else f"{t.label} {t.prob:.1%}" for i, t in enumerate(p.top_k))

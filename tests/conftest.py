@@ -116,3 +116,14 @@ def one_line_error(stderr: str) -> str:
     assert lines[0].startswith("edgeft: error:"), lines[0]
     assert "Traceback" not in stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A resnet18 trained briefly on digits at 16 px (shared by the export, validate and predict
+    tests): runs/<name>/best.pt inside a session folder."""
+    from edgeft.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "runs"
+    config = TrainConfig(img_size=16, epochs=3, batch_size=64, patience=0, out=str(out), name="r18")
+    return Path(train(config).best_checkpoint)

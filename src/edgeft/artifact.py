@@ -30,16 +30,17 @@ def artifact_format(path: str | os.PathLike) -> str:
 
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse an ONNX file whose external tensor data lives outside the file's own folder."""
+    _refuse_outside_data(_load_onnx(Path(path)), Path(path))
+
+
+def _refuse_outside_data(model, path: Path) -> None:
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    path = Path(path)
     folder = path.resolve().parent
-    model = _load_onnx(path)
     for tensor in _get_all_tensors(model):
         if uses_external_data(tensor):
             location = ExternalDataInfo(tensor).location
-            target = (folder / location).resolve()
-            if not target.is_relative_to(folder) or os.path.isabs(location):
+            if os.path.isabs(location) or not (folder / location).resolve().is_relative_to(folder):
                 raise InputError(f"{path}: external data {location!r} points outside {folder}; refusing to read it")
 
 
@@ -58,7 +59,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The edgeft metadata document embedded in an exported file."""
     path = Path(path)
     if artifact_format(path) == "onnx":
-        props = {p.key: p.value for p in _load_onnx(path).metadata_props}
+        model = _load_onnx(path)
+        _refuse_outside_data(model, path)
+        props = {p.key: p.value for p in model.metadata_props}
         text = props.get(METADATA_KEY)
     else:
         text = _load_torchscript(path, extra=True)[1]

@@ -1,0 +1,200 @@
+"""edgeft export / validate / info: files that run like the checkpoint, carry their metadata, and
+are kept only when they pass their accuracy gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import one_line_error, run_edgeft
+from onnx import numpy_helper
+
+from edgeft.artifact import read_metadata
+from edgeft.checkpoint import load_checkpoint
+from edgeft.config import ExportConfig
+from edgeft.data import iterate_batches, load_checkpoint_data
+from edgeft.export import export
+from edgeft.models import model_from_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(digits_checkpoint, tmp_path_factory):
+    """fp32, fp16 and int8 ONNX and an fp32 TorchScript of the digits checkpoint."""
+    out = tmp_path_factory.mktemp("exported")
+    files = {}
+    for fmt, precision in (("all", "fp32"), ("onnx", "fp16"), ("onnx", "int8")):
+        result = export(ExportConfig(checkpoint=str(digits_checkpoint), format=fmt, precision=precision, out=str(out)))
+        assert result.passed, [f.validation for f in result.files]
+        for f in result.files:
+            files[(f.format, f.precision)] = f
+    return files
+
+
+def _val_inputs(checkpoint_path):
+    checkpoint = load_checkpoint(checkpoint_path)
+    bundle = load_checkpoint_data(checkpoint)
+    batches = list(iterate_batches(bundle.val, batch_size=64, preprocess=bundle.preprocess, device=torch.device("cpu")))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    return checkpoint, x, y
+
+
+def test_onnx_fp32_is_one_file_with_dynamic_batch_and_matches_pytorch(exported, digits_checkpoint):
+    path = exported[("onnx", "fp32")].path
+    folder_files = {p.name for p in __import__("pathlib").Path(path).parent.iterdir()}
+    assert not any(name.endswith(".data") for name in folder_files)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert (inp.name, out.name) == ("input", "logits")
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # the batch is dynamic
+    assert [d.dim_value for d in dims[1:]] == [1, 16, 16]  # channels, height, width are fixed
+    checkpoint, x, _ = _val_inputs(digits_checkpoint)
+    reference = model_from_checkpoint(checkpoint)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in (x[:1], x[:5]):
+        with torch.inference_mode():
+            expected = reference(batch).numpy()
+        np.testing.assert_allclose(session.run(None, {"input": batch.numpy()})[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_metadata_describes_the_file(exported, digits_checkpoint):
+    checkpoint = load_checkpoint(digits_checkpoint)
+    sha = hashlib.sha256(digits_checkpoint.read_bytes()).hexdigest()
+    for (fmt, precision), f in exported.items():
+        meta = read_metadata(f.path)
+        assert meta["arch"] == "resnet18" and meta["precision"] == precision
+        assert meta["classes"] == checkpoint["classes"]
+        assert meta["preprocess"] == checkpoint["preprocess"]
+        assert meta["source_checkpoint"]["sha256"] == sha
+        assert meta["input"]["name"] == "input" and meta["input"]["layout"] == "NCHW"
+        assert meta["validation"]["passed"] is True
+        assert meta["validation"]["batch_sizes"][0] == 1 and meta["validation"]["batch_sizes"][1] > 1
+        assert {"edgeft", "torch", "onnx", "onnxruntime"} <= set(meta["versions"])
+        assert (meta["opset"] is not None) == (fmt == "onnx")
+
+
+def test_fp16_keeps_float32_io_and_int8_is_small_and_quantized(exported):
+    fp32 = exported[("onnx", "fp32")]
+    fp16, int8 = exported[("onnx", "fp16")], exported[("onnx", "int8")]
+    model16 = onnx.load(fp16.path)
+    assert model16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model16.graph.initializer)
+    assert fp16.size_bytes < 0.6 * fp32.size_bytes
+    assert int8.size_bytes <= 0.3 * fp32.size_bytes
+    ops = {node.op_type for node in onnx.load(int8.path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    for f in (fp16, int8):
+        assert f.validation.acc_drop <= {"fp16": 0.1, "int8": 1.0}[f.precision]
+
+
+def test_torchscript_matches_pytorch_and_carries_metadata(exported, digits_checkpoint):
+    path = exported[("torchscript", "fp32")].path
+    extra = {"edgeft.json": ""}
+    module = torch.jit.load(path, _extra_files=extra)
+    assert json.loads(extra["edgeft.json"])["classes"] == [str(d) for d in range(10)]
+    checkpoint, x, _ = _val_inputs(digits_checkpoint)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x[:7]), model_from_checkpoint(checkpoint)(x[:7]), atol=1e-4, rtol=1e-4)
+
+
+def test_validate_json_matches_an_independent_onnxruntime_evaluation(exported, digits_checkpoint, tmp_path):
+    path = exported[("onnx", "int8")].path
+    proc = run_edgeft(["validate", path, "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    checkpoint, x, y = _val_inputs(digits_checkpoint)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    logits = np.concatenate([session.run(None, {"input": x[i : i + 1].numpy()})[0] for i in range(len(x))])
+    with torch.inference_mode():
+        ref_logits = model_from_checkpoint(checkpoint)(x).numpy()
+    exported_acc = float((logits.argmax(1) == y.numpy()).mean())
+    reference_acc = float((ref_logits.argmax(1) == y.numpy()).mean())
+    assert report["n_images"] == len(y)
+    assert report["exported_acc"] == pytest.approx(exported_acc, abs=1 / len(y) + 1e-9)
+    assert report["reference_acc"] == pytest.approx(reference_acc)
+    assert report["acc_drop"] == pytest.approx(100 * (report["reference_acc"] - report["exported_acc"]))
+    assert report["top1_agreement"] >= float((logits.argmax(1) == ref_logits.argmax(1)).mean()) - 1 / len(y) - 1e-9
+    assert report["max_abs_logit_diff"] >= float(np.abs(logits - ref_logits).max()) - 1e-5
+    assert report["passed"] is True
+
+
+def test_altered_weights_fail_validate(exported, tmp_path):
+    model = onnx.load(exported[("onnx", "fp32")].path)
+    conv = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight tensor
+    weights = numpy_helper.to_array(conv)
+    conv.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(weights.ravel()).reshape(weights.shape), conv.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, tampered)
+    proc = run_edgeft(["validate", str(tampered)], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "edgeft: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_failed_gate_removes_the_file_and_keeps_an_older_good_one(digits_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    ok = run_edgeft(["export", str(digits_checkpoint), "--out", str(out)], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    good = out / "r18.onnx"
+    good_bytes = good.read_bytes()
+    failing = run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--max-acc-drop", "-1"], cwd=tmp_path)
+    assert failing.returncode == 1
+    one_line_error(failing.stderr)
+    assert good.read_bytes() == good_bytes  # the earlier, good file is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["r18.onnx"]  # no temporary left behind
+    forced = run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--max-acc-drop", "-1", "--force"], cwd=tmp_path)
+    assert forced.returncode == 1
+    assert read_metadata(good)["validation"]["passed"] is False  # kept, and marked failed
+
+
+def test_info_prints_the_metadata(exported, tmp_path):
+    proc = run_edgeft(["info", exported[("onnx", "int8")].path, "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["precision"] == "int8"
+
+
+def test_refuses_foreign_checkpoints_and_unsafe_files(tmp_path, digits_checkpoint):
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    assert "not an edgeft checkpoint" in one_line_error(run_edgeft(["export", str(plain)], cwd=tmp_path).stderr)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "edgeft.checkpoint/1", "x": Payload()}, unsafe)
+    proc = run_edgeft(["export", str(unsafe)], cwd=tmp_path)
+    assert proc.returncode == 2 and "code ran" not in proc.stdout
+    assert "weights-only" in one_line_error(proc.stderr)
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["input"], ["logits"])], "g",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1])],
+        initializer=[onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1], [0.0])],
+    )
+    outside = onnx.helper.make_model(graph)
+    tensor = outside.graph.initializer[0]
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../../etc/passwd")
+    onnx.helper.set_model_props(outside, {"edgeft": json.dumps({"classes": ["a"]})})
+    bad = tmp_path / "model" / "bad.onnx"
+    bad.parent.mkdir()
+    onnx.save(outside, bad)
+    proc = run_edgeft(["validate", str(bad)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "outside" in one_line_error(proc.stderr)
+    proc = run_edgeft(["predict", "--model", str(bad), str(bad)], cwd=tmp_path)  # onnxruntime refuses it too
+    assert proc.returncode == 2
+    one_line_error(proc.stderr)

@@ -1,0 +1,142 @@
+"""edgeft predict and Predictor: onnxruntime only, every kind of image users have, the same
+probabilities as the checkpoint evaluated in PyTorch."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import one_line_error, run_edgeft
+from PIL import Image
+
+from edgeft.checkpoint import load_checkpoint
+from edgeft.config import ExportConfig
+from edgeft.export import export
+from edgeft.models import model_from_checkpoint
+from edgeft.predict import Predictor
+from edgeft.preprocess import Preprocess, preprocess_image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def onnx_model(digits_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict_model")
+    result = export(ExportConfig(checkpoint=str(digits_checkpoint), out=str(out), validate=False))
+    return result.files[0].path
+
+
+def _digit(rng, size=(24, 24)) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def real_world_folder(tmp_path_factory):
+    """Good files of every common kind, and broken ones; returns (folder, good names, bad names)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rgb = _digit(rng)
+    rgb.save(folder / "rgb.jpg", quality=95)
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.quantize(colors=8).save(folder / "palette.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)))
+    rgba.save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16)).save(folder / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    _digit(rng, (30, 20)).save(folder / "exif.jpg", exif=exif)
+    rgb.save(folder / "image.webp")
+    rgb.save(folder / "image.bmp")
+    rgb.save(folder / "image.tiff")
+    frames = [_digit(rng) for _ in range(3)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.new("L", (1, 1), 200).save(folder / "one.png")
+    _digit(rng, (2000, 3)).save(folder / "wide.png")
+    good = sorted(p.name for p in folder.iterdir())
+    (folder / "empty.png").write_bytes(b"")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    (folder / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (folder / "text.png").write_text("not an image\n")
+    Image.new("1", (12_000, 12_000)).save(folder / "bomb.png")  # 144 M pixels in a few kB
+    bad = ["bomb.png", "empty.png", "text.png", "truncated.png"]
+    return folder, good, bad
+
+
+def test_predictor_probabilities_equal_pytorch_on_real_world_files(onnx_model, digits_checkpoint, real_world_folder):
+    folder, good, _ = real_world_folder
+    checkpoint = load_checkpoint(digits_checkpoint)
+    model = model_from_checkpoint(checkpoint)
+    spec = Preprocess.from_dict(checkpoint["preprocess"])
+    predictions = Predictor(onnx_model, device="cpu").predict([folder / name for name in good], top_k=10)
+    for name, prediction in zip(good, predictions):
+        assert prediction.error is None, prediction.error
+        with torch.inference_mode():
+            expected = torch.softmax(model(torch.from_numpy(preprocess_image(folder / name, spec))[None]), 1)[0]
+        got = np.zeros(10)
+        for label in prediction.top_k:
+            got[label.index] = label.prob
+        assert np.abs(got - expected.numpy()).max() <= 1e-4, name
+        assert [label.prob for label in prediction.top_k] == sorted((label.prob for label in prediction.top_k), reverse=True)
+
+
+def test_cli_reads_a_folder_reports_bad_files_and_exits_2(onnx_model, real_world_folder, tmp_path):
+    folder, good, bad = real_world_folder
+    proc = run_edgeft(["predict", str(folder), "--model", onnx_model, "--json", "--top-k", "3", "--batch-size", "4"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    by_name = {r["file"].rsplit("/", 1)[-1]: r for r in records}
+    assert sorted(by_name) == sorted(good + bad)
+    assert [r["file"] for r in records] == sorted(r["file"] for r in records)  # input order kept
+    for name in good:
+        assert len(by_name[name]["top_k"]) == 3 and by_name[name]["provider"] == "CPUExecutionProvider"
+    for name in bad:
+        assert set(by_name[name]) == {"file", "error"} and "\n" not in by_name[name]["error"]
+    assert "bomb" in by_name["bomb.png"]["error"] or "pixel" in by_name["bomb.png"]["error"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_default_model_is_the_newest_export_and_is_named(onnx_model, tmp_path):
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "model.onnx").write_bytes(open(onnx_model, "rb").read())
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8), 128).save(image)
+    proc = run_edgeft(["predict", str(image)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "exported/model.onnx" in proc.stderr and "x.png" in proc.stdout
+
+
+def test_cuda_request_without_cuda_is_an_error(onnx_model, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8), 128).save(image)
+    proc = run_edgeft(["predict", str(image), "--model", onnx_model, "--device", "cuda"], cwd=tmp_path)
+    if proc.returncode == 0:
+        pytest.skip("this machine has a CUDA-capable onnxruntime")
+    assert proc.returncode == 2
+    assert "CUDA" in one_line_error(proc.stderr)
+
+
+def test_predict_never_imports_torch(onnx_model, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8), 128).save(image)
+    script = (
+        "import sys\n"
+        "for name in ('torch', 'torchvision'): sys.modules[name] = None  # importing them now fails\n"
+        "from edgeft.predict import Predictor\n"
+        f"print(Predictor({onnx_model!r}).predict([{str(image)!r}])[0].top_k[0].label)\n"
+        f"sys.argv = ['edgeft', 'predict', {str(image)!r}, '--model', {onnx_model!r}, '--json']\n"
+        "from edgeft.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    assert json.loads(second)["top_k"][0]["label"] == first

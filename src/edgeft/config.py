@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AUGMENTATIONS", "FORMATS", "OPTIMIZERS", "PRECISIONS", "SCHEDULERS", "ExportConfig", "TrainConfig"]
+__all__ = [
+    "AUGMENTATIONS", "FORMATS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
+    "BenchConfig", "ExportConfig", "TrainConfig",
+]  # fmt: skip
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
@@ -73,3 +76,25 @@ class ExportConfig:
     max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default
     batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
+
+
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
+
+
+@dataclass
+class BenchConfig:
+    """What `edgeft bench` measures; every row runs in a fresh process."""
+
+    models: tuple[str, ...] = ("resnet18", "resnext50_32x4d", "densenet121")
+    runtimes: tuple[str, ...] = RUNTIMES  # eager | torchscript | onnxruntime
+    precisions: tuple[str, ...] = ()  # empty: fp32, plus int8 (onnxruntime) on CPU or fp16 on CUDA
+    batch_sizes: tuple[int, ...] = (1, 8)
+    img_size: int = 224
+    device: str = "auto"  # auto | cpu | cuda (a device that is not here is reported, not fatal)
+    threads: int = 0  # intra-op threads of every runtime; 0: all cores
+    warmup: int = 3  # untimed runs before timing
+    iterations: int = 30  # timed runs per row, at most
+    budget_s: float = 8.0  # a row stops after this many seconds (with at least 5 runs)
+    quick: bool = False  # 1 warm-up, <= 10 runs, 2 s per row
+    checkpoints: tuple[str, ...] = ()  # edgeft checkpoints: their models, with an accuracy column
+    out: str = "reports"  # where bench-<timestamp>.md/.json/.png go

@@ -27,7 +27,7 @@ from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
 from edgeft.validate import ValidationResult, compare
 
-__all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export"]
+__all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx", "write_torchscript"]
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,10 @@ def export(config: ExportConfig) -> ExportResult:
         try:
             meta = {**metadata, "opset": config.opset if fmt == "onnx" else None}
             if fmt == "onnx":
-                _write_onnx(model, spec, tmp, opset=config.opset, precision=config.precision,
+                write_onnx(model, spec, tmp, opset=config.opset, precision=config.precision,
                             calibration=_calibration(config, bundle, spec))  # fmt: skip
             else:
-                _write_torchscript(model, spec, tmp, precision=config.precision, device=config.device)
+                write_torchscript(model, spec, tmp, precision=config.precision, device=config.device)
             validation = None
             if config.validate:
                 run, provider = load_runner(tmp, device=config.device)
@@ -167,7 +167,7 @@ def _example_input(spec: Preprocess, batch: int = 2, device: str = "cpu") -> tor
     return torch.randn(batch, spec.channels, spec.size, spec.size, device=device)
 
 
-def _write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, precision: str, calibration) -> None:
+def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, precision: str, calibration) -> None:
     """fp32 export with a dynamic batch dimension, then fp16 conversion or int8 quantization;
     always one self-contained file, checked with onnx.checker."""
     import onnx
@@ -244,7 +244,7 @@ def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preproce
     return np.concatenate(images)[: config.calib_size]
 
 
-def _write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precision: str, device: str) -> None:
+def write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precision: str, device: str) -> None:
     """Traced and frozen for inference; fp16 (CUDA) keeps float32 inputs and outputs."""
     module = copy.deepcopy(model).to(device).eval()
     if precision == "fp16":

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_training_curves"]
+__all__ = ["plot_benchmark", "plot_training_curves"]
 
 
 def plot_training_curves(history: list[dict], step_losses: list[float], path: str | Path, *, title: str = "") -> Path:
@@ -32,6 +32,38 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: st
     ax_acc.legend()
     if title:
         fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
+    """p50 latency per model and runtime (one panel per batch size) and, where the rows carry
+    an accuracy, accuracy against latency."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    batches = sorted({r["batch"] for r in ok}) or [1]
+    with_accuracy = [r for r in ok if r.get("accuracy") is not None]
+    panels = len(batches) + (1 if with_accuracy else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), constrained_layout=True, squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    variants = list(dict.fromkeys(f"{r['runtime']} {r['precision']}" for r in ok))
+    width = 0.8 / max(1, len(variants))
+    for ax, batch in zip(axes[0], batches):
+        for i, variant in enumerate(variants):
+            values = [next((r["p50_ms"] for r in ok if r["model"] == m and r["batch"] == batch
+                            and f"{r['runtime']} {r['precision']}" == variant), 0.0) for m in models]  # fmt: skip
+            ax.bar([x + i * width for x in range(len(models))], values, width, label=variant)
+        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(models))], models)
+        ax.set(ylabel="p50 latency (ms)", title=f"latency at batch {batch} (lower is better)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    if with_accuracy:
+        ax = axes[0][-1]
+        for r in with_accuracy:
+            ax.scatter(r["p50_ms"], 100 * r["accuracy"])
+            ax.annotate(f"{r['model']} {r['runtime']} {r['precision']} b{r['batch']}", (r["p50_ms"], 100 * r["accuracy"]), fontsize=7)
+        ax.set(xlabel="p50 latency (ms)", ylabel="accuracy (%)", title="accuracy against latency")
+        ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

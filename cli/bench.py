@@ -1,0 +1,61 @@
+"""`edgeft bench`: which model, which runtime, which precision, how fast, how big."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from edgeft.config import BenchConfig as C
+
+from . import app
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+@app.command("bench")
+def bench_command(
+    models: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(C.models),
+    runtimes: Annotated[str, typer.Option(help="Comma-separated: eager, torchscript, onnxruntime.")] = ",".join(C.runtimes),
+    precisions: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")] = "",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, C.batch_sizes)),
+    img_size: Annotated[int, typer.Option(help="Input side in pixels.")] = C.img_size,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = C.device,
+    threads: Annotated[int, typer.Option(help="Intra-op threads for every runtime (0: all cores).")] = C.threads,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = C.warmup,
+    iterations: Annotated[int, typer.Option(help="Timed runs per row, at most.")] = C.iterations,
+    budget_s: Annotated[float, typer.Option(help="Seconds per row, at most (after 5 runs).")] = C.budget_s,
+    quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row.")] = C.quick,
+    checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoint", help="An edgeft checkpoint (repeatable): benchmark it, with accuracy.")] = None,
+    out: Annotated[str, typer.Option(help="Report folder.")] = C.out,
+) -> None:
+    """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeft.bench import run_bench
+    from edgeft.errors import InputError
+
+    try:
+        sizes = tuple(int(b) for b in _split(batch_sizes))
+    except ValueError:
+        raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    config = C(models=_split(models), runtimes=_split(runtimes), precisions=_split(precisions), batch_sizes=sizes,
+               img_size=img_size, device=device, threads=threads, warmup=warmup, iterations=iterations,
+               budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), out=out)  # fmt: skip
+    report = run_bench(config, progress=True)
+    table = Table("model", "runtime", "prec", "batch", "p50 ms", "img/s", "load s", "peak MB", "file MB", "acc %", "provider")
+    for r in report.rows:
+        if r.status != "ok":
+            table.add_row(r.model, r.runtime, r.precision, str(r.batch), f"[yellow]{r.status}[/]")
+            continue
+        acc = "" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
+        table.add_row(r.model, r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.2f}", f"{r.images_per_s:.1f}",
+                      f"{r.load_s:.2f}", f"{r.peak_rss_mb:.0f}", f"{r.file_mb:.1f}", acc, r.provider)  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(f"report: {report.files['md']} (+ .json, .png; every column there)")
+    if not any(r.status == "ok" for r in report.rows):
+        raise InputError("no row could run; see the reasons above")

@@ -1,0 +1,287 @@
+"""`edgeft bench`: backbones x runtimes x precisions x batch sizes, each row timed in a fresh
+process, written as a Markdown, JSON and PNG report."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeft.checkpoint import load_checkpoint, save_checkpoint
+from edgeft.config import PRECISIONS, RUNTIMES, BenchConfig, ExportConfig
+from edgeft.data import default_preprocess
+from edgeft.errors import InputError
+from edgeft.export import export, write_onnx, write_torchscript
+from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
+from edgeft.plots import plot_benchmark
+
+__all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchRow:
+    model: str
+    runtime: str
+    precision: str
+    batch: int
+    device: str
+    status: str = "ok"  # ok, or why the row did not run
+    provider: str = ""  # what actually ran it
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    images_per_s: float | None = None
+    load_s: float | None = None  # model load / session creation
+    first_ms: float | None = None  # first inference at this batch size
+    peak_rss_mb: float | None = None  # peak resident memory of the process that loaded and ran it
+    iterations: int | None = None
+    file_mb: float | None = None
+    params_m: float | None = None
+    gflops: float | None = None  # at this image size (torchvision's count, scaled)
+    accuracy: float | None = None  # with --checkpoints: the export's validation accuracy
+
+
+@dataclass
+class BenchReport:
+    machine: dict
+    settings: dict
+    rows: list[BenchRow] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def machine_info(device: str) -> dict:
+    """CPU model and cores, GPU and driver, library versions: what a reader needs to compare."""
+    import onnxruntime
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "gpu": None,
+        "driver": None,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)  # fmt: skip
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            pass
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _device(name: str) -> tuple[str, str | None]:
+    """(device, why it is unavailable or None)."""
+    if name == "auto":
+        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+    if name == "cpu":
+        return "cpu", None
+    if name.startswith("cuda"):
+        return "cuda", None if torch.cuda.is_available() else "CUDA is not available on this machine"
+    raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
+
+
+def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]:
+    """(runtime, precision, reason to skip or None) for each requested combination."""
+    precisions = config.precisions or (("fp32", "fp16") if device == "cuda" else ("fp32", "int8"))
+    plan = []
+    for runtime in config.runtimes:
+        for precision in precisions:
+            reason = None
+            if runtime not in RUNTIMES:
+                reason = f"unknown runtime (available: {', '.join(RUNTIMES)})"
+            elif precision not in PRECISIONS:
+                reason = f"unknown precision (available: {', '.join(PRECISIONS)})"
+            elif precision == "int8" and runtime != "onnxruntime":
+                if config.precisions:  # asked for explicitly: say why not
+                    reason = "int8 runs through onnxruntime only"
+                else:
+                    continue
+            elif precision == "fp16" and device == "cpu" and runtime != "onnxruntime":
+                reason = "fp16 PyTorch on CPU is not a deployment target; use --device cuda"
+            plan.append((runtime, precision, reason))
+    return plan
+
+
+def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, device: str, folder: Path, needed) -> dict:
+    """The files each (runtime, precision) loads, their sizes, and accuracies with a checkpoint."""
+    files: dict[tuple[str, str], str] = {}
+    accuracy: dict[tuple[str, str], float] = {}
+    if checkpoint is None:
+        checkpoint = str(folder / f"{model_name}.pt")
+        model = get_model(model_name, num_classes=1000, in_chans=3)
+        spec = default_preprocess(size=config.img_size, channels=3)
+        save_checkpoint(checkpoint, {"arch": model_name, "num_classes": 1000, "in_chans": 3, "classes": [str(i) for i in range(1000)],
+                                     "preprocess": spec.to_dict(), "state_dict": model.state_dict()})  # fmt: skip
+    content = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(content)
+    spec = default_preprocess(size=content["preprocess"]["size"], channels=content["in_chans"])
+    for runtime, precision in needed:
+        key = (runtime, precision)
+        if runtime == "eager":
+            files[key] = checkpoint
+            continue
+        fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
+        if config.checkpoints:  # a real export, with its validation
+            result = export(ExportConfig(checkpoint=checkpoint, format=fmt, precision=precision, out=str(folder),
+                                         name=f"{model_name}-{runtime}-{precision}", device=device, force=True))  # fmt: skip
+            files[key] = result.files[0].path
+            accuracy[key] = result.files[0].validation.exported_acc
+            accuracy[("eager", "fp32")] = result.files[0].validation.reference_acc
+            continue
+        path = folder / f"{model_name}-{precision}{'.onnx' if fmt == 'onnx' else '.ts'}"
+        if fmt == "onnx":
+            calibration = np.random.default_rng(0).standard_normal((16, 3, spec.size, spec.size), dtype=np.float32)
+            write_onnx(model, spec, path, opset=18, precision=precision, calibration=calibration)
+        else:
+            write_torchscript(model, spec, path, precision=precision, device=device)
+        files[key] = str(path)
+    return {"files": files, "accuracy": accuracy, "size": spec.size, "channels": content["in_chans"],
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}  # fmt: skip
+
+
+def _measure(spec: dict, timeout: float) -> list[dict] | str:
+    """Run edgeft.timing in a fresh process; its results, or the reason it failed."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeft.timing", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit status {proc.returncode}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
+    """Measure every row; rows that cannot run say why. Writes the report files to `config.out`."""
+    if config.quick:
+        warmup, iterations, budget = 1, min(config.iterations, 10), min(config.budget_s, 2.0)
+    else:
+        warmup, iterations, budget = config.warmup, config.iterations, config.budget_s
+    if any(b < 1 for b in config.batch_sizes) or not config.batch_sizes:
+        raise InputError("--batch-sizes must be positive integers")
+    device, unavailable = _device(config.device)
+    threads = config.threads or os.cpu_count() or 1
+    sources = [(load_checkpoint(c)["arch"], c) for c in config.checkpoints] or [(m, None) for m in config.models]
+    for name, _ in sources:
+        if name not in list_models():
+            get_model(name, num_classes=2)  # the unknown-model error, with the list
+    plan = _plan(config, device)
+    report = BenchReport(
+        machine=machine_info(device if unavailable is None else "cpu"),
+        settings={**asdict(config), "device": device, "threads": threads, "warmup": warmup, "iterations": iterations,
+                  "budget_s": budget},  # fmt: skip
+    )
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
+        task = bar.add_task("bench", total=len(sources) * len(plan))
+        for model_name, checkpoint in sources:
+            runnable = [(r, p) for r, p, reason in plan if reason is None and unavailable is None]
+            bar.update(task, description=f"{model_name}: exporting")
+            art = _artifacts(model_name, checkpoint, config, device, Path(tmp), runnable) if runnable else None
+            info = model_info(model_name)
+            for runtime, precision, reason in plan:
+                bar.update(task, description=f"{model_name} {runtime} {precision}")
+                rows = [BenchRow(model_name, runtime, precision, b, device) for b in config.batch_sizes]
+                reason = reason or unavailable
+                if reason is None:
+                    measured = _measure({"runtime": runtime, "precision": precision, "device": device, "threads": threads,
+                                         "file": art["files"][(runtime, precision)], "batches": list(config.batch_sizes),
+                                         "size": art["size"], "channels": art["channels"], "warmup": warmup,
+                                         "iterations": iterations, "budget_s": budget},
+                                        timeout=120 + budget * 4 * len(config.batch_sizes))  # fmt: skip
+                    reason = measured if isinstance(measured, str) else None
+                for i, row in enumerate(rows):
+                    if reason is not None:
+                        row.status = f"skipped: {reason}"
+                        continue
+                    for key, value in measured[i].items():
+                        if key != "batch":
+                            setattr(row, key, value)
+                    row.file_mb = Path(art["files"][(runtime, precision)]).stat().st_size / 2**20
+                    row.params_m = art["params_m"]
+                    row.gflops = info.gflops * (art["size"] / 224) ** 2
+                    row.accuracy = art["accuracy"].get((runtime, precision))
+                if reason is not None:
+                    log.warning("%s %s %s: %s", model_name, runtime, precision, reason)
+                report.rows += rows
+                bar.advance(task)
+    _write_reports(report, Path(config.out))
+    return report
+
+
+def _write_reports(report: BenchReport, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = out / f"bench-{stamp}"
+    report.files = {"md": f"{base}.md", "json": f"{base}.json", "png": f"{base}.png"}
+    Path(report.files["json"]).write_text(json.dumps({"machine": report.machine, "settings": report.settings,
+                                                      "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n")  # fmt: skip
+    Path(report.files["md"]).write_text(markdown_report(report))
+    plot_benchmark([asdict(r) for r in report.rows], report.files["png"])
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    """The results as one Markdown table (rows that did not run say why)."""
+    head = ("| model | runtime | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s | load s | first ms "
+            "| peak MB | file MB | params M | GFLOPs | accuracy | provider |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"| {r.model} | {r.runtime} | {r.precision} | {r.batch} | {r.status} |" + " |" * 12)
+            continue
+        cells = [r.model, r.runtime, r.precision, str(r.batch), _fmt(r.p50_ms, ".2f"), _fmt(r.p90_ms, ".2f"),
+                 _fmt(r.p99_ms, ".2f"), _fmt(r.mean_ms, ".2f"), _fmt(r.images_per_s, ".1f"), _fmt(r.load_s, ".2f"),
+                 _fmt(r.first_ms, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.file_mb, ".1f"), _fmt(r.params_m, ".1f"),
+                 _fmt(r.gflops, ".2f"), _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), r.provider]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(report: BenchReport) -> str:
+    m, s = report.machine, report.settings
+    gpu = f"{m['gpu']} (driver {m['driver']}, CUDA {m.get('cuda')})" if m["gpu"] else "none"
+    return (
+        f"# edgeft bench\n\n"
+        f"- machine: {m['cpu']}, {m['cores']} cores; GPU: {gpu}\n"
+        f"- software: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
+        f"onnxruntime {m['onnxruntime']}; {m['os']}\n"
+        f"- settings: device {s['device']}, {s['img_size']} px, {s['threads']} threads, {s['warmup']} warm-up runs, "
+        f"up to {s['iterations']} timed runs or {s['budget_s']} s per row; each (model, runtime, precision) in a fresh "
+        f"process (peak MB is that process's resident peak)\n\n" + markdown_table(report.rows)
+    )

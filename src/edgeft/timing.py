@@ -1,0 +1,112 @@
+"""One benchmark row, measured in a fresh process so load time and peak memory are its own:
+`python -m edgeft.timing '<json spec>'` prints one JSON result. Imports torch only for the
+PyTorch runtimes."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["measure"]
+
+
+def _load(spec: dict) -> Callable[[np.ndarray], object]:
+    """A function running one batch to completion (results synchronized to the host)."""
+    runtime, device, threads = spec["runtime"], spec["device"], spec["threads"]
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        session = ort.InferenceSession(spec["file"], sess_options=options, providers=providers)
+        spec["provider"] = session.get_providers()[0]
+        if device == "cuda" and spec["provider"] != "CUDAExecutionProvider":
+            raise RuntimeError("onnxruntime cannot use CUDA here")
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    import torch
+
+    torch.set_num_threads(threads)
+    if runtime == "torchscript":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(spec["file"], map_location=device)
+    else:
+        from edgeft.checkpoint import load_checkpoint
+        from edgeft.models import model_from_checkpoint
+
+        module = model_from_checkpoint(load_checkpoint(spec["file"])).to(device)
+        if spec["precision"] == "fp16":
+            module = module.half()
+    spec["provider"] = f"torch-{device}"
+    dtype = torch.float16 if runtime == "eager" and spec["precision"] == "fp16" else torch.float32
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x).to(device, dtype))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+    return run
+
+
+def measure(spec: dict) -> list[dict]:
+    """Load once, then per batch size: first inference, `warmup` untimed and up to `iterations`
+    timed runs (stopping early past `budget_s`, after at least 5); latencies in milliseconds.
+    Peak memory is the process's, after all batch sizes."""
+    started = time.perf_counter()
+    run = _load(spec)
+    load_s = time.perf_counter() - started
+    results = [_time_batch(run, spec, batch) for batch in spec["batches"]]
+    peak = _peak_rss_mb()
+    return [{**r, "provider": spec["provider"], "load_s": load_s, "peak_rss_mb": peak} for r in results]
+
+
+def _peak_rss_mb() -> float:
+    """This process's resident peak. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    parent across fork and exec, so a child of a big process would report its parent's size."""
+    try:
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time_batch(run: Callable[[np.ndarray], object], spec: dict, batch: int) -> dict:
+    x = np.random.default_rng(0).standard_normal((batch, spec["channels"], spec["size"], spec["size"]), dtype=np.float32)
+    t = time.perf_counter()
+    run(x)
+    first_ms = 1000 * (time.perf_counter() - t)
+    for _ in range(spec["warmup"]):
+        run(x)
+    latencies = []
+    budget_end = time.perf_counter() + spec["budget_s"]
+    while len(latencies) < spec["iterations"] and (len(latencies) < 5 or time.perf_counter() < budget_end):
+        t = time.perf_counter()
+        run(x)
+        latencies.append(1000 * (time.perf_counter() - t))
+    ms = np.asarray(latencies)
+    return {
+        "batch": batch,
+        "first_ms": first_ms,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "images_per_s": batch * 1000 / float(ms.mean()),
+        "iterations": len(latencies),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -15,10 +15,13 @@ def models_command() -> None:
 
     from edgeft.models import list_models, model_info
 
+    names = list_models()
     table = Table(title="edgeft models")
-    for column in ("model", "params (M)", "GFLOPs @224", "ImageNet weights", "weights file"):
+    table.add_column("model", no_wrap=True, min_width=max(map(len, names)))  # never cut a name short
+    for column in ("params (M)", "GFLOPs @224", "ImageNet weights"):
         table.add_column(column, justify="right" if "(" in column or "@" in column else "left")
-    for name in list_models():
+    table.add_column("weights file", overflow="fold")  # whole, on narrow terminals too
+    for name in names:
         info = model_info(name)
         table.add_row(
             name,

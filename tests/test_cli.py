@@ -1,0 +1,147 @@
+"""The `edgeft` command as a user runs it: real subprocesses, real exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import edgeft
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft
+
+REQUIRED_MODELS = [
+    "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d",
+    "densenet121", "densenet169", "densenet201", "mobilenet_v3_small", "mobilenet_v3_large",
+]  # fmt: skip
+TINY = ["--epochs", "1", "--img-size", "16", "--batch-size", "8"]
+
+
+def prepare(case: str, cwd: Path) -> tuple[list[str], list[str]]:
+    """The arguments of one bad-input case (files prepared under cwd) and words the error must name."""
+    if case == "unknown model":
+        return ["train", "--model", "resnet19", *TINY], ["resnet19", "resnet18", "densenet121"]
+    if case == "missing folder":
+        return ["train", "--data", str(cwd / "no-such-folder"), *TINY], ["no-such-folder"]
+    if case == "empty folder":
+        (cwd / "empty").mkdir()
+        return ["train", "--data", str(cwd / "empty"), *TINY], ["empty"]
+    if case == "one class":
+        make_image_folder(cwd / "single", {"only": 6}, size=8)
+        return ["train", "--data", str(cwd / "single"), *TINY], ["single", "2"]
+    if case == "bad val split":
+        return ["train", "--val-split", "1.5", *TINY], ["--val-split", "1.5"]
+    if case == "cuda on a cpu machine":
+        return ["train", "--device", "cuda", *TINY], ["cuda"]
+    if case == "cifar10 offline":
+        return ["train", "--data", "cifar10", "--data-root", str(cwd / "datasets"), *TINY], [str(cwd / "datasets")]
+    if case == "imagenet offline":
+        make_image_folder(cwd / "shapes", {"a": 3, "b": 3}, size=8)
+        folder = str(cwd / ".torch_home" / "hub" / "checkpoints")
+        return ["train", "--data", str(cwd / "shapes"), "--weights", "imagenet", *TINY], ["resnet18-f37072fd.pth", folder]
+    if case == "resume from a text file":
+        (cwd / "last.pt").write_text("not a checkpoint")
+        return ["train", "--resume", str(cwd / "last.pt")], ["last.pt"]
+    raise AssertionError(case)
+
+
+BAD_CASES = ["unknown model", "missing folder", "empty folder", "one class", "bad val split", "cifar10 offline",
+             "imagenet offline", "resume from a text file"]  # fmt: skip
+if not torch.cuda.is_available():
+    BAD_CASES.append("cuda on a cpu machine")
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> dict:
+    """Every bad-input case run as its own `edgeft` process, a few at a time (each mostly waits
+    on importing torch)."""
+    root = tmp_path_factory.mktemp("bad")
+
+    def run(case: str):
+        cwd = root / case.replace(" ", "_")
+        cwd.mkdir()
+        args, words = prepare(case, cwd)
+        return cwd, words, run_edgeft(args, cwd=cwd, timeout=180)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(BAD_CASES, pool.map(run, BAD_CASES)))
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_exits_2_with_one_line(bad_runs, case):
+    cwd, words, proc = bad_runs[case]
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_error(proc.stderr)
+    for word in words:
+        assert word in line
+    assert not (cwd / "runs").exists()  # nothing written for a run that never started
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    proc = run_edgeft(["--verbose", "train", "--model", "resnet19"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("edgeft: error:")
+
+
+def test_models_lists_params_and_gflops(tmp_path):
+    home = tmp_path / ".torch_home"
+    cached = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # only its presence is shown
+    proc = run_edgeft(["models"], cwd=tmp_path, env=offline_env(home))  # a piped, 80-column console
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if len(cells) == 5 and cells[0]:
+            rows[cells[0]] = cells
+    for name in REQUIRED_MODELS:
+        meta = torchvision.models.get_model_weights(name).DEFAULT.meta
+        assert name in rows, f"{name} missing from:\n{proc.stdout}"
+        assert rows[name][1] == f"{meta['num_params'] / 1e6:.1f}"
+        assert rows[name][2] == f"{meta['_ops']:.2f}"
+    assert rows["resnet18"][3] == "cached" and rows["resnet34"][3].startswith("download")
+    assert str(home / "hub" / "checkpoints") in " ".join(proc.stdout.split())
+
+
+def test_version_and_help(tmp_path):
+    proc = run_edgeft(["--version"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"edgeft {edgeft.__version__}"
+    proc = run_edgeft(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "train" in proc.stdout and "models" in proc.stdout
+    proc = run_edgeft(["train", "--help"], cwd=tmp_path, env=offline_env(tmp_path, COLUMNS="200"))
+    for option in ("--model", "--data", "--weights", "--img-size", "--val-split", "--freeze-epochs", "--resume"):
+        assert option in proc.stdout
+
+
+def test_cli_import_does_not_load_torch():
+    code = "import sys, edgeft.cli; print(sorted(m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_console_script_is_installed():
+    script = shutil.which("edgeft")
+    assert script is not None and edgeft_command() == [script]
+
+
+@pytest.mark.slow
+def test_quickstart_default_train_reaches_the_documented_accuracy(tmp_path):
+    """`edgeft train` with every default: resnet18 on the embedded digits, 10 epochs."""
+    proc = run_edgeft(["train"], cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "resnet18-digits"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_val_acc"] >= 0.985
+    assert summary["model"] == "resnet18" and summary["data"] == "digits"
+    assert (run_dir / "best.pt").is_file()
+    assert f"edgeft export {os.path.join('runs', 'resnet18-digits', 'best.pt')}" in " ".join(proc.stdout.split())

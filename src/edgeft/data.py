@@ -22,7 +22,7 @@ from PIL import Image
 
 from edgeft.config import AUGMENTATIONS
 from edgeft.errors import InputError, RunError
-from edgeft.preprocess import Preprocess, load_image, normalize, preprocess_image, to_array
+from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, load_image, normalize, preprocess_image, to_array
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -82,7 +82,7 @@ class DataBundle:
     train: TensorImages | FolderImages
     val: TensorImages | FolderImages
     flips: bool  # horizontal flips keep the label (not for digits)
-    skipped_files: int = 0  # unreadable files left out of a folder dataset
+    skipped_files: int = 0  # unreadable images and non-image files left out of a folder dataset
     skipped_examples: tuple[str, ...] = ()  # the first few, with their reasons
 
 
@@ -175,12 +175,13 @@ def _folder(
     preprocess: Preprocess | None,
 ) -> DataBundle:
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_files = _scan(root / "train")
-        val_classes, val_files = _scan(root / "val")
+        classes, train_files, train_others = _scan(root / "train")
+        val_classes, val_files, val_others = _scan(root / "val")
+        others = train_others + val_others
         if val_classes != classes:
             raise InputError(f"{root}/train and {root}/val have different class folders")
     else:
-        classes, files = _scan(root)
+        classes, files, others = _scan(root)
         train_idx, val_idx = _stratified_split([label for _, label in files], val_split, seed)
         train_files, val_files = [files[i] for i in train_idx], [files[i] for i in val_idx]
     all_files = train_files + val_files
@@ -207,20 +208,23 @@ def _folder(
         train=FolderImages(train, spec),
         val=FolderImages(val, spec),
         flips=True,
-        skipped_files=len(bad),
-        skipped_examples=tuple(reason for _, reason in errors[:5]),
+        skipped_files=len(bad) + len(others),
+        skipped_examples=tuple([reason for _, reason in errors[:5]] + [f"{p}: not an image file" for p in others[:5]]),
     )
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class folders (sorted) and every visible file inside them."""
+def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
+    """Class folders (sorted), the image files inside them (by extension, as torchvision's
+    ImageFolder), and the other visible files, which are skipped."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [
+    visible = [
         (path, label)
         for label, name in enumerate(classes)
         for path in sorted((root / name).rglob("*"))
         if path.is_file() and not path.name.startswith(".")
     ]
+    files = [(path, label) for path, label in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
+    others = [path for path, _ in visible if path.suffix.lower() not in IMAGE_EXTENSIONS]
     if not files:
         raise InputError(f"{root} holds no images in class sub-folders (expected {root}/<class>/<image>)")
     used = sorted({label for _, label in files})
@@ -229,7 +233,7 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if len(used) < len(classes):
         empty = [classes[i] for i in range(len(classes)) if i not in used]
         raise InputError(f"{root}: class folders without images: {', '.join(empty)}")
-    return classes, files
+    return classes, files, others
 
 
 def _verify(paths: list[Path]) -> tuple[list[str], list[tuple[Path, str]]]:

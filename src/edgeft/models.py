@@ -158,25 +158,27 @@ def _strip_prefixes(key: str) -> str:
 
 
 def _load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load every backbone tensor of `state_dict`; the head is left out when its shape differs.
-    A 1-channel stem is widened (or a 3-channel one summed) to fit the model."""
+    """Load every backbone tensor of `state_dict`; the head always stays new. A 1-channel stem is
+    widened (or a 3-channel one summed) to fit the model. Tensors the model lacks mean another
+    architecture, and are refused."""
     own = model.state_dict()
     head = head_name(model) + "."
     stem = _first_conv_name(model) + ".weight"
+    foreign = [key for key in state_dict if key not in own]
+    if foreign:
+        raise InputError(f"{source}: {len(foreign)} tensors this model lacks (e.g. {foreign[0]}); weights of another architecture?")
     usable = {}
     for key, value in state_dict.items():
-        if key not in own:
+        if key.startswith(head):
             continue
         if key == stem and value.shape[1] != own[key].shape[1]:
             value = _adapt_stem(value, own[key].shape[1])
         if value.shape != own[key].shape:
-            if key.startswith(head):
-                continue
             raise InputError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}")
         usable[key] = value
     missing = [key for key in own if key not in usable and not key.startswith(head)]
     if missing:
-        raise InputError(f"{source}: not weights for this model ({len(missing)} tensors missing, e.g. {missing[0]})")
+        raise InputError(f"{source}: {len(missing)} tensors of this model are missing (e.g. {missing[0]}); weights of another architecture?")
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s", len(usable), source)
 

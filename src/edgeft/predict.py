@@ -81,16 +81,19 @@ class Predictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # a CUDA provider that cannot load is reported below, not logged
         wants_cuda = device.startswith("cuda") or (device == "auto" and _cuda_present(ort))
         providers: list = [_CPU]
         if wants_cuda:
             index = int(device.split(":")[1]) if ":" in device else 0
             providers = [(_CUDA, {"device_id": index}), _CPU]
+        if wants_cuda:
+            ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported below
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        finally:
+            ort.set_default_logger_severity(2)
         self.provider = self.session.get_providers()[0]
         if device.startswith("cuda") and self.provider != _CUDA:
             raise InputError(f"--device {device}: onnxruntime cannot use CUDA here (providers: {ort.get_available_providers()}); use --device cpu")

@@ -70,6 +70,8 @@ def load_image(source: str | os.PathLike | Image.Image, *, channels: int = 3) ->
     applied, alpha composited on white, 16-bit scaled to 8-bit. Raises InputError for anything
     that is not a readable, reasonably sized image."""
     if isinstance(source, Image.Image):
+        if getattr(source, "n_frames", 1) > 1:
+            source.seek(0)
         return _to_mode(ImageOps.exif_transpose(source), channels)
     path = Path(source)
     try:

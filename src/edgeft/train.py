@@ -229,7 +229,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         if device.type == "cuda" and r["rng_cuda"]:
             torch.cuda.set_rng_state_all(r["rng_cuda"])
         random.setstate(r["rng_python"])
-        log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
+        log.warning("resuming %s at epoch %d with its saved config (other options are ignored)", run_dir, start_epoch + 1)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     meta = {
@@ -345,7 +345,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         best_epoch=best["epoch"],
         epochs=len(history),
         stopped_early=stopped_early,
-        train_images_per_s=sum(r["images_per_s"] for r in history) / max(1, len(history)),
+        train_images_per_s=len(history) / max(1e-9, sum(1 / r["images_per_s"] for r in history)),  # all images / all time
         wall_s=previous_wall + time.perf_counter() - started,
         skipped_files=bundle.skipped_files,
         device=str(device),

@@ -38,7 +38,7 @@ def _root(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-from . import bench as _bench, export as _export, models as _models, predict as _predict, train as _train  # noqa: E402,F401 - registers the commands
+from . import bench as _bench, compare as _compare, export as _export, models as _models, predict as _predict, train as _train  # noqa: E402,F401 - registers the commands
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ def train_command(
     data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA)] = C.data,
     data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)] = C.data_root,
     weights: Annotated[str, typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.")] = C.weights,
+    stem: Annotated[str, typer.Option(help="torchvision | small (3x3 stride-1 conv, no max-pool) for images <= 64 px.")] = C.stem,
     img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: 32 for built-in data, 224 for folders).", rich_help_panel=_DATA)] = C.img_size,
     channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)] = C.channels,
     val_split: Annotated[float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)] = C.val_split,

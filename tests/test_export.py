@@ -198,3 +198,12 @@ def test_refuses_foreign_checkpoints_and_unsafe_files(tmp_path, digits_checkpoin
     proc = run_edgeft(["predict", "--model", str(bad), str(bad)], cwd=tmp_path)  # onnxruntime refuses it too
     assert proc.returncode == 2
     one_line_error(proc.stderr)
+
+
+def test_small_stem_checkpoint_exports_and_passes(tmp_path):
+    from edgeft.train import TrainConfig, train
+
+    best = train(TrainConfig(img_size=16, epochs=1, stem="small", out=str(tmp_path / "runs"), name="small")).best_checkpoint
+    assert load_checkpoint(best)["stem"] == "small"
+    result = export(ExportConfig(checkpoint=best, out=str(tmp_path / "exported")))
+    assert result.passed and result.files[0].validation.top1_agreement == 1.0

@@ -322,3 +322,25 @@ def test_backbone_bn_eval_keeps_running_statistics():
     model.train()  # and without it they do move: the check above can fail
     model(torch.randn(4, 3, 32, 32))
     assert not torch.equal(before["bn1.running_mean"], model.state_dict()["bn1.running_mean"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "mobilenet_v3_small"])
+def test_small_stem_keeps_small_images_large(name):
+    model = get_model(name, num_classes=4, in_chans=1, stem="small").eval()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.in_channels == 1
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    features = {}
+    conv.register_forward_hook(lambda module, args, out: features.update(shape=out.shape))
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+    assert features["shape"][-1] == 32  # torchvision's stride-2 stem would have made it 16
+
+
+def test_small_stem_loads_the_rest_of_a_checkpoint(tmp_path):
+    source = get_model("resnet18", num_classes=3)
+    path = tmp_path / "r18.pt"
+    save_checkpoint(path, edgeft_checkpoint_content(source, arch="resnet18", num_classes=3))
+    model = get_model("resnet18", num_classes=5, stem="small", weights=str(path))
+    assert model.conv1.kernel_size == (3, 3)
+    torch.testing.assert_close(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)

@@ -23,6 +23,7 @@ class TrainConfig:
     data: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path
     data_root: str = "data"  # where torchvision datasets live (and are downloaded to)
     weights: str = "none"  # none | imagenet | path to an edgeft checkpoint or a state_dict
+    stem: str = "torchvision"  # torchvision | small (3x3 stride-1 conv, no max-pool: images <= 64 px)
     img_size: int | None = None  # None: 32 for digits/MNIST/CIFAR, 224 for folders
     channels: int | None = None  # None: the data's (folders: 1 when every image is grayscale)
     val_split: float = 0.2  # fraction held out when the data has no validation split

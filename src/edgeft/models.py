@@ -17,6 +17,7 @@ from edgeft.checkpoint import load_weights_only
 from edgeft.errors import InputError
 
 __all__ = [
+    "STEMS",
     "ModelInfo",
     "backbone_bn_eval",
     "freeze_backbone",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+STEMS = ("torchvision", "small")
 
 # Backbones whose stem is the first Conv2d and whose head is the last Linear (torchvision builds
 # them all that way), so the same head replacement and channel adaptation work for each.
@@ -86,31 +89,53 @@ def model_info(name: str) -> ModelInfo:
     )
 
 
-def get_model(name: str, *, num_classes: int, in_chans: int = 3, weights: str = "none") -> nn.Module:
+def get_model(
+    name: str, *, num_classes: int, in_chans: int = 3, weights: str = "none", stem: str = "torchvision"
+) -> nn.Module:
     """Build `name` with a `num_classes` head and `in_chans` input channels.
 
     weights: "none" (random init), "imagenet" (torchvision's default weights, from the hub cache
     or downloaded), or the path of an edgeft checkpoint or a plain state_dict file (the backbone
     is loaded, the head stays new).
+    stem: "torchvision", or "small" for inputs of 64 px or less: a 3x3 stride-1 first convolution
+    and no max-pool, so a 32 px image is not shrunk to 8 px before the first block (the small
+    stem starts from random weights).
     """
     _check_name(name)
     if num_classes < 2:
         raise InputError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if stem not in STEMS:
+        raise InputError(f"--stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    state_dict = None
     if weights == "imagenet":
         model = _imagenet_model(name)
-    elif weights in ("none", "", None):
-        model = torchvision.models.get_model(name, weights=None)
     else:
         model = torchvision.models.get_model(name, weights=None)
-        _load_backbone(model, load_weights_file(weights, arch=name), source=str(weights))
+        if weights not in ("none", "", None):
+            state_dict = load_weights_file(weights, arch=name)
     _replace_head(model, num_classes)
     _set_in_chans(model, in_chans)
+    if stem == "small":
+        _small_stem(model)
+    if state_dict is not None:
+        _load_backbone(model, state_dict, source=str(weights))
     return model
+
+
+def _small_stem(model: nn.Module) -> None:
+    """3x3 stride-1 first convolution (fresh weights) and the stem's max-pool removed."""
+    name = _first_conv_name(model)
+    conv = model.get_submodule(name)
+    model.set_submodule(name, nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None))
+    pool = next((n for n, m in model.named_modules() if isinstance(m, nn.MaxPool2d)), None)
+    if pool is not None and pool.count(".") == name.count("."):  # the stem's own pool, beside the conv
+        model.set_submodule(pool, nn.Identity())
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
     """The model an edgeft checkpoint holds, in eval mode on the CPU."""
-    model = get_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], in_chans=checkpoint["in_chans"])
+    model = get_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], in_chans=checkpoint["in_chans"],
+                      stem=checkpoint.get("stem", "torchvision"))  # fmt: skip
     model.load_state_dict({_strip_prefixes(k): v for k, v in checkpoint["state_dict"].items()})
     return model.eval()
 
@@ -168,15 +193,20 @@ def _load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sou
     if foreign:
         raise InputError(f"{source}: {len(foreign)} tensors this model lacks (e.g. {foreign[0]}); weights of another architecture?")
     usable = {}
+    new_stem = False
     for key, value in state_dict.items():
         if key.startswith(head):
+            continue
+        if key == stem and value.shape[2:] != own[key].shape[2:]:
+            log.info("%s: stem kernel %s does not fit %s; the stem stays new", source, tuple(value.shape), tuple(own[key].shape))
+            new_stem = True
             continue
         if key == stem and value.shape[1] != own[key].shape[1]:
             value = _adapt_stem(value, own[key].shape[1])
         if value.shape != own[key].shape:
             raise InputError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}")
         usable[key] = value
-    missing = [key for key in own if key not in usable and not key.startswith(head)]
+    missing = [key for key in own if key not in usable and not key.startswith(head) and not (new_stem and key == stem)]
     if missing:
         raise InputError(f"{source}: {len(missing)} tensors of this model are missing (e.g. {missing[0]}); weights of another architecture?")
     model.load_state_dict(usable, strict=False)

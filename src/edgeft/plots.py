@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_benchmark", "plot_training_curves"]
+__all__ = ["plot_benchmark", "plot_comparison", "plot_training_curves"]
 
 
 def plot_training_curves(history: list[dict], step_losses: list[float], path: str | Path, *, title: str = "") -> Path:
@@ -64,6 +64,24 @@ def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
             ax.annotate(f"{r['model']} {r['runtime']} {r['precision']} b{r['batch']}", (r["p50_ms"], 100 * r["accuracy"]), fontsize=7)
         ax.set(xlabel="p50 latency (ms)", ylabel="accuracy (%)", title="accuracy against latency")
         ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_comparison(histories: dict[str, list[dict]], path: str | Path, *, title: str = "") -> Path:
+    """Validation accuracy, validation loss and training loss per epoch, one line per run."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    panels = (("val_acc", "validation accuracy (%)", 100), ("val_loss", "validation loss", 1), ("train_loss", "training loss", 1))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for name, history in histories.items():
+            ax.plot([r["epoch"] for r in history], [scale * r[key] for r in history], "o-", label=name)
+        ax.set(xlabel="epoch", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

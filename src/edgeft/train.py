@@ -194,7 +194,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     )  # fmt: skip
     in_chans = bundle.preprocess.channels
     weights = config.weights if state is None else "none"  # resumed weights come from last.pt
-    model = get_model(config.model, num_classes=len(bundle.classes), in_chans=in_chans, weights=weights).to(device)
+    model = get_model(config.model, num_classes=len(bundle.classes), in_chans=in_chans, weights=weights,
+                      stem=config.stem).to(device)  # fmt: skip
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -236,6 +237,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         "arch": config.model,
         "num_classes": len(bundle.classes),
         "in_chans": in_chans,
+        "stem": config.stem,
         "classes": list(bundle.classes),
         "preprocess": bundle.preprocess.to_dict(),
         "config": asdict(config),

@@ -1,0 +1,41 @@
+"""`edgeft compare`: from scratch vs frozen-then-fine-tuned vs fully fine-tuned, as one table and plot."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from edgeft.config import TrainConfig as C
+
+from . import app
+
+
+@app.command("compare")
+def compare_command(
+    weights: Annotated[str, typer.Option(help="imagenet, or an edgeft checkpoint trained on other data (offline).")],
+    model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
+    data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.")] = C.data,
+    data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.")] = C.data_root,
+    freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs of the 'frozen' run.")] = 2,
+    epochs: Annotated[int, typer.Option()] = C.epochs,
+    batch_size: Annotated[int, typer.Option()] = C.batch_size,
+    img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels.")] = C.img_size,
+    stem: Annotated[str, typer.Option(help="torchvision | small.")] = C.stem,
+    lr: Annotated[Optional[float], typer.Option(help="(default: 3e-3 from scratch, 1e-3 fine-tuning)")] = C.lr,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = C.device,
+    seed: Annotated[int, typer.Option()] = C.seed,
+    out: Annotated[str, typer.Option(help="Parent of the comparison folder.")] = C.out,
+) -> None:
+    """Train one backbone three ways on the same data and compare the curves."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from edgeft.compare import compare
+
+    config = C(model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, img_size=img_size,
+               stem=stem, lr=lr, device=device, seed=seed, out=out, patience=0)  # fmt: skip
+    result = compare(config, weights=weights, freeze_epochs=freeze_epochs, progress=True)
+    console = Console()
+    console.print(Markdown(result.table))
+    console.print(f"table: {result.files['md']}  plot: {result.files['png']}")

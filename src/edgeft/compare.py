@@ -1,0 +1,61 @@
+"""The transfer-learning experiment: the same backbone and data trained from scratch, fine-tuned
+with the backbone frozen first, and fully fine-tuned; one table and one plot of the real runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from edgeft.config import TrainConfig
+from edgeft.errors import InputError
+from edgeft.plots import plot_comparison
+from edgeft.train import TrainResult, train
+
+__all__ = ["CompareResult", "compare"]
+
+
+@dataclass
+class CompareResult:
+    folder: str
+    runs: dict[str, TrainResult]  # variant -> its run
+    table: str  # Markdown
+    files: dict[str, str]  # md, json, png
+
+
+def compare(config: TrainConfig, *, weights: str, freeze_epochs: int = 2, progress: bool = False) -> CompareResult:
+    """Train `config` three times under <out>/compare-<model>-<data>[-N]/: `scratch` (no
+    weights), `frozen` (`weights`, backbone frozen for `freeze_epochs`, then all layers) and
+    `finetune` (`weights`, all layers from the start)."""
+    if weights in ("none", ""):
+        raise InputError("compare needs --weights (imagenet or an edgeft checkpoint trained on other data)")
+    if not 0 < freeze_epochs < config.epochs:
+        raise InputError(f"--freeze-epochs must be between 1 and epochs-1 ({config.epochs - 1})")
+    base = Path(config.out) / f"compare-{config.model}-{Path(config.data).name}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    variants = {
+        "scratch": replace(config, weights="none", freeze_epochs=0),
+        "frozen": replace(config, weights=weights, freeze_epochs=freeze_epochs),
+        "finetune": replace(config, weights=weights, freeze_epochs=0),
+    }
+    runs = {name: train(replace(v, out=str(folder), name=name), progress=progress) for name, v in variants.items()}
+    table = _table(runs, variants)
+    files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}
+    Path(files["md"]).write_text(f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")
+    summary = {name: {k: v for k, v in asdict(r).items() if k != "history"} for name, r in runs.items()}
+    Path(files["json"]).write_text(json.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n")
+    plot_comparison({name: r.history for name, r in runs.items()}, files["png"], title=f"{config.model} on {config.data}")
+    return CompareResult(str(folder), runs, table, files)
+
+
+def _table(runs: dict[str, TrainResult], variants: dict[str, TrainConfig]) -> str:
+    lines = ["| run | weights | frozen epochs | best val acc | best epoch | final val loss | img/s | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, r in runs.items():
+        v = variants[name]
+        lines.append(f"| {name} | {v.weights} | {v.freeze_epochs} | {100 * r.best_val_acc:.2f} % | {r.best_epoch} "
+                     f"| {r.history[-1]['val_loss']:.4f} | {r.train_images_per_s:.0f} | {r.wall_s:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,6 +45,9 @@ def train_command(
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Autocast (bf16, fp16 + loss scaling) (default: on for CUDA).", rich_help_panel=_RUN)] = C.amp,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="(default: on for CUDA)", rich_help_panel=_RUN)] = C.channels_last,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)] = C.device,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)] = C.compile,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun ranks (CUDA).", rich_help_panel=_RUN)] = C.sync_bn,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine: runs itself under torchrun (one per GPU).", rich_help_panel=_RUN)] = 1,
     seed: Annotated[int, typer.Option(rich_help_panel=_RUN)] = C.seed,
     workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
     out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
@@ -51,6 +56,8 @@ def train_command(
 ) -> None:
     """Fine-tune (--weights imagenet|PATH) or train from scratch; writes runs/<name>/."""
     options = dict(locals())
+    if options.pop("nproc") > 1 and "WORLD_SIZE" not in os.environ:
+        _exec_torchrun(nproc)
     from rich.console import Console
     from rich.table import Table
 
@@ -59,6 +66,8 @@ def train_command(
     resume = options.pop("resume")
     config = C(**options)
     result = train(config, resume=resume, progress=True)
+    if not result.run_dir:  # a torchrun rank other than 0: rank 0 reports
+        return
 
     table = Table(show_header=False, box=None)
     table.add_row("best val accuracy", f"{result.best_val_acc:.2%} (epoch {result.best_epoch})")
@@ -71,3 +80,18 @@ def train_command(
     console = Console()
     console.print(table)
     console.print(f"next: edgeft export {result.best_checkpoint}")
+
+
+def _exec_torchrun(nproc: int) -> None:
+    """Replace this process with `torchrun --standalone --nproc_per_node N -m edgeft <same args>`."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "edgeft", *args]
+    print("edgeft: " + " ".join(command[1:]), file=sys.stderr)
+    os.execv(sys.executable, command)

@@ -28,7 +28,7 @@ class TrainConfig:
     channels: int | None = None  # None: the data's (folders: 1 when every image is grayscale)
     val_split: float = 0.2  # fraction held out when the data has no validation split
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: split evenly across torchrun ranks
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float | None = None  # None: 3e-3 from scratch, 1e-3 fine-tuning (x10 for sgd)
     weight_decay: float = 0.05  # not applied to biases and normalization layers
@@ -42,7 +42,9 @@ class TrainConfig:
     patience: int = 5  # stop after this many epochs without a lower val loss; 0: never
     amp: bool | None = None  # autocast (bf16, or fp16 with loss scaling); None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's cuda:LOCAL_RANK)
+    compile: bool = False  # torch.compile the model for training
+    sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (CUDA)
     seed: int = 0
     workers: int = 2  # DataLoader workers for folder datasets
     max_bad_fraction: float = 0.01  # abort when more of a folder's files are unreadable

@@ -31,6 +31,7 @@ __all__ = [
     "TensorImages",
     "augment_batch",
     "iterate_batches",
+    "shard_indices",
     "load_checkpoint_data",
     "load_data",
 ]
@@ -332,6 +333,15 @@ def _folder_train_transform(spec: Preprocess, augment: str, flips: bool):
     return v2.Compose(steps)
 
 
+def shard_indices(n: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1, pad: bool = True) -> torch.Tensor:
+    """This rank's share of 0..n-1 (shuffled by `seed`, the same on every rank), as
+    DistributedSampler splits it; `pad` repeats a few indices so every rank gets as many."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    if world > 1 and pad and n % world:
+        order = torch.cat([order, order[: world - n % world]])
+    return order[rank::world]
+
+
 def iterate_batches(
     split: TensorImages | FolderImages,
     *,
@@ -343,16 +353,21 @@ def iterate_batches(
     flips: bool = False,
     seed: int = 0,
     workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pad: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized float batches (and int64 labels) on `device`; the order and the augmentation
-    depend on `seed` only, so a resumed run sees the same epochs."""
-    generator = torch.Generator().manual_seed(seed)
+    """Normalized float batches (and int64 labels) on `device`, from this rank's shard of the
+    split; order and augmentation depend on `seed` (and the rank) only, so a resumed run sees
+    the same epochs. In-memory images may already live on `device` (then nothing is copied)."""
+    indices = shard_indices(len(split), shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
     if isinstance(split, TensorImages):
-        order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+        generator = torch.Generator().manual_seed(seed * 7919 + rank + 1)  # augmentation draws differ per rank
+        indices = indices.to(split.images.device)
         mean = torch.tensor(preprocess.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(preprocess.std, device=device).view(1, -1, 1, 1)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for start in range(0, len(indices), batch_size):
+            index = indices[start : start + batch_size]
             x = split.images[index].to(device, non_blocking=True).float().div_(255.0)
             if augment != "none":
                 x = augment_batch(x, augment, flips=flips, generator=generator)
@@ -363,10 +378,9 @@ def iterate_batches(
     loader = torch.utils.data.DataLoader(
         split,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=indices.tolist(),
         num_workers=workers,
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed * 7919 + rank + 1),  # seeds the workers' augmentation
         pin_memory=device.type == "cuda",
     )
     for x, y in loader:

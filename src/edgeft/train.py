@@ -19,7 +19,8 @@ from torch import nn
 from edgeft import __version__
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
-from edgeft.data import DataBundle, iterate_batches, load_data
+from edgeft.data import DataBundle, TensorImages, iterate_batches, load_data
+from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
@@ -43,6 +44,7 @@ class TrainResult:
     skipped_files: int
     device: str
     params: int
+    world_size: int = 1  # processes that trained together (torchrun)
     history: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -137,20 +139,23 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
 
 def evaluate(
     model: nn.Module, bundle: DataBundle, *, device: torch.device, batch_size: int = 256, autocast_dtype=None,
-    channels_last: bool = False,
+    channels_last: bool = False, dist: Dist = Dist(),
 ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy on the validation split."""
+    """Mean cross-entropy and top-1 accuracy on the validation split (each rank takes a share)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with torch.inference_mode(), autocast:
-        for x, y in iterate_batches(bundle.val, batch_size=batch_size, preprocess=bundle.preprocess, device=device):
+        batches = iterate_batches(bundle.val, batch_size=batch_size, preprocess=bundle.preprocess, device=device,
+                                  rank=dist.rank, world=dist.world, pad=False)  # fmt: skip
+        for x, y in batches:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
+    loss_sum, correct = dist.sum(loss_sum, correct)
     n = len(bundle.val)
     return loss_sum.item() / n, correct.item() / n
 
@@ -184,7 +189,12 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
         run_dir = last.parent
     _check(config)
-    device = resolve_device(config.device)
+    ctx, device = init_distributed(resolve_device(config.device))
+    if config.batch_size % ctx.world:
+        raise InputError(f"--batch-size {config.batch_size} does not split evenly over {ctx.world} processes")
+    if config.sync_bn and ctx.world > 1 and device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA devices")
+    batch_size = config.batch_size // ctx.world  # per rank
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -193,15 +203,20 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         val_split=config.val_split, seed=config.seed, max_bad_fraction=config.max_bad_fraction,
     )  # fmt: skip
     in_chans = bundle.preprocess.channels
+    if device.type == "cuda" and isinstance(bundle.train, TensorImages):  # the whole dataset lives on the GPU
+        bundle.train = TensorImages(bundle.train.images.to(device), bundle.train.labels.to(device))
+        bundle.val = TensorImages(bundle.val.images.to(device), bundle.val.labels.to(device))
     weights = config.weights if state is None else "none"  # resumed weights come from last.pt
     model = get_model(config.model, num_classes=len(bundle.classes), in_chans=in_chans, weights=weights,
                       stem=config.stem).to(device)  # fmt: skip
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if config.sync_bn and ctx.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     autocast_dtype = _autocast_dtype(config, device)
     optimizer = _optimizer(config, model)
-    steps_per_epoch = math.ceil(len(bundle.train) / config.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(bundle.train) / ctx.world) / batch_size)
     lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     plateau = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.2, patience=max(1, config.patience // 2))
@@ -214,7 +229,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0}
     lowest_val_loss, stale_epochs, start_epoch, previous_wall = math.inf, 0, 0, 0.0
     if state is None:
-        run_dir = _new_run_dir(config)
+        run_dir = _new_run_dir(config) if ctx.is_main else None
     else:
         model.load_state_dict(state["state_dict"])
         r = state["resume"]
@@ -231,7 +246,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
             torch.cuda.set_rng_state_all(r["rng_cuda"])
         random.setstate(r["rng_python"])
         log.warning("resuming %s at epoch %d with its saved config (other options are ignored)", run_dir, start_epoch + 1)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if ctx.is_main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
     meta = {
         "arch": config.model,
@@ -246,13 +262,16 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     }
     head = head_name(model)
     stopped_early = False
-    with _progress(progress) as bar:
+    with _progress(progress and ctx.is_main) as bar:
         for epoch in range(start_epoch, config.epochs):
             frozen = epoch < config.freeze_epochs
             if plateau is not None and config.freeze_epochs and epoch == config.freeze_epochs:
                 for group in optimizer.param_groups:
                     group["lr"] *= config.unfreeze_lr_scale
             freeze_backbone(model, frozen)
+            net = ctx.wrap(model, device)  # DDP syncs the parameters that train in this phase
+            if config.compile:
+                net = torch.compile(net)
             model.train()
             if frozen:
                 backbone_bn_eval(model)
@@ -265,16 +284,16 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
             losses = []
             seen = 0
             batches = iterate_batches(
-                bundle.train, batch_size=config.batch_size, preprocess=bundle.preprocess, device=device,
+                bundle.train, batch_size=batch_size, preprocess=bundle.preprocess, device=device,
                 shuffle=True, augment=config.augment, flips=bundle.flips, seed=config.seed * 100_003 + epoch,
-                workers=config.workers,
+                workers=config.workers, rank=ctx.rank, world=ctx.world,
             )  # fmt: skip
             for step, (x, y) in enumerate(batches, 1):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
                 with autocast:
-                    logits = model(x)
+                    logits = net(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -291,8 +310,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
                     metrics = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.2%}  {rate:,.0f} img/s"
                     bar.update(task, completed=step, metrics=metrics)
             train_seconds = time.perf_counter() - epoch_start
+            ctx.sync_buffers(model)
+            loss_sum, correct, seen_all = ctx.sum(loss_sum, correct, torch.tensor(float(seen), device=device))
+            seen = int(seen_all.item())
             val_loss, val_acc = evaluate(model, bundle, device=device, autocast_dtype=autocast_dtype,
-                                         channels_last=channels_last)  # fmt: skip
+                                         channels_last=channels_last, dist=ctx)  # fmt: skip
             if plateau is not None:
                 plateau.step(val_loss)
             step_losses += torch.stack(losses).tolist()
@@ -311,12 +333,17 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
             bar.update(task, metrics=f"{bar.tasks[task].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
             if (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"]):
                 best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
-                save_checkpoint(run_dir / "best.pt", {**meta, "metrics": best, "state_dict": model.state_dict()})
+                if ctx.is_main:
+                    save_checkpoint(run_dir / "best.pt", {**meta, "metrics": best, "state_dict": model.state_dict()})
             if val_loss < lowest_val_loss:
                 lowest_val_loss, stale_epochs = val_loss, 0
             else:
                 stale_epochs += 1
             stopped_early = bool(config.patience) and stale_epochs >= config.patience and epoch + 1 < config.epochs
+            if not ctx.is_main:  # the other ranks write nothing
+                if stopped_early:
+                    break
+                continue
             resume_state = {
                 "epoch": epoch + 1 if not stopped_early else config.epochs,
                 "optimizer": optimizer.state_dict(),
@@ -340,9 +367,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
                 log.info("early stop: val loss has not improved for %d epochs", stale_epochs)
                 break
 
+    ranks_identical = ctx.identical(model)
+    ctx.close()
     result = TrainResult(
-        run_dir=str(run_dir),
-        best_checkpoint=str(run_dir / "best.pt"),
+        run_dir=str(run_dir) if ctx.is_main else "",
+        best_checkpoint=str(run_dir / "best.pt") if ctx.is_main else "",
         best_val_acc=best["val_acc"],
         best_epoch=best["epoch"],
         epochs=len(history),
@@ -352,9 +381,15 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         skipped_files=bundle.skipped_files,
         device=str(device),
         params=sum(p.numel() for p in model.parameters()),
+        world_size=ctx.world,
         history=history,
     )
+    if not ctx.is_main:
+        return result
+    if not ranks_identical:
+        log.error("the %d ranks ended with different weights", ctx.world)
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    summary["ranks_identical"] = ranks_identical
     summary.update(model=config.model, data=bundle.name, classes=list(bundle.classes),
                    skipped_examples=list(bundle.skipped_examples))  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -360,8 +361,8 @@ def iterate_batches(
     """Normalized float batches (and int64 labels) on `device`, from this rank's shard of the
     split; order and augmentation depend on `seed` (and the rank) only, so a resumed run sees
     the same epochs. In-memory images may already live on `device` (then nothing is copied)."""
-    indices = shard_indices(len(split), shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
     if isinstance(split, TensorImages):
+        indices = shard_indices(len(split), shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
         generator = torch.Generator().manual_seed(seed * 7919 + rank + 1)  # augmentation draws differ per rank
         indices = indices.to(split.images.device)
         mean = torch.tensor(preprocess.mean, device=device).view(1, -1, 1, 1)
@@ -373,18 +374,42 @@ def iterate_batches(
                 x = augment_batch(x, augment, flips=flips, generator=generator)
             yield (x - mean) / std, split.labels[index].to(device, non_blocking=True)
         return
-    if augment != "none":
-        split = FolderImages(split.files, preprocess, augment, flips)
-    loader = torch.utils.data.DataLoader(
-        split,
-        batch_size=batch_size,
-        sampler=indices.tolist(),
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed * 7919 + rank + 1),  # seeds the workers' augmentation
-        pin_memory=device.type == "cuda",
-    )
+    key = (batch_size, augment, flips, workers, rank, world, pad, shuffle, device.type, preprocess)
+    loaders = _FOLDER_LOADERS.setdefault(split, {})
+    if key not in loaders:  # one loader per split and setting: its workers persist across epochs
+        dataset = FolderImages(split.files, preprocess, augment, flips) if augment != "none" else split
+        loaders[key] = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=_ShardSampler(len(split), shuffle=shuffle, rank=rank, world=world, pad=pad),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed * 7919 + rank + 1),  # seeds the workers' augmentation
+            pin_memory=device.type == "cuda",
+        )
+    loader = loaders[key]
+    loader.sampler.seed = seed
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+_FOLDER_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """`shard_indices` for the seed of the current pass (set before each epoch)."""
+
+    def __init__(self, n: int, *, shuffle: bool, rank: int, world: int, pad: bool):
+        self.n, self.shuffle, self.rank, self.world, self.pad, self.seed = n, shuffle, rank, world, pad, 0
+
+    def _indices(self) -> torch.Tensor:
+        return shard_indices(self.n, shuffle=self.shuffle, seed=self.seed, rank=self.rank, world=self.world, pad=self.pad)
+
+    def __iter__(self):
+        return iter(self._indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self._indices())
 
 
 def load_checkpoint_data(checkpoint: dict, *, data: str | None = None, data_root: str | None = None) -> DataBundle:

@@ -145,3 +145,20 @@ def test_quickstart_default_train_reaches_the_documented_accuracy(tmp_path):
     assert summary["model"] == "resnet18" and summary["data"] == "digits"
     assert (run_dir / "best.pt").is_file()
     assert f"edgeft export {os.path.join('runs', 'resnet18-digits', 'best.pt')}" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.slow
+def test_readme_chain_train_export_predict_on_the_sample_pngs(tmp_path):
+    """The README's main line, with defaults for everything but size: each step finds the last one's output."""
+    examples = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    assert run_edgeft(["train", "--img-size", "16", "--epochs", "3"], cwd=tmp_path).returncode == 0
+    export = run_edgeft(["export"], cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    assert (tmp_path / "exported" / "resnet18-digits.onnx").is_file()
+    predict = run_edgeft(["predict", str(examples), "--json"], cwd=tmp_path)
+    assert predict.returncode == 0, predict.stderr
+    assert "exported/resnet18-digits.onnx" in predict.stderr
+    records = [json.loads(line) for line in predict.stdout.splitlines()]
+    assert len(records) == 10
+    correct = sum(r["top_k"][0]["label"] == Path(r["file"]).stem for r in records)
+    assert correct >= 7  # the samples are digits the model has learned (chance: 1)

@@ -358,3 +358,16 @@ def test_cli_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights(tmp_path):
+    """--compile trains through torch.compile; the checkpoint holds the plain module's weights."""
+    from edgeft.config import ExportConfig
+    from edgeft.export import export
+
+    result = train(TrainConfig(model="mobilenet_v3_small", img_size=16, epochs=1, compile=True,
+                               out=str(tmp_path / "runs"), name="compiled"))  # fmt: skip
+    state = load_checkpoint(result.best_checkpoint)["state_dict"]
+    assert not any(key.startswith(("_orig_mod.", "module.")) for key in state)
+    assert export(ExportConfig(checkpoint=result.best_checkpoint, out=str(tmp_path / "exported"))).passed

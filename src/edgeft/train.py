@@ -262,16 +262,18 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     }
     head = head_name(model)
     stopped_early = False
+    phase = None  # frozen backbone (True) or not (False) in the current epoch
     with _progress(progress and ctx.is_main) as bar:
         for epoch in range(start_epoch, config.epochs):
             frozen = epoch < config.freeze_epochs
             if plateau is not None and config.freeze_epochs and epoch == config.freeze_epochs:
                 for group in optimizer.param_groups:
                     group["lr"] *= config.unfreeze_lr_scale
-            freeze_backbone(model, frozen)
-            net = ctx.wrap(model, device)  # DDP syncs the parameters that train in this phase
-            if config.compile:
-                net = torch.compile(net)
+            if frozen != phase:  # wrap again only when the set of trained parameters changes
+                freeze_backbone(model, frozen)
+                net = ctx.wrap(model, device)  # DDP syncs the parameters that train in this phase
+                net = torch.compile(net) if config.compile else net
+                phase = frozen
             model.train()
             if frozen:
                 backbone_bn_eval(model)

@@ -28,7 +28,8 @@ def bench_command(
     iterations: Annotated[int, typer.Option(help="Timed runs per row, at most.")] = C.iterations,
     budget_s: Annotated[float, typer.Option(help="Seconds per row, at most (after 5 runs).")] = C.budget_s,
     quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row.")] = C.quick,
-    checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoint", help="An edgeft checkpoint (repeatable): benchmark it, with accuracy.")] = None,
+    checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoints", "--checkpoint", help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Accuracy data for --checkpoints (default: each checkpoint's validation split).")] = None,
     out: Annotated[str, typer.Option(help="Report folder.")] = C.out,
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
@@ -44,7 +45,7 @@ def bench_command(
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     config = C(models=_split(models), runtimes=_split(runtimes), precisions=_split(precisions), batch_sizes=sizes,
                img_size=img_size, device=device, threads=threads, warmup=warmup, iterations=iterations,
-               budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), out=out)  # fmt: skip
+               budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out)  # fmt: skip
     report = run_bench(config, progress=True)
     table = Table("model", "runtime", "prec", "batch", "p50 ms", "img/s", "load s", "peak MB", "file MB", "acc %", "provider")
     for r in report.rows:

@@ -149,7 +149,7 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
             continue
         fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
         if config.checkpoints:  # a real export, with its validation
-            result = export(ExportConfig(checkpoint=checkpoint, format=fmt, precision=precision, out=str(folder),
+            result = export(ExportConfig(checkpoint=checkpoint, format=fmt, precision=precision, out=str(folder), data=config.data,
                                          name=f"{model_name}-{runtime}-{precision}", device=device, force=True))  # fmt: skip
             files[key] = result.files[0].path
             accuracy[key] = result.files[0].validation.exported_acc

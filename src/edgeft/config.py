@@ -100,4 +100,5 @@ class BenchConfig:
     budget_s: float = 8.0  # a row stops after this many seconds (with at least 5 runs)
     quick: bool = False  # 1 warm-up, <= 10 runs, 2 s per row
     checkpoints: tuple[str, ...] = ()  # edgeft checkpoints: their models, with an accuracy column
+    data: str | None = None  # accuracy data for `checkpoints`; None: each one's validation split
     out: str = "reports"  # where bench-<timestamp>.md/.json/.png go

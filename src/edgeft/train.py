@@ -233,18 +233,10 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
     else:
         model.load_state_dict(state["state_dict"])
         r = state["resume"]
-        optimizer.load_state_dict(r["optimizer"])
-        lambda_lr.load_state_dict(r["scheduler"])
-        if plateau is not None:
-            plateau.load_state_dict(r["plateau"])
-        scaler.load_state_dict(r["scaler"])
+        _restore_trainers(r, optimizer, lambda_lr, plateau, scaler, device)
         history, step_losses, best = r["history"], r["step_losses"], r["best"]
         lowest_val_loss, stale_epochs, start_epoch = r["lowest_val_loss"], r["stale_epochs"], r["epoch"]
         previous_wall = r["wall_s"]
-        torch.set_rng_state(r["rng_cpu"])
-        if device.type == "cuda" and r["rng_cuda"]:
-            torch.cuda.set_rng_state_all(r["rng_cuda"])
-        random.setstate(r["rng_python"])
         log.warning("resuming %s at epoch %d with its saved config (other options are ignored)", run_dir, start_epoch + 1)
     if ctx.is_main:
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -347,20 +339,14 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
                     break
                 continue
             resume_state = {
+                **_trainers_state(optimizer, lambda_lr, plateau, scaler, device),
                 "epoch": epoch + 1 if not stopped_early else config.epochs,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": lambda_lr.state_dict(),
-                "plateau": plateau.state_dict() if plateau is not None else None,
-                "scaler": scaler.state_dict(),
                 "history": history,
                 "step_losses": step_losses,
                 "best": best,
                 "lowest_val_loss": lowest_val_loss,
                 "stale_epochs": stale_epochs,
                 "wall_s": previous_wall + time.perf_counter() - started,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                "rng_python": random.getstate(),
             }
             save_checkpoint(run_dir / "last.pt", {**meta, "metrics": row, "state_dict": model.state_dict(), "resume": resume_state})
             _write_history(run_dir / "history.csv", history)
@@ -396,6 +382,32 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
                    skipped_examples=list(bundle.skipped_examples))  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
+
+
+def _trainers_state(optimizer, lambda_lr, plateau, scaler, device: torch.device) -> dict:
+    """Optimizer, schedulers, loss scaler and RNG states: what `--resume` restores."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": lambda_lr.state_dict(),
+        "plateau": plateau.state_dict() if plateau is not None else None,
+        "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "rng_python": random.getstate(),
+    }
+
+
+def _restore_trainers(saved: dict, optimizer, lambda_lr, plateau, scaler, device: torch.device) -> None:
+    """The inverse of `_trainers_state`."""
+    optimizer.load_state_dict(saved["optimizer"])
+    lambda_lr.load_state_dict(saved["scheduler"])
+    if plateau is not None:
+        plateau.load_state_dict(saved["plateau"])
+    scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if device.type == "cuda" and saved["rng_cuda"]:
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    random.setstate(saved["rng_python"])
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

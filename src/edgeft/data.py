@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from edgeft.config import AUGMENTATIONS
 from edgeft.errors import InputError, RunError
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, load_image, normalize, preprocess_image, to_array
+from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, load_image, preprocess_image, to_array
 
 __all__ = [
     "BUILTIN_DATASETS",

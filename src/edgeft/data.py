@@ -338,7 +338,8 @@ def shard_indices(n: int, *, shuffle: bool, seed: int, rank: int = 0, world: int
     DistributedSampler splits it; `pad` repeats a few indices so every rank gets as many."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     if world > 1 and pad and n % world:
-        order = torch.cat([order, order[: world - n % world]])
+        total = math.ceil(n / world) * world
+        order = order.repeat(math.ceil(total / n))[:total]  # cyclic, also when n < world
     return order[rank::world]
 
 
@@ -407,8 +408,8 @@ class _ShardSampler(torch.utils.data.Sampler):
     def __iter__(self):
         return iter(self._indices().tolist())
 
-    def __len__(self) -> int:
-        return len(self._indices())
+    def __len__(self) -> int:  # without drawing the permutation
+        return math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
 
 
 def load_checkpoint_data(checkpoint: dict, *, data: str | None = None, data_root: str | None = None) -> DataBundle:

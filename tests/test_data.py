@@ -313,3 +313,14 @@ def test_augment_batch():
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
     assert not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (7, 3), (2, 4)])
+def test_shards_are_equal_and_cover_the_split(n, world):
+    from edgeft.data import shard_indices
+
+    shards = [shard_indices(n, shuffle=True, seed=3, rank=r, world=world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank takes as many steps
+    assert set(torch.cat(shards).tolist()) == set(range(n))
+    unpadded = [shard_indices(n, shuffle=True, seed=3, rank=r, world=world, pad=False) for r in range(world)]
+    assert sorted(torch.cat(unpadded).tolist()) == list(range(n))  # evaluation sees each image once

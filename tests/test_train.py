@@ -24,7 +24,7 @@ from edgeft.data import iterate_batches, load_data
 from edgeft.errors import InputError
 from edgeft.models import get_model
 from edgeft.preprocess import Preprocess
-from edgeft.train import TrainConfig, resolve_device, train
+from edgeft.train import TrainConfig, train
 
 HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
 SUMMARY_KEYS = {"best_val_acc", "best_epoch", "epochs", "train_images_per_s", "wall_s", "skipped_files"}
@@ -266,11 +266,6 @@ def test_bad_config_is_an_input_error_before_any_output(tmp_path, overrides):
     with pytest.raises(InputError):
         train(config)
     assert not (tmp_path / "runs").exists()
-
-
-def test_resolve_device():
-    assert resolve_device("cpu") == CPU
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --- the CLI --------------------------------------------------------------------------------------

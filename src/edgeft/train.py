@@ -20,12 +20,13 @@ from edgeft import __version__
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
 from edgeft.data import DataBundle, TensorImages, iterate_batches, load_data
+from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "resolve_device", "train"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +47,6 @@ class TrainResult:
     params: int
     world_size: int = 1  # processes that trained together (torchrun)
     history: list[dict] = field(default_factory=list, repr=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when usable, else CPU; asking for an unusable CUDA device is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def _check(config: TrainConfig) -> None:
@@ -189,7 +172,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bo
         config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
         run_dir = last.parent
     _check(config)
-    ctx, device = init_distributed(resolve_device(config.device))
+    ctx, device = init_distributed(torch_device(config.device))
     if config.batch_size % ctx.world:
         raise InputError(f"--batch-size {config.batch_size} does not split evenly over {ctx.world} processes")
     if config.sync_bn and ctx.world > 1 and device.type != "cuda":

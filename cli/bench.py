@@ -22,7 +22,7 @@ def bench_command(
     precisions: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, C.batch_sizes)),
     img_size: Annotated[int, typer.Option(help="Input side in pixels.")] = C.img_size,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = C.device,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).")] = C.device,
     threads: Annotated[int, typer.Option(help="Intra-op threads for every runtime (0: all cores).")] = C.threads,
     warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = C.warmup,
     iterations: Annotated[int, typer.Option(help="Timed runs per row, at most.")] = C.iterations,
@@ -34,7 +34,6 @@ def bench_command(
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
     from rich.console import Console
-    from rich.table import Table
 
     from edgeft.bench import run_bench
     from edgeft.errors import InputError
@@ -47,16 +46,34 @@ def bench_command(
                img_size=img_size, device=device, threads=threads, warmup=warmup, iterations=iterations,
                budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out)  # fmt: skip
     report = run_bench(config, progress=True)
-    table = Table("model", "runtime", "prec", "batch", "p50 ms", "img/s", "load s", "peak MB", "file MB", "acc %", "provider")
-    for r in report.rows:
-        if r.status != "ok":
-            table.add_row(r.model, r.runtime, r.precision, str(r.batch), f"[yellow]{r.status}[/]")
-            continue
-        acc = "" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
-        table.add_row(r.model, r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.2f}", f"{r.images_per_s:.1f}",
-                      f"{r.load_s:.2f}", f"{r.peak_rss_mb:.0f}", f"{r.file_mb:.1f}", acc, r.provider)  # fmt: skip
     console = Console()
-    console.print(table)
-    console.print(f"report: {report.files['md']} (+ .json, .png; every column there)")
+    print_report(report, console)
     if not any(r.status == "ok" for r in report.rows):
         raise InputError("no row could run; see the reasons above")
+
+
+def print_report(report, console) -> None:
+    """One narrow table per model (fits 80 columns), rows that did not run below it, then where
+    the full report is."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    def cell(value, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    peak = report.machine["matmul_peak"]["gflop_per_s"]
+    for model in dict.fromkeys(r.model for r in report.rows):
+        rows = [r for r in report.rows if r.model == model]
+        table = Table(title=escape(model), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+        for name in ("runtime", "prec", "batch", "p50 ms", "x fp32", "img/s", "GFLOP/s", "% peak", "acc %"):
+            table.add_column(name, justify="left" if name in ("runtime", "prec") else "right")
+        for r in (r for r in rows if r.status == "ok"):
+            acc = None if r.accuracy is None else 100 * r.accuracy
+            table.add_row(r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.2f}", cell(r.vs_fp32, ".2f"), f"{r.images_per_s:.1f}",
+                          cell(r.gflop_per_s, ".1f"), cell(r.pct_of_peak, ".0f"), cell(acc, ".2f"))  # fmt: skip
+        console.print(table)
+        for r in dict.fromkeys((r.runtime, r.precision, r.status) for r in rows if r.status != "ok"):
+            console.print(f"[yellow]{escape(model)} {escape(r[0])} {escape(r[1])}: {escape(r[2])}[/]")
+    console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of {cell(peak, '.0f')} GFLOP/s fp32 matmul")
+    console.print(f"report: {escape(report.files['md'])} (+ .json, .png; every column there)")

@@ -11,19 +11,21 @@ import platform
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
-from edgeft.config import PRECISIONS, RUNTIMES, BenchConfig, ExportConfig
+from edgeft.config import BenchConfig, ExportConfig
+from edgeft.cpu import cpu_description
 from edgeft.data import default_preprocess
-from edgeft.errors import InputError
+from edgeft.devices import torch_device
 from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
+from edgeft.quantize import default_settings, quantize_onnx
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
 
@@ -50,8 +52,11 @@ class BenchRow:
     iterations: int | None = None
     file_mb: float | None = None
     params_m: float | None = None
-    gflops: float | None = None  # at this image size (torchvision's count, scaled)
+    gflops: float | None = None  # G multiply-adds at this image size (torchvision's "GFLOPS" count, scaled)
     accuracy: float | None = None  # with --checkpoints: the export's validation accuracy
+    vs_fp32: float | None = None  # speed-up: p50 of this runtime's fp32 row (same batch) / this p50
+    gflop_per_s: float | None = None  # achieved: 2 x multiply-adds x batch / p50
+    pct_of_peak: float | None = None  # gflop_per_s against the machine's measured fp32 matmul peak
 
 
 @dataclass
@@ -67,14 +72,11 @@ def machine_info(device: str) -> dict:
     import onnxruntime
     import torchvision
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_description()
     info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": cpu["cpu"],
+        "cores": cpu["cores"],
+        "cpu_features": cpu["features"],  # the flags that decide int8 / bf16 kernels
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": str(torch.__version__),
@@ -96,17 +98,6 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def _device(name: str) -> tuple[str, str | None]:
-    """(device, why it is unavailable or None)."""
-    if name == "auto":
-        return ("cuda" if torch.cuda.is_available() else "cpu"), None
-    if name == "cpu":
-        return "cpu", None
-    if name.startswith("cuda"):
-        return "cuda", None if torch.cuda.is_available() else "CUDA is not available on this machine"
-    raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
-
-
 def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]:
     """(runtime, precision, reason to skip or None) for each requested combination."""
     precisions = config.precisions or (("fp32", "fp16") if device == "cuda" else ("fp32", "int8"))
@@ -114,11 +105,7 @@ def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]
     for runtime in config.runtimes:
         for precision in precisions:
             reason = None
-            if runtime not in RUNTIMES:
-                reason = f"unknown runtime (available: {', '.join(RUNTIMES)})"
-            elif precision not in PRECISIONS:
-                reason = f"unknown precision (available: {', '.join(PRECISIONS)})"
-            elif precision == "int8" and runtime != "onnxruntime":
+            if precision == "int8" and runtime != "onnxruntime":
                 if config.precisions:  # asked for explicitly: say why not
                     reason = "int8 runs through onnxruntime only"
                 else:
@@ -157,13 +144,27 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
             continue
         path = folder / f"{model_name}-{precision}{'.onnx' if fmt == 'onnx' else '.ts'}"
         if fmt == "onnx":
-            calibration = np.random.default_rng(0).standard_normal((16, 3, spec.size, spec.size), dtype=np.float32)
-            write_onnx(model, spec, path, opset=18, precision=precision, calibration=calibration)
+            _write_random_weights_onnx(model, spec, path, precision)
         else:
             write_torchscript(model, spec, path, precision=precision, device=device)
         files[key] = str(path)
     return {"files": files, "accuracy": accuracy, "size": spec.size, "channels": content["in_chans"],
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}  # fmt: skip
+
+
+def _write_random_weights_onnx(model, spec, path: Path, precision: str) -> None:
+    """The ONNX file of a row without a checkpoint; int8 with this CPU's default settings,
+    calibrated on random images (the weights are random too: only speed is measured)."""
+    if precision != "int8":
+        write_onnx(model, spec, path, opset=18, precision=precision, calibration=None)
+        return
+    fp32 = path.with_name(f"{path.stem}-fp32-source.onnx")
+    write_onnx(model, spec, fp32, opset=18, precision="fp32", calibration=None)
+    rng = np.random.default_rng(0)
+    batches = (rng.standard_normal((8, spec.channels, spec.size, spec.size), dtype=np.float32) for _ in range(2))
+    summary = quantize_onnx(fp32, path, calibration=batches, settings=replace(default_settings(), calibration_size=16))
+    fp32.unlink()
+    log.info("%s", summary.line())
 
 
 def _measure(spec: dict, timeout: float) -> list[dict] | str:
@@ -186,9 +187,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
         warmup, iterations, budget = 1, min(config.iterations, 10), min(config.budget_s, 2.0)
     else:
         warmup, iterations, budget = config.warmup, config.iterations, config.budget_s
-    if any(b < 1 for b in config.batch_sizes) or not config.batch_sizes:
-        raise InputError("--batch-sizes must be positive integers")
-    device, unavailable = _device(config.device)
+    device = torch_device(config.device).type  # CUDA that is not usable here: InputError
     threads = config.threads or os.cpu_count() or 1
     sources = [(load_checkpoint(c)["arch"], c) for c in config.checkpoints] or [(m, None) for m in config.models]
     for name, _ in sources:
@@ -196,9 +195,9 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
             get_model(name, num_classes=2)  # the unknown-model error, with the list
     plan = _plan(config, device)
     report = BenchReport(
-        machine=machine_info(device if unavailable is None else "cpu"),
+        machine={**machine_info(device), "matmul_peak": _matmul_peak(device, threads)},
         settings={**asdict(config), "device": device, "threads": threads, "warmup": warmup, "iterations": iterations,
-                  "budget_s": budget},  # fmt: skip
+                  "budget_s": budget, "int8": default_settings().label()},  # fmt: skip
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -207,14 +206,13 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
         task = bar.add_task("bench", total=len(sources) * len(plan))
         for model_name, checkpoint in sources:
-            runnable = [(r, p) for r, p, reason in plan if reason is None and unavailable is None]
+            runnable = [(r, p) for r, p, reason in plan if reason is None]
             bar.update(task, description=f"{model_name}: exporting")
             art = _artifacts(model_name, checkpoint, config, device, Path(tmp), runnable) if runnable else None
             info = model_info(model_name)
             for runtime, precision, reason in plan:
                 bar.update(task, description=f"{model_name} {runtime} {precision}")
                 rows = [BenchRow(model_name, runtime, precision, b, device) for b in config.batch_sizes]
-                reason = reason or unavailable
                 if reason is None:
                     measured = _measure({"runtime": runtime, "precision": precision, "device": device, "threads": threads,
                                          "file": art["files"][(runtime, precision)], "batches": list(config.batch_sizes),
@@ -237,8 +235,33 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
                     log.warning("%s %s %s: %s", model_name, runtime, precision, reason)
                 report.rows += rows
                 bar.advance(task)
+    add_speed_columns(report.rows, report.machine["matmul_peak"]["gflop_per_s"])
     _write_reports(report, Path(config.out))
     return report
+
+
+def _matmul_peak(device: str, threads: int) -> dict:
+    """This machine's fp32 matmul throughput, measured once per report in a fresh process."""
+    spec = {"measure": "matmul_peak", "device": device, "threads": threads}
+    measured = _measure(spec, timeout=120)
+    if isinstance(measured, str):
+        log.warning("matmul peak not measured: %s", measured)
+        return {"gflop_per_s": None, "method": f"not measured: {measured}"}
+    return measured
+
+
+def add_speed_columns(rows: list[BenchRow], peak_gflop_per_s: float | None) -> None:
+    """Fill each measured row's speed-up against the fp32 row of its model, runtime and batch,
+    and its achieved GFLOP/s (2 FLOP per multiply-add) against the matmul peak."""
+    fp32 = {(r.model, r.runtime, r.batch): r.p50_ms for r in rows if r.precision == "fp32" and r.status == "ok"}
+    for row in rows:
+        if row.status != "ok":
+            continue
+        base = fp32.get((row.model, row.runtime, row.batch))
+        row.vs_fp32 = None if base is None else base / row.p50_ms
+        if row.gflops is not None:
+            row.gflop_per_s = 2 * row.gflops * row.batch / (row.p50_ms / 1000)
+            row.pct_of_peak = None if not peak_gflop_per_s else 100 * row.gflop_per_s / peak_gflop_per_s
 
 
 def _write_reports(report: BenchReport, out: Path) -> None:
@@ -258,15 +281,16 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_table(rows: list[BenchRow]) -> str:
     """The results as one Markdown table (rows that did not run say why)."""
-    head = ("| model | runtime | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s | load s | first ms "
-            "| peak MB | file MB | params M | GFLOPs | accuracy | provider |")  # fmt: skip
+    head = ("| model | runtime | precision | batch | p50 ms | x fp32 | p90 ms | p99 ms | mean ms | img/s | GFLOP/s "
+            "| % peak | load s | first ms | peak MB | file MB | params M | GMACs | accuracy | provider |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.model} | {r.runtime} | {r.precision} | {r.batch} | {r.status} |" + " |" * 12)
+            lines.append(f"| {r.model} | {r.runtime} | {r.precision} | {r.batch} | {r.status} |" + " |" * 15)
             continue
-        cells = [r.model, r.runtime, r.precision, str(r.batch), _fmt(r.p50_ms, ".2f"), _fmt(r.p90_ms, ".2f"),
-                 _fmt(r.p99_ms, ".2f"), _fmt(r.mean_ms, ".2f"), _fmt(r.images_per_s, ".1f"), _fmt(r.load_s, ".2f"),
+        cells = [r.model, r.runtime, r.precision, str(r.batch), _fmt(r.p50_ms, ".2f"), _fmt(r.vs_fp32, ".2f"), _fmt(r.p90_ms, ".2f"),
+                 _fmt(r.p99_ms, ".2f"), _fmt(r.mean_ms, ".2f"), _fmt(r.images_per_s, ".1f"), _fmt(r.gflop_per_s, ".1f"),
+                 _fmt(r.pct_of_peak, ".0f"), _fmt(r.load_s, ".2f"),
                  _fmt(r.first_ms, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.file_mb, ".1f"), _fmt(r.params_m, ".1f"),
                  _fmt(r.gflops, ".2f"), _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), r.provider]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -275,13 +299,18 @@ def markdown_table(rows: list[BenchRow]) -> str:
 
 def markdown_report(report: BenchReport) -> str:
     m, s = report.machine, report.settings
+    peak = m["matmul_peak"]
     gpu = f"{m['gpu']} (driver {m['driver']}, CUDA {m.get('cuda')})" if m["gpu"] else "none"
     return (
         f"# edgeft bench\n\n"
-        f"- machine: {m['cpu']}, {m['cores']} cores; GPU: {gpu}\n"
+        f"- machine: {m['cpu']}, {m['cores']} cores, CPU flags: {', '.join(m['cpu_features']) or 'none of note'}; GPU: {gpu}\n"
         f"- software: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"onnxruntime {m['onnxruntime']}; {m['os']}\n"
         f"- settings: device {s['device']}, {s['img_size']} px, {s['threads']} threads, {s['warmup']} warm-up runs, "
         f"up to {s['iterations']} timed runs or {s['budget_s']} s per row; each (model, runtime, precision) in a fresh "
-        f"process (peak MB is that process's resident peak)\n\n" + markdown_table(report.rows)
+        f"process (peak MB is that process's resident peak)\n"
+        f"- int8 rows: onnxruntime static quantization, {s['int8']}\n"
+        f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 FLOP per "
+        f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
+        f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n\n" + markdown_table(report.rows)
     )

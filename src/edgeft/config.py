@@ -93,8 +93,8 @@ class BenchConfig:
     precisions: tuple[str, ...] = ()  # empty: fp32, plus int8 (onnxruntime) on CPU or fp16 on CUDA
     batch_sizes: tuple[int, ...] = (1, 8)
     img_size: int = 224
-    device: str = "auto"  # auto | cpu | cuda (a device that is not here is reported, not fatal)
-    threads: int = 0  # intra-op threads of every runtime; 0: all cores
+    device: str = "auto"  # auto | cpu | cuda[:N] (a CUDA device that is not usable here: exit 2)
+    threads: int = 0  # intra-op threads of every runtime (and of the matmul peak); 0: all cores
     warmup: int = 3  # untimed runs before timing
     iterations: int = 30  # timed runs per row, at most
     budget_s: float = 8.0  # a row stops after this many seconds (with at least 5 runs)
@@ -102,3 +102,27 @@ class BenchConfig:
     checkpoints: tuple[str, ...] = ()  # edgeft checkpoints: their models, with an accuracy column
     data: str | None = None  # accuracy data for `checkpoints`; None: each one's validation split
     out: str = "reports"  # where bench-<timestamp>.md/.json/.png go
+
+    def __post_init__(self):
+        """Every value checked before any work (model names are checked against the registry by
+        `run_bench`, which has torchvision at hand)."""
+        from edgeft.devices import parse_device
+        from edgeft.errors import InputError
+
+        for option, values, known in (("--runtimes", self.runtimes, RUNTIMES), ("--precisions", self.precisions, PRECISIONS)):
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                raise InputError(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+        if not self.models and not self.checkpoints:
+            raise InputError("--models: give at least one model (or --checkpoints)")
+        if not self.runtimes:
+            raise InputError("--runtimes: give at least one runtime")
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise InputError(f"--batch-sizes must be positive integers, got {','.join(map(str, self.batch_sizes)) or 'none'}")
+        for option, value, least in (("--img-size", self.img_size, 8), ("--threads", self.threads, 0),
+                                     ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1)):  # fmt: skip
+            if value < least:
+                raise InputError(f"{option} must be at least {least}, got {value}")
+        if not self.budget_s > 0:
+            raise InputError(f"--budget-s must be positive, got {self.budget_s}")
+        self.device = parse_device(self.device)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["measure"]
+__all__ = ["matmul_peak", "measure"]
 
 
 def _load(spec: dict) -> Callable[[np.ndarray], object]:
@@ -108,5 +108,32 @@ def _time_batch(run: Callable[[np.ndarray], object], spec: dict, batch: int) -> 
     }
 
 
+def matmul_peak(device: str, threads: int, size: int = 2048, repeats: int = 5) -> dict:
+    """fp32 matmul GFLOP/s of this machine: `torch.matmul` of two random size x size matrices
+    (2 size^3 FLOP) with `threads` intra-op threads (TF32 off on CUDA), best of `repeats` after
+    one warm-up: the peak that achieved model GFLOP/s are compared with."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.matmul(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    where = f"{threads} threads" if device == "cpu" else device
+    method = f"torch.matmul fp32 {size}x{size}, {where}, best of {repeats} after a warm-up, in a fresh process"
+    return {"gflop_per_s": 2 * size**3 / best / 1e9, "method": method}
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    request = json.loads(sys.argv[1])
+    if request.get("measure") == "matmul_peak":
+        print(json.dumps(matmul_peak(request["device"], request["threads"])))
+    else:
+        print(json.dumps(measure(request)))

@@ -1,0 +1,285 @@
+"""int8 ONNX files with onnxruntime static quantization, with settings chosen for the CPU that runs.
+
+Torch-free. What the settings are and why (measured with onnxruntime 1.31 on the CPU provider,
+224 px, batch 1, random-weight resnet18 / resnext50_32x4d / densenet121, runs interleaved in one
+process; `benchmarks/test_int8.py` repeats the measurement, README "int8" gives the numbers):
+
+- **QDQ, uint8 activations, int8 weights (U8S8).** onnxruntime's x86 int8 GEMM kernels are
+  written for U8S8 (AVX2 `vpmaddubsw`, AVX-512/AVX-VNNI `vpdpbusd`: unsigned x signed bytes);
+  int8 activations (S8S8) take a slower path. QDQ is what the CPU provider fuses into its
+  quantized kernels; QOperator gave no speed over it. ARM kernels prefer int8 activations.
+- **Per-channel int8 weights.** Per-tensor weights cost accuracy on convolutions whose channels
+  differ in scale, for no measurable speed.
+- **reduce_range (7-bit weights) only without VNNI.** Without VNNI, `vpmaddubsw` adds two u8 x s8
+  products into a saturating int16: with 8-bit weights the sum can overflow and accuracy drops.
+  With VNNI the products are summed in int32 and 8 bits are kept.
+- **MinMax calibration** over `calibration_size` images by default: the fastest, and on trained
+  checkpoints it passed the gate where entropy and percentile did no better (the fallback ladder
+  tries percentile next).
+
+Calibration streams: batches are fed to the calibrator one at a time and reduced to ranges or
+histograms at once, so memory holds one batch, never the whole calibration set. The quantizer's
+per-tensor log lines and prints are kept out of the console; `quantize_onnx` returns a one-line
+summary instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.cpu import has_vnni
+from edgeft.errors import InputError
+
+__all__ = [
+    "ACTIVATION_TYPES", "CALIBRATION_METHODS", "FLOAT_NODE_GROUPS", "QUANT_FORMATS", "WEIGHT_TYPES",
+    "QuantSettings", "QuantSummary", "default_settings", "fallback_ladder", "quantize_onnx",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
+QUANT_FORMATS = ("qdq", "qoperator")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+FLOAT_NODE_GROUPS = ("first_conv", "classifier")  # names for nodes found in any graph
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a float ONNX file becomes int8."""
+
+    activation_type: str = "uint8"  # uint8 | int8 (x86 kernels are written for uint8 activations)
+    weight_type: str = "int8"  # int8 | uint8
+    format: str = "qdq"  # qdq | qoperator
+    per_channel: bool = True  # one scale per output channel of each weight
+    reduce_range: bool = False  # 7-bit weights: avoids int16 saturation on x86 without VNNI
+    calibrate_method: str = "minmax"  # minmax | entropy | percentile
+    calibration_size: int = 256  # calibration images
+    keep_float: tuple[str, ...] = ()  # node names, or "first_conv" / "classifier", left in float
+
+    def __post_init__(self):
+        for name, value, allowed in (("activation type", self.activation_type, ACTIVATION_TYPES),
+                                     ("weight type", self.weight_type, WEIGHT_TYPES),
+                                     ("quantization format", self.format, QUANT_FORMATS),
+                                     ("calibration method", self.calibrate_method, CALIBRATION_METHODS)):  # fmt: skip
+            if value not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.calibration_size < 1:
+            raise InputError(f"calibration size must be at least 1, got {self.calibration_size}")
+
+    def label(self) -> str:
+        """A short name for tables: 'qdq u8s8 pc rr minmax/256 float:first_conv+classifier'."""
+        types = f"{self.activation_type[0]}8{self.weight_type[0]}8".replace("i", "s")
+        parts = [self.format, types, "pc" if self.per_channel else "pt"] + (["rr"] if self.reduce_range else [])
+        parts.append(f"{self.calibrate_method}/{self.calibration_size}")
+        if self.keep_float:
+            parts.append("float:" + "+".join(self.keep_float))
+        return " ".join(parts)
+
+
+@dataclass
+class QuantSummary:
+    """What the quantizer did, in numbers and one line."""
+
+    settings: QuantSettings
+    quantized: int  # weighted nodes (Conv, Gemm, MatMul) running in int8
+    left_float: int  # weighted nodes left in float
+    calibration_images: int
+
+    def line(self) -> str:
+        return (f"int8 ({self.settings.label()}): {self.quantized} of {self.quantized + self.left_float} "
+                f"conv/gemm/matmul nodes quantized, {self.left_float} left in float; "
+                f"calibrated on {self.calibration_images} images")  # fmt: skip
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def default_settings(*, features: dict[str, bool] | None = None, machine_is_x86: bool | None = None) -> QuantSettings:
+    """The fastest settings that keep accuracy on this CPU (or on one with `features`)."""
+    vnni = has_vnni() if features is None else any(features.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    x86 = _is_x86() if machine_is_x86 is None else machine_is_x86
+    if not x86:  # ARM's int8 kernels prefer symmetric int8 activations
+        return QuantSettings(activation_type="int8")
+    return QuantSettings(reduce_range=not vnni)
+
+
+def fallback_ladder(settings: QuantSettings) -> list[QuantSettings]:
+    """What to try, in order, when `settings` fails its gate: 4x the calibration images, then
+    another calibration method, then the first convolution and the classifier left in float.
+    Each step keeps the previous ones."""
+    more = dataclasses.replace(settings, calibration_size=settings.calibration_size * 4)
+    other = "percentile" if settings.calibrate_method != "percentile" else "minmax"
+    method = dataclasses.replace(more, calibrate_method=other)
+    ends = tuple(dict.fromkeys(settings.keep_float + FLOAT_NODE_GROUPS))
+    return [more, method, dataclasses.replace(method, keep_float=ends)]
+
+
+def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: Iterable[np.ndarray],
+                  settings: QuantSettings, input_name: str = "input") -> QuantSummary:  # fmt: skip
+    """Write the int8 version of the float file `fp32_path` to `out_path`, calibrated on the
+    first `settings.calibration_size` images of `calibration` (float32 NCHW batches, read one
+    batch at a time)."""
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize.") as tmp, _quiet():
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        excluded = _resolve_float_nodes(prepared, settings.keep_float)
+        cache, images = _calibrate(prepared, Path(tmp), calibration, settings, input_name)
+        quantize_static(str(prepared), str(out_path), None, calibration_cache_path=str(cache),
+                        **_quantizer_options(settings), nodes_to_exclude=excluded)  # fmt: skip
+    quantized, left_float = _count_quantized(out_path)
+    summary = QuantSummary(settings, quantized, left_float, images)
+    log.info("%s", summary.line())
+    return summary
+
+
+def _quantizer_options(settings: QuantSettings) -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    return {
+        "quant_format": QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
+        "activation_type": types[settings.activation_type],
+        "weight_type": types[settings.weight_type],
+        "per_channel": settings.per_channel,
+        "reduce_range": settings.reduce_range,
+        "calibrate_method": _calibration_method(settings.calibrate_method),
+    }
+
+
+def _calibration_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]  # fmt: skip
+
+
+def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], settings: QuantSettings,
+               input_name: str) -> tuple[Path, int]:  # fmt: skip
+    """Ranges of every tensor from `settings.calibration_size` images, one batch in memory at a
+    time; saved as onnxruntime's calibration cache. Returns (cache path, images used)."""
+    from onnxruntime.quantization import CalibrationDataReader, create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    class OneBatch(CalibrationDataReader):
+        def __init__(self, batch: np.ndarray):
+            self.batch = batch
+
+        def get_next(self):
+            batch, self.batch = self.batch, None
+            return None if batch is None else {input_name: batch}
+
+    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # the tensors quantize_static calibrates
+    calibrator = create_calibrator(prepared, op_types, augmented_model_path=str(tmp / "augmented.onnx"),
+                                   calibrate_method=_calibration_method(settings.calibrate_method))  # fmt: skip
+    images = 0
+    for batch in _first_images(calibration, settings.calibration_size):
+        calibrator.collect_data(OneBatch(batch))
+        images += len(batch)
+    if images == 0:
+        raise InputError("int8 calibration needs at least one image; none were given")
+    cache = tmp / "calibration.json"
+    save_tensors_data(calibrator.compute_data(), cache)
+    return cache, images
+
+
+def _first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
+    """The batches that hold the first `count` images (the last one cut to size), as float32."""
+    remaining = count
+    for batch in batches:
+        if remaining <= 0:
+            return
+        batch = np.ascontiguousarray(batch[:remaining], dtype=np.float32)
+        remaining -= len(batch)
+        yield batch
+
+
+def _resolve_float_nodes(model_path: Path, names: tuple[str, ...]) -> list[str]:
+    """Node names for `names`: 'first_conv' and 'classifier' found in the graph, others as given."""
+    if not names:
+        return []
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weighted = [node for node in graph.node if node.op_type in _WEIGHTED_OPS]
+    found = {
+        "first_conv": next((n.name for n in weighted if n.op_type == "Conv"), None),
+        "classifier": next((n.name for n in reversed(weighted) if n.op_type in ("Gemm", "MatMul")), None),
+    }
+    return [found.get(name, name) for name in names if found.get(name, name)]
+
+
+def _count_quantized(path: Path) -> tuple[int, int]:
+    """(weighted nodes running in int8, weighted nodes left in float) in a quantized file."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    quantized = left_float = 0
+    for node in graph.node:
+        if node.op_type in _QUANTIZED_OPS:
+            quantized += 1
+        elif node.op_type in _WEIGHTED_OPS:
+            if any(name in dequantized for name in node.input[:2]):
+                quantized += 1
+            else:
+                left_float += 1
+    return quantized, left_float
+
+
+class _DropOnnxruntimeRecords(logging.Filter):
+    """Drops records that onnxruntime's Python quantization code logs on the root logger."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}onnxruntime{os.sep}" in record.pathname:
+            self.dropped += 1
+            log.debug("quantizer: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the quantizer's per-tensor lines off the console: its root-logger records ('Axis 1 is
+    out-of-range ...'), the calibrators' prints, Python warnings and onnxruntime's own log."""
+    import onnxruntime
+
+    dropped = _DropOnnxruntimeRecords()
+    root, named = logging.getLogger(), logging.getLogger("onnxruntime")  # named: its shape-inference lines
+    level = named.level
+    root.addFilter(dropped)
+    named.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(dropped)
+        named.setLevel(level)
+        onnxruntime.set_default_logger_severity(2)
+        log.debug("quantizer: %d log lines kept off the console", dropped.dropped)

@@ -70,6 +70,7 @@ class QuantSettings:
     calibrate_method: str = "minmax"  # minmax | entropy | percentile
     calibration_size: int = 256  # calibration images
     keep_float: tuple[str, ...] = ()  # node names, or "first_conv" / "classifier", left in float
+    op_types: tuple[str, ...] = ()  # operator types to quantize; empty: every type onnxruntime can
 
     def __post_init__(self):
         for name, value, allowed in (("activation type", self.activation_type, ACTIVATION_TYPES),
@@ -88,6 +89,8 @@ class QuantSettings:
         parts.append(f"{self.calibrate_method}/{self.calibration_size}")
         if self.keep_float:
             parts.append("float:" + "+".join(self.keep_float))
+        if self.op_types:
+            parts.append("ops:" + "+".join(self.op_types))
         return " ".join(parts)
 
 
@@ -163,6 +166,7 @@ def _quantizer_options(settings: QuantSettings) -> dict:
         "per_channel": settings.per_channel,
         "reduce_range": settings.reduce_range,
         "calibrate_method": _calibration_method(settings.calibrate_method),
+        "op_types_to_quantize": list(settings.op_types) or None,
     }
 
 
@@ -207,11 +211,11 @@ def _first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndar
     """The batches that hold the first `count` images (the last one cut to size), as float32."""
     remaining = count
     for batch in batches:
-        if remaining <= 0:
-            return
         batch = np.ascontiguousarray(batch[:remaining], dtype=np.float32)
         remaining -= len(batch)
         yield batch
+        if remaining <= 0:
+            return
 
 
 def _resolve_float_nodes(model_path: Path, names: tuple[str, ...]) -> list[str]:

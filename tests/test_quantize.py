@@ -1,0 +1,146 @@
+"""edgeft.quantize: settings that follow the CPU, the fallback ladder, streaming calibration, a
+quiet quantizer, and int8 files that agree with their float source."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgeft.errors import InputError
+from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, quantize_onnx
+
+AVX2 = {"avx2": True, "fma": True}
+VNNI = {**AVX2, "avx512f": True, "avx512bw": True, "avx512_vnni": True}
+
+
+class DenseBlockNet(nn.Module):
+    """A stem conv, a densenet-style block (BatchNorm after a concatenation stays a Mul/Add that
+    the quantizer logs about) and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(16)
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, self.branch(x)], 1)
+        x = self.mix(torch.relu(self.norm(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def fp32_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DenseBlockNet().eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("fp32") / "net.onnx"
+    program = torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), input_names=["input"], output_names=["logits"],
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)  # fmt: skip
+    program.save(str(path), external_data=False)
+    return path
+
+
+def batches(count: int, size: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield rng.standard_normal((size, 3, 16, 16), dtype=np.float32)
+
+
+def run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_defaults_follow_the_cpu():
+    assert default_settings(features=VNNI, machine_is_x86=True) == QuantSettings(activation_type="uint8", reduce_range=False)
+    without_vnni = default_settings(features=AVX2, machine_is_x86=True)
+    assert without_vnni.activation_type == "uint8" and without_vnni.weight_type == "int8" and without_vnni.reduce_range
+    assert default_settings(features={}, machine_is_x86=False).activation_type == "int8"  # ARM kernels
+    assert all(s.format == "qdq" and s.per_channel for s in (without_vnni, default_settings()))
+
+
+def test_settings_refuse_unknown_values():
+    with pytest.raises(InputError, match="calibration method"):
+        QuantSettings(calibrate_method="kl")
+    with pytest.raises(InputError, match="activation type"):
+        QuantSettings(activation_type="int4")
+    with pytest.raises(InputError, match="at least 1"):
+        QuantSettings(calibration_size=0)
+
+
+def test_fallback_ladder_adds_images_then_another_method_then_float_ends():
+    start = QuantSettings(calibration_size=100)
+    more, method, ends = fallback_ladder(start)
+    assert more == dataclasses.replace(start, calibration_size=400)
+    assert method == dataclasses.replace(more, calibrate_method="percentile")
+    assert ends == dataclasses.replace(method, keep_float=("first_conv", "classifier"))
+    assert fallback_ladder(QuantSettings(calibrate_method="percentile"))[1].calibrate_method == "minmax"
+    assert len({s.label() for s in (start, more, method, ends)}) == 4  # each attempt is told apart in tables
+
+
+def test_int8_file_agrees_with_its_source_and_reads_few_batches(fp32_file, tmp_path):
+    read = []
+
+    def counted():
+        for batch in batches(100):
+            read.append(len(batch))
+            yield batch
+
+    out = tmp_path / "int8.onnx"
+    summary = quantize_onnx(fp32_file, out, calibration=counted(), settings=QuantSettings(calibration_size=10))
+    assert summary.calibration_images == 10 and len(read) == 3  # streamed: stops after the batches it needs
+    assert (summary.quantized, summary.left_float) == (4, 0)
+    assert "4 of 4" in summary.line()
+    zero_points = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("zero_point")]
+    assert {onnx.TensorProto.UINT8, onnx.TensorProto.INT8} <= {z.data_type for z in zero_points}  # u8 activations, s8 weights
+    x = next(batches(1, size=8, seed=1))
+    reference, quantized = run(fp32_file, x), run(out, x)
+    assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.98
+    assert out.stat().st_size < fp32_file.stat().st_size
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_streams_too(fp32_file, tmp_path, method):
+    settings = QuantSettings(calibrate_method=method, calibration_size=8)
+    summary = quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=batches(5), settings=settings)
+    assert summary.calibration_images == 8
+    x = next(batches(1, seed=2))
+    assert np.corrcoef(run(fp32_file, x).ravel(), run(tmp_path / "int8.onnx", x).ravel())[0, 1] > 0.95
+
+
+def test_first_conv_and_classifier_can_stay_float(fp32_file, tmp_path):
+    settings = QuantSettings(calibration_size=4, keep_float=("first_conv", "classifier"))
+    summary = quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=batches(1), settings=settings)
+    assert (summary.quantized, summary.left_float) == (2, 2)
+
+
+def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO):
+            quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=batches(2),
+                          settings=QuantSettings(calibrate_method="entropy", calibration_size=8))  # fmt: skip
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    records = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.name for r in records] == ["edgeft.quantize"], [r.getMessage() for r in records]
+    assert "conv/gemm/matmul nodes quantized" in records[0].getMessage()
+
+
+def test_no_calibration_images_is_an_input_error(fp32_file, tmp_path):
+    with pytest.raises(InputError, match="calibration"):
+        quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=iter(()), settings=QuantSettings())

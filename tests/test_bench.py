@@ -1,4 +1,5 @@
-"""edgeft bench: rows measured in fresh processes, reports written, unavailable rows explained."""
+"""edgeft bench: rows measured in fresh processes, reports written, unavailable rows explained,
+speed-ups and GFLOP/s against a measured peak, a console table that fits 80 columns."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ import pytest
 from conftest import run_edgeft
 from PIL import Image
 
-from edgeft.bench import markdown_table, run_bench
+from edgeft.bench import BenchRow, add_speed_columns, markdown_table, run_bench
 from edgeft.config import BenchConfig
-
-pytestmark = pytest.mark.slow
+from edgeft.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
-    config = BenchConfig(models=("resnet18",), runtimes=("eager", "torchscript", "onnxruntime", "tensorrt"),
+    config = BenchConfig(models=("resnet18",), runtimes=("eager", "torchscript", "onnxruntime"),
                          batch_sizes=(1, 3), img_size=32, device="cpu", quick=True, out=str(out))  # fmt: skip
     return run_bench(config)
 
 
+@pytest.mark.slow
 def test_every_requested_row_is_measured_or_explained(report):
     rows = {(r.runtime, r.precision, r.batch): r for r in report.rows}
     measured = [("eager", "fp32"), ("torchscript", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
@@ -38,21 +39,77 @@ def test_every_requested_row_is_measured_or_explained(report):
     assert rows[("onnxruntime", "int8", 1)].file_mb < 0.3 * rows[("onnxruntime", "fp32", 1)].file_mb
     # onnxruntime rows never load torch: their process is far smaller than an eager one
     assert rows[("onnxruntime", "fp32", 1)].peak_rss_mb < rows[("eager", "fp32", 1)].peak_rss_mb
-    skipped = [r for r in report.rows if r.runtime == "tensorrt"]
-    assert skipped and all(r.status.startswith("skipped: unknown runtime") for r in skipped)
+    for batch in (1, 3):
+        fp32, int8 = rows[("onnxruntime", "fp32", batch)], rows[("onnxruntime", "int8", batch)]
+        assert fp32.vs_fp32 == 1 and int8.vs_fp32 == pytest.approx(fp32.p50_ms / int8.p50_ms)
+        assert int8.gflop_per_s == pytest.approx(2 * int8.gflops * batch / (int8.p50_ms / 1000))
+        assert int8.pct_of_peak == pytest.approx(100 * int8.gflop_per_s / report.machine["matmul_peak"]["gflop_per_s"])
 
 
+@pytest.mark.slow
 def test_report_files_hold_the_rows_and_the_machine(report):
+    from edgeft.cpu import cpu_features
+
     data = json.loads(open(report.files["json"]).read())
     assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] and "cpu" in data["machine"]
+    assert data["machine"]["cpu_features"] == [name for name, on in cpu_features().items() if on]
+    peak = data["machine"]["matmul_peak"]
+    assert peak["gflop_per_s"] > 0 and "torch.matmul fp32 2048x2048" in peak["method"]
+    assert data["settings"]["int8"].startswith("qdq u8s8 pc")  # the CPU-aware defaults of edgeft.quantize
     assert data["settings"]["iterations"] == 10 and data["settings"]["warmup"] == 1
     assert len(data["rows"]) == len(report.rows)
     markdown = open(report.files["md"]).read()
     assert markdown_table(report.rows) in markdown and "warm-up" in markdown
+    assert peak["method"] in markdown and "x fp32" in markdown
     with Image.open(report.files["png"]) as png:
         assert png.size[0] > 400
 
 
+@pytest.mark.slow
+def test_console_table_fits_80_columns(report):
+    from rich.console import Console
+
+    from edgeft.cli.bench import print_report
+
+    console = Console(width=80, record=True)
+    print_report(report, console)
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    assert "onnxruntime  int8" in text and "x fp32" in text
+
+
+def test_speed_columns_compare_with_the_same_runtime_and_batch():
+    rows = [BenchRow("m", "onnxruntime", "fp32", 1, "cpu", p50_ms=10.0, gflops=1.0),
+            BenchRow("m", "onnxruntime", "int8", 1, "cpu", p50_ms=4.0, gflops=1.0),
+            BenchRow("m", "eager", "fp16", 1, "cpu", p50_ms=5.0, gflops=1.0),
+            BenchRow("m", "onnxruntime", "int8", 8, "cpu", p50_ms=20.0, gflops=1.0)]  # fmt: skip
+    add_speed_columns(rows, peak_gflop_per_s=100.0)
+    assert [r.vs_fp32 for r in rows] == [1.0, 2.5, None, None]  # no fp32 row to compare with: none
+    assert rows[1].gflop_per_s == pytest.approx(500.0) and rows[1].pct_of_peak == pytest.approx(500.0)
+    assert rows[3].gflop_per_s == pytest.approx(800.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"batch_sizes": (1, 0)}, "--batch-sizes"), ({"batch_sizes": ()}, "--batch-sizes"), ({"threads": -1}, "--threads"),
+     ({"runtimes": ("tensorrt",)}, "--runtimes: unknown 'tensorrt'"), ({"precisions": ("int4",)}, "--precisions"),
+     ({"device": "gpu"}, "--device"), ({"iterations": 0}, "--iterations"), ({"budget_s": 0}, "--budget-s")],
+)  # fmt: skip
+def test_config_refuses_bad_values(values, message):
+    with pytest.raises(InputError, match=message):
+        BenchConfig(**values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--threads", "-1"], ["--batch-sizes", "1,x"], ["--runtimes", "tensorrt"], ["--models", "resnet9000"]])
+def test_bad_options_are_one_line_and_exit_2(args, tmp_path):
+    proc = run_edgeft(["bench", *args, "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("edgeft: error:")
+    assert not list(tmp_path.glob("bench-*"))
+
+
+@pytest.mark.slow
 def test_accuracy_column_from_a_checkpoint(digits_checkpoint, tmp_path):
     config = BenchConfig(runtimes=("eager", "onnxruntime"), precisions=("fp32",), batch_sizes=(2,), device="cpu",
                          quick=True, checkpoints=(str(digits_checkpoint),), out=str(tmp_path))  # fmt: skip
@@ -61,7 +118,8 @@ def test_accuracy_column_from_a_checkpoint(digits_checkpoint, tmp_path):
     assert rows["onnxruntime"].accuracy == pytest.approx(rows["eager"].accuracy)  # fp32 export keeps accuracy
 
 
-def test_unavailable_device_is_explained_not_fatal(tmp_path):
+@pytest.mark.slow
+def test_unusable_cuda_is_one_line_and_exit_2(tmp_path):
     import torch
 
     if torch.cuda.is_available():
@@ -69,5 +127,5 @@ def test_unavailable_device_is_explained_not_fatal(tmp_path):
     proc = run_edgeft(["bench", "--models", "resnet18", "--device", "cuda", "--img-size", "32", "--quick",
                        "--out", str(tmp_path)], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2
-    assert "CUDA is not available" in proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "edgeft: error: --device cuda: CUDA is not usable here; use --device cpu or auto"
+    assert not list(tmp_path.glob("bench-*"))

@@ -42,7 +42,7 @@ def _validation_rows(v) -> list[tuple[str, str]]:
 def export_command(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")] = None,
     format: Annotated[str, typer.Option(help="onnx | torchscript | all.")] = C.format,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 (int8: ONNX; fp16 TorchScript: CUDA).")] = C.precision,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto (int8, auto: ONNX; fp16 TorchScript: CUDA). auto: the fastest candidate here that passes its gate.")] = C.precision,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
     name: Annotated[Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")] = C.name,
     opset: Annotated[int, typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]}.")] = C.opset,
@@ -52,6 +52,12 @@ def export_command(
     data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")] = C.data_root,
     calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (default: the checkpoint's training data).")] = C.calib_data,
     calib_size: Annotated[int, typer.Option(help="int8 calibration images used.")] = C.calib_size,
+    calib_method: Annotated[Optional[str], typer.Option(help="int8 calibration: minmax | entropy | percentile (default: minmax).")] = C.calib_method,
+    activation_type: Annotated[Optional[str], typer.Option(help="int8 activations: uint8 | int8 (default: uint8 on x86, int8 on ARM).")] = C.activation_type,
+    weight_type: Annotated[Optional[str], typer.Option(help="int8 weights: int8 | uint8 (default: int8).")] = C.weight_type,
+    quant_format: Annotated[Optional[str], typer.Option(help="int8 graph: qdq | qoperator (default: qdq).")] = C.quant_format,
+    reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit int8 weights (default: on for x86 without VNNI).", show_default=False)] = C.reduce_range,
+    fallback: Annotated[bool, typer.Option("--fallback/--no-fallback", help="int8 that fails its gate: try more calibration images, another method, first conv + classifier in float.")] = C.fallback,
     max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")] = C.max_acc_drop,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
     force: Annotated[bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")] = C.force,
@@ -68,6 +74,8 @@ def export_command(
     result = export(C(**options))
     console = Console()
     for f in result.files:
+        if f.attempts:
+            console.print(_attempts_table(f.attempts, auto=precision == "auto"))
         table = Table(title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False)
         if f.validation is not None:
             for row in _validation_rows(f.validation):
@@ -80,6 +88,19 @@ def export_command(
     failed = [f for f in result.files if f.validation is not None and not f.validation.passed]
     if failed:
         raise GateError("; ".join(f"{Path(f.path).name}: {f.validation.reason}" for f in failed))
+
+
+def _attempts_table(attempts, *, auto: bool):
+    """The int8 fallback ladder's attempts, or auto's candidates, one row each."""
+    from rich.table import Table
+
+    from edgeft.candidates import attempts_table
+
+    head, *rows = attempts_table(attempts)
+    table = Table(*head, title="--precision auto: candidates" if auto else "int8 attempts", title_justify="left")
+    for row in rows:
+        table.add_row(*map(escape, row))
+    return table
 
 
 @app.command("validate")

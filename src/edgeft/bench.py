@@ -25,7 +25,7 @@ from edgeft.devices import torch_device
 from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
-from edgeft.quantize import default_settings, quantize_onnx
+from edgeft.quantize import default_settings
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
 
@@ -155,16 +155,10 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
 def _write_random_weights_onnx(model, spec, path: Path, precision: str) -> None:
     """The ONNX file of a row without a checkpoint; int8 with this CPU's default settings,
     calibrated on random images (the weights are random too: only speed is measured)."""
-    if precision != "int8":
-        write_onnx(model, spec, path, opset=18, precision=precision, calibration=None)
-        return
-    fp32 = path.with_name(f"{path.stem}-fp32-source.onnx")
-    write_onnx(model, spec, fp32, opset=18, precision="fp32", calibration=None)
     rng = np.random.default_rng(0)
     batches = (rng.standard_normal((8, spec.channels, spec.size, spec.size), dtype=np.float32) for _ in range(2))
-    summary = quantize_onnx(fp32, path, calibration=batches, settings=replace(default_settings(), calibration_size=16))
-    fp32.unlink()
-    log.info("%s", summary.line())
+    write_onnx(model, spec, path, opset=18, precision=precision, calibration=batches,
+               settings=replace(default_settings(), calibration_size=16))  # fmt: skip
 
 
 def _measure(spec: dict, timeout: float) -> list[dict] | str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from edgeft.devices import parse_device
 from edgeft.errors import InputError
+from edgeft.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
 __all__ = [
     "AUGMENTATIONS", "FORMATS", "OPSETS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
@@ -70,7 +71,7 @@ class ExportConfig:
 
     checkpoint: str  # an edgeft checkpoint (runs/<name>/best.pt)
     format: str = "onnx"  # onnx | torchscript | all
-    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: ONNX only; TorchScript fp16: CUDA only)
+    precision: str = "fp32"  # fp32 | fp16 | int8 | auto (int8, auto: ONNX only; TorchScript fp16: CUDA only)
     out: str = "exported"  # output folder
     name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
     opset: int = 18  # ONNX opset
@@ -80,13 +81,25 @@ class ExportConfig:
     data_root: str | None = None  # None: the checkpoint's
     calib_data: str | None = None  # int8 calibration images; None: the checkpoint's training data
     calib_size: int = 256  # images used for int8 calibration
+    calib_method: str | None = None  # minmax | entropy | percentile; None: edgeft.quantize's default (minmax)
+    activation_type: str | None = None  # int8 activations: uint8 | int8; None: this CPU's (uint8 on x86)
+    weight_type: str | None = None  # int8 weights: int8 | uint8; None: int8
+    quant_format: str | None = None  # qdq | qoperator; None: qdq
+    reduce_range: bool | None = None  # 7-bit int8 weights; None: on for x86 CPUs without VNNI
+    fallback: bool = True  # int8 that fails its gate: try the next settings of the fallback ladder
     max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default (< 0 fails every file)
     batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
 
     def __post_init__(self) -> None:
         _one_of("--format", self.format, FORMATS)
-        _one_of("--precision", self.precision, PRECISIONS)
+        _one_of("--precision", self.precision, (*PRECISIONS, "auto"))
+        for option, value, choices in (("--calib-method", self.calib_method, CALIBRATION_METHODS),
+                                       ("--activation-type", self.activation_type, ACTIVATION_TYPES),
+                                       ("--weight-type", self.weight_type, WEIGHT_TYPES),
+                                       ("--quant-format", self.quant_format, QUANT_FORMATS)):  # fmt: skip
+            if value is not None:
+                _one_of(option, value, choices)
         if self.opset not in OPSETS:
             raise InputError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {self.opset}")
         self.device = parse_device(self.device, allow_auto=False)
@@ -128,12 +141,9 @@ class BenchConfig:
     data: str | None = None  # accuracy data for `checkpoints`; None: each one's validation split
     out: str = "reports"  # where bench-<timestamp>.md/.json/.png go
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         """Every value checked before any work (model names are checked against the registry by
         `run_bench`, which has torchvision at hand)."""
-        from edgeft.devices import parse_device
-        from edgeft.errors import InputError
-
         for option, values, known in (("--runtimes", self.runtimes, RUNTIMES), ("--precisions", self.precisions, PRECISIONS)):
             unknown = [v for v in values if v not in known]
             if unknown:
@@ -144,10 +154,9 @@ class BenchConfig:
             raise InputError("--runtimes: give at least one runtime")
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise InputError(f"--batch-sizes must be positive integers, got {','.join(map(str, self.batch_sizes)) or 'none'}")
-        for option, value, least in (("--img-size", self.img_size, 8), ("--threads", self.threads, 0),
-                                     ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1)):  # fmt: skip
-            if value < least:
-                raise InputError(f"{option} must be at least {least}, got {value}")
+        for option, value, smallest in (("--img-size", self.img_size, 8), ("--threads", self.threads, 0),
+                                        ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1)):  # fmt: skip
+            _at_least(option, value, smallest)
         if not self.budget_s > 0:
             raise InputError(f"--budget-s must be positive, got {self.budget_s}")
         self.device = parse_device(self.device)

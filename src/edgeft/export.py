@@ -1,5 +1,6 @@
-"""Checkpoint -> self-describing ONNX / TorchScript files (fp32, fp16, int8), each validated
-against the checkpoint and kept only when it passes its accuracy gate."""
+"""Checkpoint -> self-describing ONNX / TorchScript files (fp32, fp16, int8, or the fastest of
+them that passes: auto), each validated against the checkpoint and kept only when it passes its
+accuracy gate. int8 that fails its gate tries the next settings of the fallback ladder."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import copy
 import datetime
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +20,15 @@ from torch import nn
 
 from edgeft import __version__
 from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, open_runner, write_metadata
+from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
-from edgeft.errors import InputError, RunError
+from edgeft.errors import GateError, InputError, RunError
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, quantize_onnx
 from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx", "write_torchscript"]
@@ -46,6 +48,7 @@ class ExportedFile:
     size_bytes: int
     validation: ValidationResult | None
     kept: bool  # False: failed its gate and was removed
+    attempts: list[Attempt] = field(default_factory=list)  # int8 ladder attempts, or auto's candidates
 
 
 @dataclass
@@ -68,6 +71,8 @@ def _versions() -> dict[str, str]:
 
 def _formats(config: ExportConfig) -> list[str]:
     """The formats to write, after refusing combinations that cannot work."""
+    if config.precision == "auto" and (config.format != "onnx" or not config.validate):
+        raise InputError("--precision auto gates and times ONNX candidates: use it with --format onnx and validation on")
     formats = ["onnx", "torchscript"] if config.format == "all" else [config.format]
     on_cuda = config.device.startswith("cuda")
     ts_unsupported = config.precision == "int8" or (config.precision == "fp16" and not on_cuda)
@@ -134,14 +139,25 @@ def export(config: ExportConfig) -> ExportResult:
     torch_device(config.device)  # an unusable CUDA device is refused before any work
     source = Path(config.checkpoint)
     checkpoint = load_checkpoint(source)
-    needs_data = config.validate or (config.precision == "int8" and not config.calib_data)
+    needs_data = config.validate or (config.precision in ("int8", "auto") and not config.calib_data)
     bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
     out = _prepare_out(Path(config.out))
     stem = config.name or (source.resolve().parent.name or source.stem)
-    if config.precision != "fp32":
-        stem += f"-{config.precision}"
     job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
-    return ExportResult([job.write(fmt, out / f"{stem}{_SUFFIX[fmt]}") for fmt in formats])
+    if config.precision == "auto":
+        return ExportResult([job.write_auto(out, stem)])
+    return ExportResult([job.write(fmt, out / f"{_stem(stem, config.precision)}{_SUFFIX[fmt]}") for fmt in formats])
+
+
+def _stem(stem: str, precision: str) -> str:
+    return stem if precision == "fp32" else f"{stem}-{precision}"
+
+
+def quant_settings(config: ExportConfig) -> QuantSettings:
+    """This CPU's default int8 settings, with the ones `config` names instead."""
+    chosen = {"activation_type": config.activation_type, "weight_type": config.weight_type, "format": config.quant_format,
+              "reduce_range": config.reduce_range, "calibrate_method": config.calib_method}  # fmt: skip
+    return replace(default_settings(), calibration_size=config.calib_size, **{k: v for k, v in chosen.items() if v is not None})
 
 
 @dataclass
@@ -154,32 +170,137 @@ class _Job:
     bundle: DataBundle | None
     metadata: dict
 
+    @property
+    def spec(self) -> Preprocess:
+        return Preprocess.from_dict(self.checkpoint["preprocess"])
+
     def write(self, fmt: str, final: Path) -> ExportedFile:
         """Write one file beside `final`, digest it, gate it, and move it into place if kept."""
-        config, spec = self.config, Preprocess.from_dict(self.checkpoint["preprocess"])
-        tmp = final.with_name(f".{final.stem}.{os.getpid()}.{_TEMP_TAG}{final.suffix}")
+        if fmt == "onnx" and self.config.precision == "int8":
+            return self.write_int8(final)
+        tmp = _temporary(final)
         try:
-            if fmt == "onnx":
-                write_onnx(self.model, spec, tmp, opset=config.opset, precision=config.precision,
-                           calibration=_calibration(config, self.bundle, spec))  # fmt: skip
-            else:
-                write_torchscript(self.model, spec, tmp, precision=config.precision, device=config.device)
-            meta = {**self.metadata, "opset": config.opset if fmt == "onnx" else None, "content_sha256": content_digest(tmp)}
-            write_metadata(tmp, meta)  # the gate reads the file as `edgeft predict` will
-            validation = None
-            if config.validate:
-                validation = gate(open_runner(tmp, device=config.device), self.checkpoint, self.bundle,
-                                  precision=config.precision, batch_sizes=(1, config.batch_size),
-                                  max_acc_drop=config.max_acc_drop)  # fmt: skip
-                write_metadata(tmp, {**meta, "validation": validation.to_dict()})
-            kept = validation is None or validation.passed or config.force
-            size = tmp.stat().st_size
-            if kept:
-                os.replace(tmp, final)
+            self._write_float(fmt, tmp, self.config.precision)
+            return self._place(tmp, final, self.config.precision, self._seal_and_gate(tmp, fmt, self.config.precision))
         finally:
             tmp.unlink(missing_ok=True)
+
+    def write_int8(self, final: Path) -> ExportedFile:
+        """int8 from the first settings of the fallback ladder that pass the gate."""
+        tmp, source = _temporary(final), _temporary(final, "fp32-source")
+        try:
+            self._write_float("onnx", source, "fp32")
+            attempts, validation = self._int8_ladder(source, tmp)
+            return self._place(tmp, final, "int8", validation, attempts)
+        finally:
+            tmp.unlink(missing_ok=True)
+            source.unlink(missing_ok=True)
+
+    def write_auto(self, out: Path, stem: str) -> ExportedFile:
+        """Every candidate that runs here (fp32, int8 by its ladder, fp16 on CUDA), gated and timed
+        side by side; the fastest that passes is kept, with the decision table in its metadata."""
+        precisions = ["fp32", "fp16"] if self.config.device.startswith("cuda") else ["fp32"]
+        temps = {p: _temporary(out / f"{stem}.onnx", p) for p in (*precisions, "int8")}
+        try:
+            floats = [Attempt.from_validation(p, p, self._write_candidate(temps[p], p)) for p in precisions]
+            int8_attempts, _ = self._int8_ladder(temps["fp32"], temps["int8"])
+            finalists = {**dict(zip(precisions, floats)), "int8": int8_attempts[-1]}
+            self._time([temps[p] for p in finalists], list(finalists.values()))  # side by side, same load
+            chosen = choose_fastest(list(finalists.values()))
+            if chosen is None:
+                raise GateError("--precision auto: no candidate passed its gate")
+            final = out / f"{_stem(stem, chosen.precision)}.onnx"
+            return self._place_chosen(temps[chosen.precision], final, chosen, floats + int8_attempts)
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+
+    def _write_candidate(self, tmp: Path, precision: str) -> ValidationResult | None:
+        self._write_float("onnx", tmp, precision)
+        return self._seal_and_gate(tmp, "onnx", precision)
+
+    def _place_chosen(self, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
+        """Move the chosen candidate into place, its metadata carrying every candidate's row."""
+        from edgeft.artifact import read_metadata
+
+        meta = read_metadata(tmp)
+        write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
+        validation = ValidationResult(**meta["validation"])
+        return self._place(tmp, final, chosen.precision, validation, attempts)
+
+    def _int8_ladder(self, source: Path, tmp: Path) -> tuple[list[Attempt], ValidationResult | None]:
+        """Quantize `source` into `tmp` with each setting of the fallback ladder until one passes
+        its gate; each attempt gated, timed and logged. `tmp` holds the last attempt."""
+        first = quant_settings(self.config)
+        ladder = [first, *fallback_ladder(first)] if self.config.fallback and self.config.validate else [first]
+        attempts: list[Attempt] = []
+        for settings in ladder:
+            summary = quantize_onnx(source, tmp, calibration=_calibration(self.config, self.bundle, self.spec, settings.calibration_size),
+                                    settings=settings)  # fmt: skip
+            _check_onnx(tmp, self.config.opset)
+            validation = self._seal_and_gate(tmp, "onnx", "int8", {"quantization": {**_settings_dict(settings), "summary": summary.line()}})
+            attempt = Attempt.from_validation(f"int8 {settings.label()}", "int8", validation)
+            self._time([tmp], [attempt])
+            attempts.append(attempt)
+            log.info("int8 attempt %d (%s): %s", len(attempts), settings.label(), _attempt_line(attempt))
+            if attempt.passed:
+                break
+        return attempts, validation
+
+    def _time(self, paths: list[Path], attempts: list[Attempt]) -> None:
+        batch_sizes = tuple(dict.fromkeys((1, self.config.batch_size)))
+        for attempt, p50 in zip(attempts, time_files(paths, batch_sizes=batch_sizes, device=self.config.device)):
+            attempt.p50_ms, attempt.batch, attempt.p50_batch_ms = p50[1], batch_sizes[-1], p50[batch_sizes[-1]]
+
+    def _write_float(self, fmt: str, tmp: Path, precision: str) -> None:
+        if fmt == "onnx":
+            write_onnx(self.model, self.spec, tmp, opset=self.config.opset, precision=precision)
+        else:
+            write_torchscript(self.model, self.spec, tmp, precision=precision, device=self.config.device)
+
+    def _seal_and_gate(self, tmp: Path, fmt: str, precision: str, extra: dict | None = None) -> ValidationResult | None:
+        """Write the metadata and content digest, then gate the file as `edgeft predict` reads it."""
+        config = self.config
+        meta = {**self.metadata, "precision": precision, "opset": config.opset if fmt == "onnx" else None, **(extra or {}),
+                "content_sha256": content_digest(tmp)}  # fmt: skip
+        write_metadata(tmp, meta)
+        if not config.validate:
+            return None
+        validation = gate(open_runner(tmp, device=config.device), self.checkpoint, self.bundle, precision=precision,
+                          batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
+        write_metadata(tmp, {**meta, "validation": validation.to_dict()})
+        return validation
+
+    def _place(self, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
+               attempts: list[Attempt] | None = None) -> ExportedFile:  # fmt: skip
+        kept = validation is None or validation.passed or self.config.force
+        size = tmp.stat().st_size
+        if kept:
+            os.replace(tmp, final)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
-        return ExportedFile(str(final), fmt, config.precision, size, validation, kept)
+        return ExportedFile(str(final), _format_of(final), precision, size, validation, kept, attempts or [])
+
+
+def _temporary(final: Path, tag: str = "") -> Path:
+    """A temporary beside `final` that `_prepare_out` can tell from a live export's."""
+    label = f"{final.stem}-{tag}" if tag else final.stem
+    return final.with_name(f".{label}.{os.getpid()}.{_TEMP_TAG}{final.suffix}")
+
+
+def _format_of(path: Path) -> str:
+    return next(fmt for fmt, suffix in _SUFFIX.items() if suffix == path.suffix)
+
+
+def _settings_dict(settings: QuantSettings) -> dict:
+    from dataclasses import asdict
+
+    return {**asdict(settings), "keep_float": list(settings.keep_float), "op_types": list(settings.op_types)}
+
+
+def _attempt_line(a: Attempt) -> str:
+    accuracy = "not validated" if a.accuracy is None else f"accuracy {100 * a.accuracy:.2f} % (drop {a.drop:.2f} pt)"
+    verdict = "passed" if a.passed else f"failed: {a.reason}"
+    return f"{accuracy}, p50 {a.p50_ms:.2f} ms at batch 1, {verdict}"
 
 
 class _Float32IO(nn.Module):
@@ -197,9 +318,11 @@ def _example_input(spec: Preprocess, batch: int = 2, device: str = "cpu") -> tor
     return torch.randn(batch, spec.channels, spec.size, spec.size, device=device)
 
 
-def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, precision: str, calibration) -> None:
-    """fp32 export with a dynamic batch dimension, then fp16 conversion or int8 quantization;
-    always one self-contained file, checked with onnx.checker."""
+def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, precision: str,
+               calibration: Iterator[np.ndarray] | None = None, settings: QuantSettings | None = None) -> None:  # fmt: skip
+    """fp32 export with a dynamic batch dimension, then fp16 conversion or int8 quantization
+    (`settings`, default: this CPU's, calibrated on the `calibration` batches); always one
+    self-contained file, checked with onnx.checker."""
     import onnx
 
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -216,7 +339,14 @@ def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, pr
     if precision == "fp16":
         onnx.save(_to_fp16(onnx.load(str(path))), str(path))
     elif precision == "int8":
-        _quantize(path, calibration)
+        quantize_onnx(path, path, calibration=calibration, settings=settings or default_settings())
+    _check_onnx(path, opset)
+
+
+def _check_onnx(path: Path, opset: int) -> None:
+    """One self-contained file that onnx.checker accepts, at the opset asked for."""
+    import onnx
+
     check_external_data(path)
     onnx.checker.check_model(str(path), full_check=True)
     written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
@@ -235,35 +365,16 @@ def _to_fp16(model):
     return ir.to_proto(converted)
 
 
-def _quantize(path: Path, calibration: Iterator[np.ndarray]) -> None:
-    """onnxruntime static quantization: QDQ, int8 activations, per-channel int8 weights."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            batch = next(calibration, None)
-            return None if batch is None else {"input": batch}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(path), str(prepared))
-        quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)  # fmt: skip
-
-
 _CALIB_BATCH = 32
 
 
-def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preprocess) -> Iterator[np.ndarray] | None:
-    """Batches of `calib_size` preprocessed images in all, streamed: from `calib_data`, else the
+def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preprocess, count: int) -> Iterator[np.ndarray]:
+    """Batches of `count` preprocessed images in all, streamed: from `calib_data`, else the
     checkpoint's training split."""
-    if config.precision != "int8":
-        return None
     if config.calib_data:
-        return _folder_batches(Path(config.calib_data), config.calib_size, spec)
+        return _folder_batches(Path(config.calib_data), count, spec)
     batches = iterate_batches(bundle.train, batch_size=_CALIB_BATCH, preprocess=spec, device=torch.device("cpu"), shuffle=True)
-    return _take(((x.numpy() for x, _ in batches)), config.calib_size)
+    return _take(((x.numpy() for x, _ in batches)), count)
 
 
 def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.ndarray]:

@@ -1,0 +1,91 @@
+"""The int8 fallback ladder and `--precision auto` on the tiny digits checkpoint: every attempt
+gated, timed and reported; the kept file is the fastest that passed, never slower than fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_edgeft
+
+from edgeft.artifact import read_metadata
+from edgeft.candidates import Attempt, attempts_table, choose_fastest
+from edgeft.config import ExportConfig
+from edgeft.errors import InputError
+from edgeft.export import export, quant_settings
+from edgeft.predict import Predictor
+
+
+def attempt(name: str, p50: float | None, passed: bool = True) -> Attempt:
+    return Attempt(name, name.split()[0], 0.9, 0.1, passed, "" if passed else "accuracy dropped", p50_ms=p50)
+
+
+def test_fastest_passing_candidate_is_chosen():
+    fp32, int8_failed, int8 = attempt("fp32", 10.0), attempt("int8 a", 3.0, passed=False), attempt("int8 b", 6.0)
+    assert choose_fastest([fp32, int8_failed, int8]) is int8 and int8.chosen and not fp32.chosen
+    slow_int8 = attempt("int8 c", 12.0)
+    assert choose_fastest([attempt("fp32", 10.0), slow_int8]).candidate == "fp32"  # int8 never kept when slower
+    assert choose_fastest([attempt("int8 d", 1.0, passed=False)]) is None
+
+
+def test_decision_table_names_each_candidate():
+    head, *rows = attempts_table([attempt("fp32", 10.0), attempt("int8 a", 3.0, passed=False)])
+    assert head[:4] == ["candidate", "accuracy", "drop", "p50 ms"] and head[-1] == "passed"
+    assert rows[0][:4] == ["fp32", "90.00 %", "0.10", "10.00"] and rows[1][-1] == "no: accuracy dropped"
+
+
+def test_quant_options_override_the_cpu_defaults(tmp_path):
+    config = ExportConfig(checkpoint="x.pt", calib_method="entropy", activation_type="int8", reduce_range=False, calib_size=64)
+    settings = quant_settings(config)
+    assert (settings.calibrate_method, settings.activation_type, settings.reduce_range, settings.calibration_size) == (
+        "entropy", "int8", False, 64)  # fmt: skip
+    with pytest.raises(InputError, match="--calib-method"):
+        ExportConfig(checkpoint="x.pt", calib_method="kl")
+    with pytest.raises(InputError, match="--precision auto"):
+        export(ExportConfig(checkpoint="x.pt", precision="auto", format="torchscript"))
+
+
+@pytest.mark.slow
+def test_ladder_tries_every_setting_then_fails_with_its_attempts(digits_checkpoint, tmp_path):
+    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(tmp_path), max_acc_drop=-1, calib_size=16)
+    (f,) = export(config).files
+    assert not f.kept and not Path(f.path).exists() and not list(tmp_path.glob(".*"))  # nothing left behind
+    assert len(f.attempts) == 4 and len({a.candidate for a in f.attempts}) == 4
+    assert [a.candidate.split()[-1] for a in f.attempts][-1] == "float:first_conv+classifier"
+    assert all(not a.passed and a.accuracy is not None and a.p50_ms > 0 and a.p50_batch_ms > 0 for a in f.attempts)
+
+
+@pytest.mark.slow
+def test_int8_that_passes_stops_the_ladder(digits_checkpoint, tmp_path):
+    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(tmp_path), max_acc_drop=100, calib_size=16)
+    (f,) = export(config).files
+    assert f.kept and len(f.attempts) == 1 and f.attempts[0].passed
+    quantization = read_metadata(f.path)["quantization"]
+    assert quantization["calibration_size"] == 16 and "quantized" in quantization["summary"]
+
+
+@pytest.mark.slow
+def test_auto_keeps_the_fastest_passing_file_with_its_table(digits_checkpoint, tmp_path):
+    (f,) = export(ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), calib_size=32)).files
+    assert f.kept and Path(f.path).exists()
+    by_name = {a.precision: a for a in f.attempts}
+    assert {"fp32", "int8"} <= set(by_name) and sum(a.chosen for a in f.attempts) == 1
+    chosen = next(a for a in f.attempts if a.chosen)
+    assert chosen.passed and f.precision == chosen.precision
+    assert chosen.p50_ms <= by_name["fp32"].p50_ms  # never slower than fp32
+    assert Path(f.path).name == ("r18.onnx" if chosen.precision == "fp32" else f"r18-{chosen.precision}.onnx")
+    metadata = read_metadata(f.path)
+    assert metadata["precision"] == chosen.precision and metadata["validation"]["passed"]
+    assert metadata["precision_auto"]["chosen"] == chosen.candidate
+    assert [c["candidate"] for c in metadata["precision_auto"]["candidates"]] == [a.candidate for a in f.attempts]
+    assert Predictor(f.path).metadata["precision"] == chosen.precision  # the kept file runs as predict runs it
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.slow
+def test_cli_auto_prints_the_candidates(digits_checkpoint, tmp_path):
+    proc = run_edgeft(["export", str(digits_checkpoint), "--precision", "auto", "--calib-size", "32", "--out", str(tmp_path)],
+                      cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "candidates" in proc.stdout and "fp32" in proc.stdout and "int8 qdq" in proc.stdout and "(kept)" in proc.stdout
+    assert "out-of-range" not in proc.stdout + proc.stderr

@@ -89,3 +89,12 @@ def test_cli_auto_prints_the_candidates(digits_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "candidates" in proc.stdout and "fp32" in proc.stdout and "int8 qdq" in proc.stdout and "(kept)" in proc.stdout
     assert "out-of-range" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_auto_with_no_passing_candidate_keeps_nothing_and_reports_all(digits_checkpoint, tmp_path):
+    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), max_acc_drop=-1,
+                          calib_size=16, fallback=False)  # fmt: skip
+    (f,) = export(config).files
+    assert not f.kept and not f.validation.passed and [a.candidate.split()[0] for a in f.attempts] == ["fp32", "int8"]
+    assert not any(a.chosen for a in f.attempts) and not list(tmp_path.iterdir())

@@ -25,7 +25,7 @@ from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
-from edgeft.errors import GateError, InputError, RunError
+from edgeft.errors import InputError, RunError
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
 from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, quantize_onnx
@@ -202,13 +202,14 @@ class _Job:
         precisions = ["fp32", "fp16"] if self.config.device.startswith("cuda") else ["fp32"]
         temps = {p: _temporary(out / f"{stem}.onnx", p) for p in (*precisions, "int8")}
         try:
-            floats = [Attempt.from_validation(p, p, self._write_candidate(temps[p], p)) for p in precisions]
+            validations = {p: self._write_candidate(temps[p], p) for p in precisions}
+            floats = [Attempt.from_validation(p, p, validations[p]) for p in precisions]
             int8_attempts, _ = self._int8_ladder(temps["fp32"], temps["int8"])
             finalists = {**dict(zip(precisions, floats)), "int8": int8_attempts[-1]}
             self._time([temps[p] for p in finalists], list(finalists.values()))  # side by side, same load
             chosen = choose_fastest(list(finalists.values()))
-            if chosen is None:
-                raise GateError("--precision auto: no candidate passed its gate")
+            if chosen is None:  # nothing kept; the fp32 gate's reason is the failure
+                return ExportedFile(str(out / f"{stem}.onnx"), "onnx", "fp32", 0, validations["fp32"], False, floats + int8_attempts)
             final = out / f"{_stem(stem, chosen.precision)}.onnx"
             return self._place_chosen(temps[chosen.precision], final, chosen, floats + int8_attempts)
         finally:

@@ -1,21 +1,22 @@
 """int8 ONNX files with onnxruntime static quantization, with settings chosen for the CPU that runs.
 
-Torch-free. What the settings are and why (measured with onnxruntime 1.31 on the CPU provider,
-224 px, batch 1, random-weight resnet18 / resnext50_32x4d / densenet121, runs interleaved in one
-process; `benchmarks/test_int8.py` repeats the measurement, README "int8" gives the numbers):
+Torch-free. What the settings are and why (onnxruntime 1.31, CPU provider; speed: 224 px, batch 1,
+random-weight resnet18 / resnext50_32x4d / densenet121 timed interleaved in one process, see
+`benchmarks/test_int8_speed.py`; accuracy: resnet18 trained on digits at 64 px, gated; README
+"int8" has the tables):
 
-- **QDQ, uint8 activations, int8 weights (U8S8).** onnxruntime's x86 int8 GEMM kernels are
-  written for U8S8 (AVX2 `vpmaddubsw`, AVX-512/AVX-VNNI `vpdpbusd`: unsigned x signed bytes);
-  int8 activations (S8S8) take a slower path. QDQ is what the CPU provider fuses into its
-  quantized kernels; QOperator gave no speed over it. ARM kernels prefer int8 activations.
-- **Per-channel int8 weights.** Per-tensor weights cost accuracy on convolutions whose channels
-  differ in scale, for no measurable speed.
-- **reduce_range (7-bit weights) only without VNNI.** Without VNNI, `vpmaddubsw` adds two u8 x s8
-  products into a saturating int16: with 8-bit weights the sum can overflow and accuracy drops.
-  With VNNI the products are summed in int32 and 8 bits are kept.
-- **MinMax calibration** over `calibration_size` images by default: the fastest, and on trained
-  checkpoints it passed the gate where entropy and percentile did no better (the fallback ladder
-  tries percentile next).
+- **QDQ, uint8 activations, int8 weights (U8S8).** onnxruntime's x86 int8 kernels multiply
+  unsigned by signed bytes (AVX2 `vpmaddubsw`, VNNI `vpdpbusd`); int8 activations (S8S8) took a
+  slower path: 0.85-0.95x fp32 on AVX2, against 1.3-1.8x for U8S8. QOperator was no faster than
+  QDQ. ARM kernels prefer int8 activations, so ARM gets S8S8.
+- **Per-channel weights.** No slower than per-tensor, and closer to the float weights where the
+  output channels of a convolution differ in scale.
+- **reduce_range (7-bit weights) only without VNNI.** AVX2's `vpmaddubsw` adds two u8 x s8
+  products into a saturating int16, which 8-bit weights can overflow: on AVX2 the 8-bit file's
+  probabilities were 3.6x further from the checkpoint's (mean |dprob| 0.0061 against 0.0017),
+  at the same speed. VNNI sums in int32, so 8 bits are kept there.
+- **MinMax calibration.** Entropy was no closer and percentile slightly further on trained
+  checkpoints; the fallback ladder tries percentile second.
 
 Calibration streams: batches are fed to the calibrator one at a time and reduced to ranges or
 histograms at once, so memory holds one batch, never the whole calibration set. The quantizer's
@@ -36,11 +37,13 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edgeft.cpu import has_vnni
 from edgeft.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "ACTIVATION_TYPES", "CALIBRATION_METHODS", "FLOAT_NODE_GROUPS", "QUANT_FORMATS", "WEIGHT_TYPES",
@@ -209,6 +212,8 @@ def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], set
 
 def _first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
     """The batches that hold the first `count` images (the last one cut to size), as float32."""
+    import numpy as np
+
     remaining = count
     for batch in batches:
         batch = np.ascontiguousarray(batch[:remaining], dtype=np.float32)

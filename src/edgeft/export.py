@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edgeft import __version__
-from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, open_runner, write_metadata
+from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, open_runner, read_metadata, write_metadata
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
@@ -222,8 +222,6 @@ class _Job:
 
     def _place_chosen(self, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
         """Move the chosen candidate into place, its metadata carrying every candidate's row."""
-        from edgeft.artifact import read_metadata
-
         meta = read_metadata(tmp)
         write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
         validation = ValidationResult(**meta["validation"])
@@ -293,8 +291,6 @@ def _format_of(path: Path) -> str:
 
 
 def _settings_dict(settings: QuantSettings) -> dict:
-    from dataclasses import asdict
-
     return {**asdict(settings), "keep_float": list(settings.keep_float), "op_types": list(settings.op_types)}
 
 

@@ -33,6 +33,8 @@ GOALS = {"resnet18": 2.5, "resnext50_32x4d": 1.5, "densenet121": 1.5}  # fp32 / 
 THREADS = int(os.environ.get("EDGEFT_BENCH_THREADS", os.cpu_count() or 1))
 ROUNDS = int(os.environ.get("EDGEFT_BENCH_ROUNDS", 30))
 EARLIER = QuantSettings(activation_type="int8", reduce_range=False)  # edgeft's int8 before CPU-aware defaults
+CONTENDERS = (("int8", default_settings()), ("int8 earlier", EARLIER))
+CALIBRATION = 32  # random images: the ranges do not change the speed
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def summary(machine):
             "machine": {**machine, **cpu_description(), "vnni": has_vnni(), "onnxruntime": onnxruntime.__version__},
             "setup": f"random weights, 224 px, batch 1, CPUExecutionProvider, {THREADS} intra-op threads, "
                      f"{ROUNDS} interleaved rounds x 3 runs per contender; p50 over all runs",
-            "int8_settings": default_settings().label(),
+            "int8_settings": {name: replace(settings, calibration_size=CALIBRATION).label() for name, settings in CONTENDERS},
             "goals_on_vnni": GOALS,
             "models": collected,
             "command": "python -m pytest benchmarks/test_int8_speed.py --benchmark-only "
@@ -68,11 +70,11 @@ def _files(arch: str, folder: Path) -> dict[str, Path]:
     write_onnx(get_model(arch, num_classes=1000, in_chans=3), default_preprocess(size=224, channels=3), fp32, opset=18,
                precision="fp32")  # fmt: skip
     files = {"fp32": fp32}
-    for name, settings in (("int8", default_settings()), ("int8 earlier", EARLIER)):
+    for name, settings in CONTENDERS:
         rng = np.random.default_rng(0)
-        batches = (rng.standard_normal((8, 3, 224, 224), dtype=np.float32) for _ in range(4))
+        batches = (rng.standard_normal((8, 3, 224, 224), dtype=np.float32) for _ in range(CALIBRATION // 8))
         files[name] = folder / f"{arch}-{name.replace(' ', '-')}.onnx"
-        quantize_onnx(fp32, files[name], calibration=batches, settings=replace(settings, calibration_size=32))
+        quantize_onnx(fp32, files[name], calibration=batches, settings=replace(settings, calibration_size=CALIBRATION))
     return files
 
 

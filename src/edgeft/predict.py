@@ -99,8 +99,8 @@ class Predictor:
         actual = {"input": self.session.get_inputs()[0].shape[1:], "output": self.session.get_outputs()[0].shape[1:]}
         for kind in expected:
             if any(isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])):
-                what = "outputs" if kind == "output" else "inputs of"
-                raise InputError(f"{self.path}: the model gives {actual[kind]} {what} but its metadata says "
+                verb = "gives" if kind == "output" else "takes"
+                raise InputError(f"{self.path}: the model {verb} {actual[kind]} {kind}s but its metadata says "
                                  f"{expected[kind]}; export it again")  # fmt: skip
 
     def logits(self, batch: np.ndarray) -> np.ndarray:

@@ -141,26 +141,37 @@ def _chunks(bundle: DataBundle, chunk: int, workers: int) -> Iterator[tuple[torc
         start = end
 
 
-def gate(runner, checkpoint: dict, bundle: DataBundle, *, precision: str, batch_sizes: tuple[int, ...] = (1, 8),
-         max_acc_drop: float | None = None, workers: int = 2) -> ValidationResult:  # fmt: skip
-    """Run the checkpoint and the exported file (`runner`, from `open_runner`) on the validation
-    split, the file at each of `batch_sizes`, and judge the result by the precision's gate."""
-    mismatches = spec_mismatches(runner.metadata, checkpoint)
-    reference = model_from_checkpoint(checkpoint).eval()
+def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, batch_sizes: tuple[int, ...] = (1, 8),
+         max_acc_drop: float | None = None, device: str = "cpu", workers: int = 2) -> ValidationResult:  # fmt: skip
+    """Run the checkpoint and the exported file at `path` (as `edgeft predict` runs it) on the
+    validation split, the file at each of `batch_sizes`, and judge the result by its precision's
+    gate. A file that disagrees with its checkpoint is not run: its inputs may not even fit."""
+    metadata = read_metadata(path)  # refuses a file modified after export
+    mismatches = spec_mismatches(metadata, checkpoint)
     tallies = {b: _Tally() for b in batch_sizes}
+    reference_correct, provider = 0, "not run"
+    if not mismatches:
+        runner = open_runner(path, device=device)
+        reference_correct = _compare(runner, model_from_checkpoint(checkpoint).eval(), bundle, tallies, workers)
+        provider = runner.provider
+    return _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=metadata["precision"],
+                    provider=provider, max_acc_drop=max_acc_drop)  # fmt: skip
+
+
+def _compare(runner, reference: torch.nn.Module, bundle: DataBundle, tallies: dict[int, _Tally], workers: int) -> int:
+    """Stream the validation split through both; returns the reference's correct count."""
     reference_correct = 0
-    chunk = -(-max(_CHUNK, *batch_sizes) // max(batch_sizes)) * max(batch_sizes)
-    if not mismatches:  # a file that disagrees with its checkpoint is not run: its inputs may not even fit
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
-            for x, labels, sources in _chunks(bundle, chunk, workers):
-                ref_logits = reference(x).float().numpy()
-                reference_correct += int((ref_logits.argmax(1) == labels).sum())
-                inputs = np.stack(list(pool.map(lambda s: preprocess_image(s, runner.preprocess), sources)))
-                for b, tally in tallies.items():
-                    logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
-                    tally.add(logits, ref_logits, labels)
-    return _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=precision,
-                    provider=runner.provider, max_acc_drop=max_acc_drop)  # fmt: skip
+    biggest = max(tallies)
+    chunk = -(-max(_CHUNK, biggest) // biggest) * biggest
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
+        for x, labels, sources in _chunks(bundle, chunk, workers):
+            ref_logits = reference(x).float().numpy()
+            reference_correct += int((ref_logits.argmax(1) == labels).sum())
+            inputs = np.stack(list(pool.map(lambda s: preprocess_image(s, runner.preprocess), sources)))
+            for b, tally in tallies.items():
+                logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
+                tally.add(logits, ref_logits, labels)
+    return reference_correct
 
 
 def _verdict(tallies: dict[int, _Tally], reference_correct: int, mismatches: list[str], *, bundle: DataBundle,
@@ -237,8 +248,7 @@ def validate_file(
     if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
         notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
     bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
-    runner = open_runner(path, device=device)
-    result = gate(runner, checkpoint, bundle, precision=metadata["precision"], batch_sizes=(1, batch_size),
-                  max_acc_drop=max_acc_drop, workers=workers)  # fmt: skip
+    result = gate(path, checkpoint, bundle, batch_sizes=(1, batch_size), max_acc_drop=max_acc_drop, device=device,
+                  workers=workers)  # fmt: skip
     result.notes += notes
     return result

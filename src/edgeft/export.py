@@ -168,8 +168,8 @@ class _Job:
             write_metadata(tmp, meta)  # the gate reads the file as `edgeft predict` will
             validation = None
             if config.validate:
-                validation = gate(tmp, self.checkpoint, self.bundle, batch_sizes=(1, config.batch_size),
-                                  max_acc_drop=config.max_acc_drop, device=config.device)  # fmt: skip
+                validation = gate(tmp, self.checkpoint, self.bundle, model=self.model, device=config.device,
+                                  batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
                 write_metadata(tmp, {**meta, "validation": validation.to_dict()})
             kept = validation is None or validation.passed or config.force
             size = tmp.stat().st_size

@@ -37,7 +37,7 @@ GATES = {"fp32": 0.0, "fp16": 0.1, "int8": 1.0}  # largest accuracy drop allowed
 FP32_MIN_AGREEMENT = 0.999  # fp32: the same top-1 on >= 99.9 % of the images
 FP32_LOGIT_RTOL = 1e-3  # fp32: every |logit - reference| <= 1e-3 * max(1, |reference|)
 FP32_PROB_ATOL = 1e-4  # fp32: every |softmax - reference softmax| <= 1e-4
-_CHUNK = 64  # images decoded and compared at a time (rounded up to a multiple of the batch size)
+_CHUNK = 16  # images decoded and compared at a time (rounded up to a multiple of the batch size)
 
 
 @dataclass
@@ -141,18 +141,21 @@ def _chunks(bundle: DataBundle, chunk: int, workers: int) -> Iterator[tuple[torc
         start = end
 
 
-def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, batch_sizes: tuple[int, ...] = (1, 8),
-         max_acc_drop: float | None = None, device: str = "cpu", workers: int = 2) -> ValidationResult:  # fmt: skip
-    """Run the checkpoint and the exported file at `path` (as `edgeft predict` runs it) on the
-    validation split, the file at each of `batch_sizes`, and judge the result by its precision's
-    gate. A file that disagrees with its checkpoint is not run: its inputs may not even fit."""
+def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, model: torch.nn.Module | None = None,
+         batch_sizes: tuple[int, ...] = (1, 8), max_acc_drop: float | None = None, device: str = "cpu",
+         workers: int = 2) -> ValidationResult:  # fmt: skip
+    """Run the checkpoint (`model`, when already built from it) and the exported file at `path` (as
+    `edgeft predict` runs it) on the validation split, the file at each of `batch_sizes`, and judge
+    the result by its precision's gate. A file that disagrees with its checkpoint is not run: its
+    inputs may not even fit."""
     metadata = read_metadata(path)  # refuses a file modified after export
     mismatches = spec_mismatches(metadata, checkpoint)
     tallies = {b: _Tally() for b in batch_sizes}
     reference_correct, provider = 0, "not run"
     if not mismatches:
         runner = open_runner(path, device=device)
-        reference_correct = _compare(runner, model_from_checkpoint(checkpoint).eval(), bundle, tallies, workers)
+        reference = (model or model_from_checkpoint(checkpoint)).eval()
+        reference_correct = _compare(runner, reference, bundle, tallies, workers)
         provider = runner.provider
     return _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=metadata["precision"],
                     provider=provider, max_acc_drop=max_acc_drop)  # fmt: skip
@@ -248,7 +251,9 @@ def validate_file(
     if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
         notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
     bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
-    result = gate(path, checkpoint, bundle, batch_sizes=(1, batch_size), max_acc_drop=max_acc_drop, device=device,
-                  workers=workers)  # fmt: skip
+    model = model_from_checkpoint(checkpoint)
+    del checkpoint["state_dict"]  # the model holds the weights now: memory is the point here
+    result = gate(path, checkpoint, bundle, model=model, batch_sizes=(1, batch_size), max_acc_drop=max_acc_drop,
+                  device=device, workers=workers)  # fmt: skip
     result.notes += notes
     return result

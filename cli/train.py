@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from edgeft.config import TrainConfig as C
@@ -22,6 +21,7 @@ _RUN = "Run"
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
     data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA)] = C.data,
     data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)] = C.data_root,
@@ -60,6 +60,7 @@ def train_command(
 ) -> None:
     """Fine-tune (--weights imagenet|PATH) or train from scratch; writes runs/<name>/."""
     options = dict(locals())
+    options.pop("ctx")
     if options.pop("nproc") > 1 and "WORLD_SIZE" not in os.environ:
         _exec_torchrun(nproc)
     resume = options.pop("resume")
@@ -74,7 +75,7 @@ def train_command(
     if resume is None:
         result = training.train(config, progress=True)
     else:
-        result = training.resume(resume, epochs=_epochs_with_resume(), progress=True)
+        result = training.resume(resume, epochs=_epochs_with_resume(ctx), progress=True)
     if not result.run_dir:  # a torchrun rank other than 0: rank 0 reports
         return
 
@@ -93,13 +94,10 @@ def train_command(
     console.print(f"next: edgeft export {escape(result.best_checkpoint)}")
 
 
-def _epochs_with_resume() -> int | None:
+def _epochs_with_resume(context: typer.Context) -> int | None:
     """--epochs when given with --resume (it extends the run); any other option is refused,
     since a resumed run keeps its own config."""
-    from click.core import ParameterSource
-
-    context = click.get_current_context()
-    given = [name for name in context.params if context.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    given = [name for name in context.params if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"]
     others = sorted(set(given) - {"resume", "epochs", "nproc"})
     if others:
         flags = ", ".join("--" + name.replace("_", "-") for name in others)

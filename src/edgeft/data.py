@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -64,15 +64,17 @@ class UnreadableFiles:
         self.root, self.total, self.max_fraction = root, total, max_fraction
         self.found: dict[str, str] = {}
 
-    def add(self, path: str | Path, reason: str) -> None:
-        if str(path) not in self.found:
-            log.warning("skipped %s", reason)
-            self.found[str(path)] = reason
+    def add(self, *found: tuple[str | Path, str]) -> None:
+        """Record (path, reason) pairs; raise past the limit, else warn about the new ones."""
+        new = {str(path): reason for path, reason in found if str(path) not in self.found}
+        self.found.update(new)
         if len(self.found) > self.max_fraction * self.total:
             raise InputError(
                 f"{len(self.found)} of {self.total} files in {self.root} are not readable images "
                 f"(more than {self.max_fraction:.0%}), e.g. {next(iter(self.found.values()))}"
             )
+        for reason in new.values():
+            log.warning("skipped %s", reason)
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -237,8 +239,7 @@ def _folder(
     all_files = train_files + val_files
     headers, errors = _read_headers([path for path, _ in all_files])
     unreadable = UnreadableFiles(root, len(all_files), max_bad)
-    for path, reason in errors:
-        unreadable.add(path, reason)
+    unreadable.add(*errors)
     if channels is None:
         channels = 1 if headers and all(mode in _GRAY_MODES for mode, _ in headers) else 3
     chosen = size or size_from_data([short for _, short in headers])
@@ -278,12 +279,7 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
     """Class folders (sorted), the image files inside them (by extension, as torchvision's
     ImageFolder), and the other visible files, which are skipped."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    visible = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and not path.name.startswith(".")
-    ]
+    visible = [(path, label) for label, name in enumerate(classes) for path in _visible_files(root / name)]
     files = [(path, label) for path, label in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
     others = [path for path, _ in visible if path.suffix.lower() not in IMAGE_EXTENSIONS]
     if not files:
@@ -297,22 +293,31 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
     return classes, files, others
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file under `folder` whose name does not start with a dot, sorted (os.walk's
+    directory entries: no stat per file)."""
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        found += [Path(parent, name) for name in names if not name.startswith(".")]
+    return sorted(found)
+
+
 def _read_headers(paths: list[Path]) -> tuple[list[tuple[str, int]], list[tuple[Path, str]]]:
     """Read each file's header only (format, mode, size; no pixels): (mode, shorter side) of the
-    readable ones, and (path, reason) for the others."""
-
-    def header(path: Path) -> tuple[tuple[str, int] | None, str | None]:
-        try:
-            with Image.open(path) as img:
-                return (img.mode, min(img.size)), None
-        except Exception as exc:  # noqa: BLE001 - anything Pillow raises marks the file as bad
-            return None, f"{path}: {exc}"
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(header, paths))
+    readable ones, and (path, reason) for the others. (Pillow parses headers in Python: threads
+    do not make it faster.)"""
+    results = [_header(path) for path in paths]
     headers = [found for found, _ in results if found is not None]
     errors = [(path, reason) for path, (_, reason) in zip(paths, results) if reason is not None]
     return headers, errors
+
+
+def _header(path: Path) -> tuple[tuple[str, int] | None, str | None]:
+    try:
+        with Image.open(path) as img:
+            return (img.mode, min(img.size)), None
+    except Exception as exc:  # noqa: BLE001 - anything Pillow raises marks the file as bad
+        return None, f"{path}: {exc}"
 
 
 def _stratified_split(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -435,11 +440,10 @@ def iterate_batches(
                             workers=workers, rank=rank, world=world, pad=pad, shuffle=shuffle, device=device)  # fmt: skip
     loader.sampler.seed = seed
     for x, y, failed in loader:
-        for path, reason in failed:
-            if split.unreadable is not None:
-                split.unreadable.add(path, reason)  # raises past the folder's limit
-            else:
-                raise InputError(reason)
+        if failed and split.unreadable is None:
+            raise InputError(failed[0][1])
+        if failed:
+            split.unreadable.add(*failed)  # raises past the folder's limit
         if x is not None:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 

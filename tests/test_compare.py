@@ -43,7 +43,7 @@ def test_compare_needs_weights(tmp_path):
 
 
 def test_compare_checks_the_weights_before_training(tmp_path):
-    proc = run_edgeft(["compare", "--weights", str(tmp_path / "nonexistent.pt"), "--epochs", "2", "--img-size", "16"],
+    proc = run_edgeft(["compare", "--weights", str(tmp_path / "nonexistent.pt"), "--epochs", "3", "--img-size", "16"],
                       cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and "nonexistent.pt" in one_line_error(proc.stderr)
     assert not (tmp_path / "runs").exists()  # nothing trained, no partial folder

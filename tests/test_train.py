@@ -537,3 +537,11 @@ def test_cli_shows_the_image_size_chosen_from_the_data(tmp_path):
     assert "32 px" in proc.stdout
     config = json.loads(next((tmp_path / "runs").glob("*/config.json")).read_text())
     assert config["img_size"] == 32 and config["data"] == str(tmp_path / "small")
+
+
+def test_amp_on_a_cpu_is_bf16_only_where_native():
+    from edgeft.cpu import has_bf16
+    from edgeft.train import autocast_dtype
+
+    assert autocast_dtype(CPU, None) is None and autocast_dtype(CPU, False) is None  # off by default on CPUs
+    assert autocast_dtype(CPU, True) == (torch.bfloat16 if has_bf16() else None)

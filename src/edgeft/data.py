@@ -77,6 +77,9 @@ class UnreadableFiles:
             log.warning("skipped %s", reason)
 
 
+_DECODE_ERRORS = (InputError, OSError, ValueError, SyntaxError, EOFError)  # the loader's, and what Pillow raises
+
+
 class FolderImages(torch.utils.data.Dataset):
     """A split of image files; `augment` picks the training or the eval transform. Indexed by
     position (raises on an unreadable file), or by (position, seed) as the batch loader does:
@@ -94,7 +97,7 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        if isinstance(key, int):
+        if not isinstance(key, tuple):
             return self._load(key)
         index, seed = key
         try:
@@ -102,7 +105,7 @@ class FolderImages(torch.utils.data.Dataset):
                 torch.manual_seed(seed)
                 x, label = self._load(index)
             return x, label, "", ""
-        except Exception as exc:  # noqa: BLE001 - InputError from the loader, anything Pillow raises
+        except _DECODE_ERRORS as exc:
             path, label = self.files[index]
             reason = str(exc) if isinstance(exc, InputError) else f"{path}: {exc}"
             return None, label, str(path), reason

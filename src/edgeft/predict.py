@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
 
-__all__ = ["Label", "Prediction", "Predictor", "collect_images", "newest_model"]
+__all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -49,22 +50,100 @@ class Prediction:
 
 
 def newest_model(folder: str | os.PathLike = "exported") -> Path:
-    """The most recently written .onnx file in `folder`."""
-    found = sorted(Path(folder).glob("*.onnx"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise InputError(f"no --model given and no .onnx file in {folder}/; run `edgeft export` first")
-    return found[-1]
+    """The most recently written usable .onnx file in `folder`: never a hidden file (export's
+    temporaries are `.<name>.<random>.onnx`), one without readable edgeft metadata, or one kept
+    with `--force` although it failed its accuracy gate."""
+    folder = Path(folder)
+    found = [p for p in folder.glob("*.onnx") if not p.name.startswith(".") and p.is_file()]
+    failed: list[Path] = []
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            metadata = _metadata_from_text(_metadata_text(path), path)
+        except InputError:
+            continue
+        if gate_failure(metadata) is None:
+            return path
+        failed.append(path)
+    if failed:
+        raise InputError(f"no --model given and every .onnx file in {folder}/ failed its accuracy gate; "
+                         f"give --model {failed[0]} to use one anyway")  # fmt: skip
+    skipped = f" ({len(found)} unreadable or not exported by edgeft)" if found else ""
+    raise InputError(f"no --model given and no usable .onnx file in {folder}/{skipped}; run `edgeft export` first")
+
+
+def gate_failure(metadata: dict) -> str | None:
+    """Why the file failed the accuracy gate at export (it was kept with --force); None when it
+    passed or was not validated."""
+    validation = metadata.get("validation")
+    if isinstance(validation, dict) and validation.get("passed") is False:
+        return str(validation.get("reason") or "failed its accuracy gate")
+    return None
+
+
+def check_options(*, top_k: int, batch_size: int) -> None:
+    """Refuse prediction options that cannot work, before any work starts."""
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the image files under each directory (sorted, recursively)."""
+    """Files as given, and the image files under each directory (sorted, recursively). A
+    directory without image files is kept as itself, so that it gets its own error."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) or [item]
         else:
             files.append(item)
     return files
+
+
+def _preprocess_file(path: Path, spec: Preprocess) -> np.ndarray:
+    if path.is_dir():
+        raise InputError(f"{path}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return preprocess_image(path, spec)
+
+
+_REQUIRED_METADATA = {"classes": list, "preprocess": dict}
+
+
+def _metadata_from_text(text: str | None, source: str | os.PathLike) -> dict:
+    """The metadata document of an exported file, with the keys the predictor needs checked."""
+    if not text:
+        raise InputError(f"{source}: no edgeft metadata; export it with `edgeft export`")
+    try:
+        metadata = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{source}: its edgeft metadata is not valid JSON ({exc}); export the model again") from None
+    if not isinstance(metadata, dict):
+        raise InputError(f"{source}: its edgeft metadata is a {type(metadata).__name__}, not an object; export again")
+    wrong = [key for key, kind in _REQUIRED_METADATA.items() if not isinstance(metadata.get(key), kind)]
+    if wrong:
+        raise InputError(f"{source}: its edgeft metadata lacks or mistypes {', '.join(wrong)}; export the model again")
+    if not metadata["classes"] or not all(isinstance(c, str) for c in metadata["classes"]):
+        raise InputError(f"{source}: its edgeft metadata needs a non-empty list of class names")
+    try:
+        Preprocess.from_dict(metadata["preprocess"])
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    except (TypeError, KeyError, ValueError) as exc:
+        raise InputError(f"{source}: its preprocess metadata is not usable ({exc})") from None
+    return metadata
+
+
+def _metadata_text(path: Path) -> str | None:
+    """The edgeft metadata text of an ONNX file, or None; InputError when onnxruntime cannot read it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[_CPU])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise InputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+    return session.get_modelmeta().custom_metadata_map.get("edgeft")
 
 
 class Predictor:
@@ -76,16 +155,14 @@ class Predictor:
         path = Path(model)
         if not path.is_file():
             raise InputError(f"model {path} does not exist")
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+        device = parse_device(device)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         wants_cuda = device.startswith("cuda") or (device == "auto" and _cuda_present(ort))
         providers: list = [_CPU]
         if wants_cuda:
-            index = int(device.split(":")[1]) if ":" in device else 0
-            providers = [(_CUDA, {"device_id": index}), _CPU]
+            providers = [(_CUDA, {"device_id": cuda_index(device) if device != "auto" else 0}), _CPU]
         if wants_cuda:
             ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported below
         try:
@@ -97,10 +174,8 @@ class Predictor:
         self.provider = self.session.get_providers()[0]
         if device.startswith("cuda") and self.provider != _CUDA:
             raise InputError(f"--device {device}: onnxruntime cannot use CUDA here (providers: {ort.get_available_providers()}); use --device cpu")
-        text = self.session.get_modelmeta().custom_metadata_map.get("edgeft")
-        if not text:
-            raise InputError(f"{path}: no edgeft metadata; export it with `edgeft export`")
-        self.metadata = json.loads(text)
+        self.metadata = _metadata_from_text(self.session.get_modelmeta().custom_metadata_map.get("edgeft"), path)
+        self.gate_failure = gate_failure(self.metadata)  # set for a file kept with --force
         self.path = path
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.classes: list[str] = list(self.metadata["classes"])
@@ -118,19 +193,21 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Predictions in input order. Files are decoded by `decoders` threads ahead of the
         batch being inferred; an unreadable file yields a Prediction with `error` set."""
-        if batch_size < 1 or top_k < 1:
-            raise InputError("--batch-size and --top-k must be at least 1")
+        check_options(top_k=top_k, batch_size=batch_size)
         k = min(top_k, len(self.classes))
-        with ThreadPoolExecutor(max_workers=decoders) as pool:
+        pool = ThreadPoolExecutor(max_workers=decoders)
+        try:
             pending: deque = deque()
             batch: list[tuple[str, np.ndarray]] = []
-            for path in images:
-                pending.append((str(path), pool.submit(preprocess_image, path, self.preprocess)))
+            for path in map(Path, images):
+                pending.append((str(path), pool.submit(_preprocess_file, path, self.preprocess)))
                 while len(pending) > 2 * batch_size * decoders or (pending and pending[0][1].done()):
                     yield from self._take(pending.popleft(), batch, batch_size, k)
             while pending:
                 yield from self._take(pending.popleft(), batch, batch_size, k)
             yield from self._run(batch, k)
+        finally:  # on Ctrl-C or an early stop, images not started yet are not decoded
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _take(self, item, batch: list, batch_size: int, k: int) -> Iterator[Prediction]:
         name, future = item

@@ -288,3 +288,44 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(onnx_model, tmp_path):
     assert len(out.splitlines()) < 4999  # it stopped
     assert err.strip().splitlines()[-1] == "edgeft: interrupted; the predictions printed above are complete"
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def model_224(digits_checkpoint, tmp_path_factory):
+    """The digits model exported for 224 px inputs (resized to 256 first), as ImageNet models are."""
+    from edgeft.checkpoint import save_checkpoint
+    from edgeft.data import default_preprocess
+
+    folder = tmp_path_factory.mktemp("model_224")
+    (folder / "r18-224").mkdir()
+    content = {**load_checkpoint(digits_checkpoint), "preprocess": default_preprocess(size=224, channels=1, resize=256).to_dict()}
+    source = save_checkpoint(folder / "r18-224" / "best.pt", content)
+    return export(ExportConfig(checkpoint=str(source), out=str(folder), validate=False)).files[0].path
+
+
+# Runs a command and prints its peak RSS (kB). A child's peak counts the memory of the process it
+# was forked from, so the command is started from this small interpreter, never from pytest.
+_MEASURE = "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code, file=sys.stderr)"
+
+
+def _peak_rss_mb(args: list[str], cwd) -> tuple[float, int]:
+    """Peak resident memory (MB) and exit code of one `edgeft` run; its stdout in cwd/stdout.txt."""
+    with open(cwd / "stdout.txt", "w") as out:
+        measured = subprocess.run([sys.executable, "-c", _MEASURE, *edgeft_command(), *args], cwd=cwd,
+                                  env=offline_env(cwd), stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    peak_kb, code = measured.stderr.split()[-2:]
+    return int(peak_kb) / 1024, int(code)
+
+
+def test_peak_memory_per_image_on_a_224_px_model(model_224, tmp_path):
+    refused = {"thin.png": (2_000_000, 1), "tall.png": (1, 200_000), "wide.png": (20_000, 1), "wider.png": (200_000, 1),
+               "strip.png": (3000, 10), "bomb.png": (10_000, 9_500)}  # fmt: skip
+    for name, size in refused.items():
+        Image.new("1", size).save(tmp_path / name)
+    Image.new("L", (1000, 40), 90).save(tmp_path / "banner.png")  # 6400 x 256 once resized: fine
+    Image.new("RGB", (6000, 4000), (30, 60, 90)).save(tmp_path / "photo.jpg")  # 24 M pixels
+    for name in [*refused, "banner.png", "photo.jpg"]:
+        peak, code = _peak_rss_mb(["predict", name, "--model", model_224, "--json"], tmp_path)
+        assert peak < 600, f"{name}: {peak:.0f} MB"
+        record = json.loads((tmp_path / "stdout.txt").read_text())
+        assert (code, "error" in record) == ((2, True) if name in refused else (0, False)), (name, record)

@@ -376,3 +376,22 @@ def test_large_images_convert_in_strips_exactly_as_whole(tmp_path, monkeypatch, 
     whole = np.asarray(load_image(path))
     monkeypatch.setattr(pp, "_BLOCK_PIXELS", 37 * 4)  # strips of 4 rows
     np.testing.assert_array_equal(np.asarray(load_image(path)), whole)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("block", [None, 37 * 4])  # the whole image at once; strips of 4 rows
+def test_exif_orientation_in_strips_equals_exif_transpose(tmp_path, monkeypatch, orientation, block):
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.png"
+    noise_image(37, 30, "RGBA", seed=orientation).save(path, exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(path))
+    expected = Image.alpha_composite(Image.new("RGBA", expected.size, (255, 255, 255, 255)), expected).convert("RGB")
+    if block:
+        monkeypatch.setattr(pp, "_BLOCK_PIXELS", block)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(expected))
+    rgb = tmp_path / "oriented.jpg"
+    noise_image(37, 30, seed=orientation).save(rgb, exif=exif, quality=90)
+    np.testing.assert_array_equal(np.asarray(load_image(rgb)), np.asarray(ImageOps.exif_transpose(Image.open(rgb))))

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from edgeft.errors import InputError
 
@@ -30,7 +30,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused before they are opened
-MAX_PIXELS = 80_000_000  # width x height above this is refused as a decompression bomb (before decoding)
+MAX_PIXELS = 50_000_000  # more is refused as a decompression bomb; a rotated 50 M pixel photo decodes in ~400 MB
 MAX_RESIZED_PIXELS = 16_000_000  # an image this large once resized to the model's size is refused (long, thin)
 ALPHA_BACKGROUND = 255  # transparent pixels are composited on white
 _BLOCK_PIXELS = 1 << 20  # large images change mode this many pixels at a time
@@ -87,7 +87,7 @@ def load_image(
         check_size("image", source.size, resize=resize)
         if getattr(source, "n_frames", 1) > 1:
             source.seek(0)
-        return _to_mode(ImageOps.exif_transpose(source), channels)
+        return _to_mode(source, channels)
     path = Path(source)
     _check_file_size(path)
     try:
@@ -95,7 +95,6 @@ def load_image(
             check_size(path, img.size, resize=resize)
             img.seek(0)
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # no copy of the pixels when there is no rotation
             return _to_mode(img, channels)
     except InputError:
         raise
@@ -145,20 +144,39 @@ def resized_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
     return (resize, new_long) if width <= height else (new_long, resize)
 
 
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90}
+_REVERSES_ROWS = {Image.Transpose.ROTATE_180, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE}
+
+
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any Pillow mode to 'L' or 'RGB' by the rules in `load_image`'s docstring. Every
-    rule works pixel by pixel, so large images are converted a strip of rows at a time: memory
-    is the image and the result, not the intermediate RGBA copies."""
+    """Apply the EXIF orientation and convert any Pillow mode to 'L' or 'RGB' by the rules in
+    `load_image`'s docstring. Both work pixel by pixel, so a large image is done a strip of rows
+    at a time: memory is the image and the result, never intermediate copies of the whole."""
     target = "L" if channels == 1 else "RGB"
-    if img.mode == target:
+    method = _ORIENTATION.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    if img.mode == target and method is None:
         return img
     rows = max(1, _BLOCK_PIXELS // max(1, img.width))
     if rows >= img.height:
-        return _convert_pixels(img, target)
-    out = Image.new(target, img.size)
+        converted = _convert_pixels(img, target)
+        return converted if method is None else converted.transpose(method)
+    size = (img.height, img.width) if method in _SWAPS_AXES else img.size
+    out = Image.new(target, size)
     for top in range(0, img.height, rows):
-        strip = img.crop((0, top, img.width, min(top + rows, img.height)))
-        out.paste(_convert_pixels(strip, target), (0, top))
+        bottom = min(top + rows, img.height)
+        strip = _convert_pixels(img.crop((0, top, img.width, bottom)), target)
+        offset = img.height - bottom if method in _REVERSES_ROWS else top
+        out.paste(strip if method is None else strip.transpose(method), (offset, 0) if method in _SWAPS_AXES else (0, offset))
     return out
 
 

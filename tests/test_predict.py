@@ -323,7 +323,9 @@ def test_peak_memory_per_image_on_a_224_px_model(model_224, tmp_path):
     for name, size in refused.items():
         Image.new("1", size).save(tmp_path / name)
     Image.new("L", (1000, 40), 90).save(tmp_path / "banner.png")  # 6400 x 256 once resized: fine
-    Image.new("RGB", (6000, 4000), (30, 60, 90)).save(tmp_path / "photo.jpg")  # 24 M pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: decoded, then turned
+    Image.new("RGB", (8000, 6000), (30, 60, 90)).save(tmp_path / "photo.jpg", exif=exif)  # 48 M pixels
     for name in [*refused, "banner.png", "photo.jpg"]:
         peak, code = _peak_rss_mb(["predict", name, "--model", model_224, "--json"], tmp_path)
         assert peak < 600, f"{name}: {peak:.0f} MB"

@@ -331,3 +331,13 @@ def test_peak_memory_per_image_on_a_224_px_model(model_224, tmp_path):
         assert peak < 600, f"{name}: {peak:.0f} MB"
         record = json.loads((tmp_path / "stdout.txt").read_text())
         assert (code, "error" in record) == ((2, True) if name in refused else (0, False)), (name, record)
+
+
+def test_a_folder_of_large_photos_needs_the_memory_of_one(model_224, tmp_path):
+    (tmp_path / "photos").mkdir()
+    for i in range(4):  # 48 M pixels each: decoded side by side by the 4 decoder threads, ~800 MB
+        Image.new("RGB", (8000, 6000), (40 * i, 60, 90)).save(tmp_path / "photos" / f"{i}.jpg")
+    peak, code = _peak_rss_mb(["predict", "photos", "--model", model_224, "--json"], tmp_path)
+    assert code == 0
+    assert len((tmp_path / "stdout.txt").read_text().splitlines()) == 4
+    assert peak < 600, f"{peak:.0f} MB"

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, Preprocess, preprocess_image
 
 __all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
 
@@ -54,9 +57,9 @@ def newest_model(folder: str | os.PathLike = "exported") -> Path:
     temporaries are `.<name>.<random>.onnx`), one without readable edgeft metadata, or one kept
     with `--force` although it failed its accuracy gate."""
     folder = Path(folder)
-    found = [p for p in folder.glob("*.onnx") if not p.name.startswith(".") and p.is_file()]
+    found = {p: _mtime(p) for p in folder.glob("*.onnx") if not p.name.startswith(".")}
     failed: list[Path] = []
-    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+    for path in sorted(found, key=found.__getitem__, reverse=True):
         try:
             metadata = _metadata_from_text(_metadata_text(path), path)
         except InputError:
@@ -69,6 +72,14 @@ def newest_model(folder: str | os.PathLike = "exported") -> Path:
                          f"give --model {failed[0]} to use one anyway")  # fmt: skip
     skipped = f" ({len(found)} unreadable or not exported by edgeft)" if found else ""
     raise InputError(f"no --model given and no usable .onnx file in {folder}/{skipped}; run `edgeft export` first")
+
+
+def _mtime(path: Path) -> float:
+    """When `path` was last written; -1 for one that vanished meanwhile (it is then skipped)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
 
 
 def gate_failure(metadata: dict) -> str | None:
@@ -100,10 +111,42 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _preprocess_file(path: Path, spec: Preprocess) -> np.ndarray:
+class _PixelBudget:
+    """Decoder threads together decode at most `limit` pixels at once (one image within the
+    loader's limit always may), so a folder of large photos needs the memory of one."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.used -= pixels
+                self.changed.notify_all()
+
+
+def _header_pixels(path: Path) -> int:
+    """width x height from the file's header; 0 when it has none (the loader then says why)."""
+    try:
+        with Image.open(path) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - any unreadable file is refused by the loader itself
+        return 0
+
+
+def _preprocess_file(path: Path, spec: Preprocess, budget: _PixelBudget) -> np.ndarray:
     if path.is_dir():
         raise InputError(f"{path}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return preprocess_image(path, spec)
+    pixels = _header_pixels(path)
+    with budget.hold(pixels if pixels <= budget.limit else 0):  # over the limit: refused undecoded
+        return preprocess_image(path, spec)
 
 
 _REQUIRED_METADATA = {"classes": list, "preprocess": dict}
@@ -196,11 +239,12 @@ class Predictor:
         check_options(top_k=top_k, batch_size=batch_size)
         k = min(top_k, len(self.classes))
         pool = ThreadPoolExecutor(max_workers=decoders)
+        budget = _PixelBudget(MAX_PIXELS)
         try:
             pending: deque = deque()
             batch: list[tuple[str, np.ndarray]] = []
             for path in map(Path, images):
-                pending.append((str(path), pool.submit(_preprocess_file, path, self.preprocess)))
+                pending.append((str(path), pool.submit(_preprocess_file, path, self.preprocess, budget)))
                 while len(pending) > 2 * batch_size * decoders or (pending and pending[0][1].done()):
                     yield from self._take(pending.popleft(), batch, batch_size, k)
             while pending:

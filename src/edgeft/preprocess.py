@@ -40,6 +40,12 @@ _BLOCK_PIXELS = 1 << 20  # large images change mode this many pixels at a time
 # them inside decoder threads is not thread-safe.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# Pillow allocates large images in blocks (16 MiB by default). Blocks over glibc's largest mmap
+# threshold (32 MiB) go back to the system when freed; smaller ones stay in each decoder thread's
+# malloc arena, so every thread would keep the memory of the last large image it decoded.
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    Image.core.set_block_size(64 * 2**20)
+
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,

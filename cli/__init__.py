@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
 )
 _verbose = False
-_interrupt_note = "interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"  # what Ctrl-C says was kept
+# what Ctrl-C says was kept; a command may say more with `interrupt_note`
+_interrupt_note = "interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
 
 
 def interrupt_note(text: str) -> None:

@@ -305,7 +305,10 @@ def model_224(digits_checkpoint, tmp_path_factory):
 
 # Runs a command and prints its peak RSS (kB). A child's peak counts the memory of the process it
 # was forked from, so the command is started from this small interpreter, never from pytest.
-_MEASURE = "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code, file=sys.stderr)"
+_MEASURE = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code, file=sys.stderr)"
+)
 
 
 def _peak_rss_mb(args: list[str], cwd) -> tuple[float, int]:

@@ -160,8 +160,8 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SWAPS_AXES = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90}
-_REVERSES_ROWS = {Image.Transpose.ROTATE_180, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE}
+_SWAPS_AXES = {_ORIENTATION[5], _ORIENTATION[6], _ORIENTATION[7], _ORIENTATION[8]}  # rows become columns
+_REVERSES_ROWS = {_ORIENTATION[3], _ORIENTATION[4], _ORIENTATION[6], _ORIENTATION[7]}  # the last row comes first
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -182,7 +182,9 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
         bottom = min(top + rows, img.height)
         strip = _convert_pixels(img.crop((0, top, img.width, bottom)), target)
         offset = img.height - bottom if method in _REVERSES_ROWS else top
-        out.paste(strip if method is None else strip.transpose(method), (offset, 0) if method in _SWAPS_AXES else (0, offset))
+        if method is not None:
+            strip = strip.transpose(method)
+        out.paste(strip, (offset, 0) if method in _SWAPS_AXES else (0, offset))
     return out
 
 

@@ -53,10 +53,11 @@ def _print_json(predictions) -> int:
 
 
 def _print_table(predictions) -> int:
-    """A Rich table of every prediction (file names and labels escaped); returns the failures."""
+    """A Rich table of every prediction; returns the number of failures. File names, labels and
+    errors are plain `Text`: never read as markup or emoji codes, so `[red]x.png` shows as written."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     table.add_column("file", overflow="fold")
@@ -64,9 +65,7 @@ def _print_table(predictions) -> int:
     failed = 0
     for p in predictions:
         failed += p.error is not None
-        labels = [f"{escape(t.label)} {t.prob:.1%}" for t in p.top_k]
-        if labels:
-            labels[0] = f"[bold]{labels[0]}[/]"
-        table.add_row(escape(p.file), f"[red]error: {escape(p.error)}[/]" if p.error else ", ".join(labels))
+        labels = [Text(f"{t.label} {t.prob:.1%}", style="bold" if i == 0 else "") for i, t in enumerate(p.top_k)]
+        table.add_row(Text(p.file), Text(f"error: {p.error}", style="red") if p.error else Text(", ").join(labels))
     Console().print(table)
     return failed

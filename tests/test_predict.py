@@ -164,16 +164,16 @@ def _gray(path, value=128, size=(8, 8)):
 
 def test_markup_in_file_names_is_shown_as_written(onnx_model, tmp_path):
     (tmp_path / "a[").mkdir()
-    names = ["[red]x.png", "a[/]b.png", "[bold]"]
-    (tmp_path / "[bold]").mkdir()  # an empty folder whose name is markup: its error row is escaped too
-    for name in names[:2]:
+    names = ["[red]x.png", "a[/]b.png", ":smile:.png", "[bold]"]
+    (tmp_path / "[bold]").mkdir()  # an empty folder whose name is markup: its error row is shown as written too
+    for name in names[:3]:
         _gray(tmp_path / name)
     proc = run_edgeft(["predict", *names, "--model", onnx_model], cwd=tmp_path, env=offline_env(tmp_path, COLUMNS="200"))
     assert proc.returncode == 2, proc.stderr  # the empty folder
     assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
     assert [row.split("│")[1].strip() for row in rows] == names
-    assert "[bold]: a folder with no image files" in rows[2]
+    assert "[bold]: a folder with no image files" in rows[3]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edgeft import __version__
-from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, open_runner, read_metadata, write_metadata
+from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, read_metadata, write_metadata
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
@@ -265,7 +265,7 @@ class _Job:
         write_metadata(tmp, meta)
         if not config.validate:
             return None
-        validation = gate(open_runner(tmp, device=config.device), self.checkpoint, self.bundle, precision=precision,
+        validation = gate(tmp, self.checkpoint, self.bundle, model=self.model, device=config.device,
                           batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
         write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation

@@ -7,7 +7,7 @@ random-weight resnet18 / resnext50_32x4d / densenet121 timed interleaved in one 
 
 - **QDQ, uint8 activations, int8 weights (U8S8).** onnxruntime's x86 int8 kernels multiply
   unsigned by signed bytes (AVX2 `vpmaddubsw`, VNNI `vpdpbusd`); int8 activations (S8S8) took a
-  slower path: 0.85-0.95x fp32 on AVX2, against 1.3-1.8x for U8S8. QOperator was no faster than
+  slower path: 0.75-1.05x fp32 on AVX2, against 1.25-1.85x for U8S8. QOperator was no faster than
   QDQ. ARM kernels prefer int8 activations, so ARM gets S8S8.
 - **Per-channel weights.** No slower than per-tensor, and closer to the float weights where the
   output channels of a convolution differ in scale.

@@ -112,7 +112,7 @@ def test_torchscript_matches_pytorch_and_carries_metadata(exported, digits_check
 
 def test_validate_json_matches_an_independent_onnxruntime_evaluation(exported, digits_checkpoint, tmp_path):
     path = exported[("onnx", "int8")].path
-    proc = run_edgeft(["validate", path, "--json"], cwd=tmp_path)
+    proc = run_edgeft(["validate", path, "--reference", str(digits_checkpoint), "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     checkpoint, x, y = _val_inputs(digits_checkpoint)

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     program = torch.export.export(module, example, dynamic_shapes=dynamic)
     # The fake convolution picks a CPU backend (NNPACK, oneDNN) by batch size and would narrow the
     # dynamic batch range to the example's side of that threshold; no convolution runs here.
-    with torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False):
+    with torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 note when its flags are set
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     summary = delegation_summary(edge.exported_program().graph_module)
     Path(path).write_bytes(edge.to_executorch().buffer)

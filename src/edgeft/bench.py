@@ -24,6 +24,7 @@ from edgeft.errors import InputError
 from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
+from edgeft.pte import require_executorch, write_pte
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
 
@@ -118,6 +119,8 @@ def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]
                 reason = f"unknown runtime (available: {', '.join(RUNTIMES)})"
             elif precision not in PRECISIONS:
                 reason = f"unknown precision (available: {', '.join(PRECISIONS)})"
+            elif runtime == "executorch":
+                reason = _executorch_unavailable(device)
             elif precision == "int8" and runtime != "onnxruntime":
                 if config.precisions:  # asked for explicitly: say why not
                     reason = "int8 runs through onnxruntime only"
@@ -127,6 +130,24 @@ def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]
                 reason = "fp16 PyTorch on CPU is not a deployment target; use --device cuda"
             plan.append((runtime, precision, reason))
     return plan
+
+
+def _executorch_unavailable(device: str) -> str | None:
+    """Why ExecuTorch rows cannot run here (it runs on the CPU, through XNNPACK), or None."""
+    if device != "cpu":
+        return "ExecuTorch runs on the CPU (XNNPACK); use --device cpu"
+    try:
+        require_executorch()
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def _write_executorch(model, spec, path: Path, precision: str) -> str:
+    """A .pte of random-weight `model` for timing (int8: calibrated on random images)."""
+    calibration = np.random.default_rng(0).standard_normal((16, spec.channels, spec.size, spec.size), dtype=np.float32)
+    write_pte(model, spec, path, precision=precision, calibration=calibration)
+    return str(path)
 
 
 def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, device: str, folder: Path, needed) -> dict:
@@ -146,6 +167,9 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
         key = (runtime, precision)
         if runtime == "eager":
             files[key] = checkpoint
+            continue
+        if runtime == "executorch" and not config.checkpoints:
+            files[key] = _write_executorch(model, spec, folder / f"{model_name}-{precision}.pte", precision)
             continue
         fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
         if config.checkpoints:  # a real export, with its validation

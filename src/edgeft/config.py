@@ -81,7 +81,7 @@ class ExportConfig:
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
 
 
-RUNTIMES = ("eager", "torchscript", "onnxruntime")
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "executorch")
 
 
 @dataclass
@@ -89,8 +89,8 @@ class BenchConfig:
     """What `edgeft bench` measures; every row runs in a fresh process."""
 
     models: tuple[str, ...] = ("resnet18", "resnext50_32x4d", "densenet121")
-    runtimes: tuple[str, ...] = RUNTIMES  # eager | torchscript | onnxruntime
-    precisions: tuple[str, ...] = ()  # empty: fp32, plus int8 (onnxruntime) on CPU or fp16 on CUDA
+    runtimes: tuple[str, ...] = RUNTIMES  # eager | torchscript | onnxruntime | executorch
+    precisions: tuple[str, ...] = ()  # empty: fp32, plus int8 (onnxruntime, executorch) on CPU or fp16 on CUDA
     batch_sizes: tuple[int, ...] = (1, 8)
     img_size: int = 224
     device: str = "auto"  # auto | cpu | cuda (a device that is not here is reported, not fatal)

@@ -230,7 +230,7 @@ def load_pte_runner(path: str | os.PathLike, *, threads: int = 0) -> tuple[Calla
         # outputs live in the program's planned memory: copy each before the next call
         outs = [method.execute((torch.from_numpy(x[i : i + max_batch]),))[0].numpy().copy()
                 for i in range(0, len(x), max_batch)]  # fmt: skip
-        return np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     backends = runtime.backend_registry.registered_backend_names
     return run, "executorch:xnnpack" if "XnnpackBackend" in backends else "executorch"

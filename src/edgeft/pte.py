@@ -16,10 +16,13 @@ The content digest is the sha256 of the program bytes alone, so the metadata can
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
+import logging
 import os
+import sys
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -208,21 +211,39 @@ def set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
 
 
+@contextlib.contextmanager
+def _quiet_native_start():
+    """Silence what ExecuTorch's native code logs on stderr while it starts (CPU probing, thread
+    pool size, load failures that are re-raised as one line) and torch's import-time notices."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def load_pte_runner(path: str | os.PathLike, *, threads: int = 0) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """A function float32 NCHW batch -> float32 logits running a .pte through ExecuTorch's runtime
-    (batches above the program's maximum are run in slices), and what runs it."""
+    on `threads` CPU threads (0: its default), batches above the program's maximum run in slices;
+    and what runs it."""
     require_executorch()
     path = Path(path)
     _split(path)  # a readable .pte, or a one-line error
-    import torch
-    from executorch.runtime import Runtime
+    with _quiet_native_start():
+        import torch
+        from executorch.runtime import Runtime
 
-    set_threads(threads)
-    runtime = Runtime.get()
-    try:
-        method = runtime.load_program(path).load_method("forward")
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: ExecuTorch cannot load it ({str(exc).splitlines()[0]})") from None
+        set_threads(threads)
+        runtime = Runtime.get()
+        try:
+            method = runtime.load_program(path).load_method("forward")
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"{path}: ExecuTorch cannot load it ({str(exc).splitlines()[0]})") from None
     max_batch = method.metadata.input_tensor_meta(0).sizes()[0]
 
     def run(x: np.ndarray) -> np.ndarray:

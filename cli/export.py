@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from edgeft.config import ExportConfig as C
+from edgeft.config import OPSETS, ExportConfig as C
 from edgeft.errors import GateError, InputError
 
 from . import app
@@ -22,14 +23,19 @@ def _newest_checkpoint(runs: Path = Path("runs")) -> Path:
 
 
 def _validation_rows(v) -> list[tuple[str, str]]:
-    return [
+    if not v.n_images:
+        return [("comparison", "not run: the file does not describe the checkpoint's model"),
+                ("gate", f"[red]FAILED[/]: {escape(v.reason)}")]  # fmt: skip
+    rows = [
         ("reference accuracy", f"{v.reference_acc:.2%}"),
         ("exported accuracy", f"{v.exported_acc:.2%}  (drop {v.acc_drop:.2f} pt, gate {v.max_acc_drop:g} pt)"),
-        ("top-1 agreement", f"{v.top1_agreement:.2%}"),
-        ("max |logit diff|", f"{v.max_abs_logit_diff:.3g}"),
-        ("images", f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}, {v.provider}"),
-        ("gate", "[green]passed[/]" if v.passed else f"[red]FAILED[/]: {v.reason}"),
+        ("agreement", f"top-1 {v.top1_agreement:.2%}, top-5 {v.top5_agreement:.2%}"),
+        ("logit difference", f"max {v.max_abs_logit_diff:.3g} (relative {v.max_rel_logit_diff:.3g})"),
+        ("probability difference", f"max {v.max_prob_diff:.3g}, mean {v.mean_prob_diff:.3g}"),
+        ("images", escape(f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}, {v.provider}")),
+        ("gate", "[green]passed[/]" if v.passed else f"[red]FAILED[/]: {escape(v.reason)}"),
     ]
+    return rows + [("note", f"[yellow]{escape(note)}[/]") for note in v.notes]
 
 
 @app.command("export")
@@ -39,7 +45,7 @@ def export_command(
     precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 (int8: ONNX; fp16 TorchScript: CUDA).")] = C.precision,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
     name: Annotated[Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")] = C.name,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = C.opset,
+    opset: Annotated[int, typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]}.")] = C.opset,
     device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")] = C.device,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result.")] = C.validate,
     data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = C.data,
@@ -62,7 +68,7 @@ def export_command(
     result = export(C(**options))
     console = Console()
     for f in result.files:
-        table = Table(title=f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)", show_header=False)
+        table = Table(title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False)
         if f.validation is not None:
             for row in _validation_rows(f.validation):
                 table.add_row(*row)
@@ -84,21 +90,22 @@ def validate_command(
     data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
     max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")] = None,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N].")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where the file and the checkpoint run.")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Threads that decode the validation images.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compare an exported file with its checkpoint on real images; exit 1 when the gate fails."""
     from edgeft.validate import validate_file
 
     result = validate_file(file, reference=reference, data=data, data_root=data_root, max_acc_drop=max_acc_drop,
-                           batch_size=batch_size, device=device)  # fmt: skip
+                           batch_size=batch_size, device=device, workers=workers)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=str(file), show_header=False)
+        table = Table(title=escape(str(file)), show_header=False)
         for row in _validation_rows(result):
             table.add_row(*row)
         Console().print(table)
@@ -121,20 +128,24 @@ def info_command(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=str(file), show_header=False)
-    v = metadata.get("validation")
-    p = metadata["preprocess"]
-    rows = [
+    table = Table(title=escape(str(file)), show_header=False)
+    for name, value in _info_rows(metadata):
+        table.add_row(name, escape(value))
+    Console().print(table)
+
+
+def _info_rows(metadata: dict) -> list[tuple[str, str]]:
+    v, p, source = metadata.get("validation"), metadata["preprocess"], metadata["source_checkpoint"]
+    classes = metadata["classes"]
+    return [
         ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
-        ("classes", ", ".join(metadata["classes"][:20]) + (" ..." if len(metadata["classes"]) > 20 else "")),
-        ("input", f"{metadata['input']['name']} float32 {metadata['input']['layout']} {metadata['input']['shape']}"),
+        ("classes", ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")),
+        ("input", f"{metadata['input'].get('name')} float32 {metadata['input'].get('layout')} {metadata['input'].get('shape')}"),
         ("preprocess", f"resize {p['resize']} ({p['interpolation']}), crop {p['size']}, mean {p['mean']}, std {p['std']}"),
-        ("source", f"{metadata['source_checkpoint']['path']} (sha256 {metadata['source_checkpoint']['sha256'][:12]}...)"),
+        ("content sha256", f"{metadata['content_sha256']} (verified)"),
+        ("source", f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)"),
         ("validation", "not run" if not v else
             f"{'passed' if v['passed'] else 'FAILED'}: {v['exported_acc']:.2%} vs {v['reference_acc']:.2%} on {v['n_images']} images"),
-        ("versions", ", ".join(f"{k} {val}" for k, val in metadata["versions"].items())),
-        ("created", metadata["created"]),
+        ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
+        ("created", str(metadata.get("created"))),
     ]  # fmt: skip
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from onnx import numpy_helper
 
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import ExportConfig
+from edgeft.config import OPSETS, ExportConfig
 from edgeft.data import iterate_batches, load_checkpoint_data
 from edgeft.export import export
 from edgeft.models import model_from_checkpoint
@@ -128,16 +129,17 @@ def test_validate_json_matches_an_independent_onnxruntime_evaluation(exported, d
     assert report["passed"] is True
 
 
-def test_altered_weights_fail_validate(exported, tmp_path):
+def test_altered_weights_are_refused_as_modified(exported, tmp_path):
     model = onnx.load(exported[("onnx", "fp32")].path)
     conv = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight tensor
     weights = numpy_helper.to_array(conv)
     conv.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(weights.ravel()).reshape(weights.shape), conv.name))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(model, tampered)
-    proc = run_edgeft(["validate", str(tampered)], cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "edgeft: error:" in proc.stderr and "Traceback" not in proc.stderr
+    for command in (["validate", str(tampered)], ["predict", "--model", str(tampered), str(tampered)]):
+        proc = run_edgeft(command, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert "modified after export" in one_line_error(proc.stderr)
 
 
 def test_failed_gate_removes_the_file_and_keeps_an_older_good_one(digits_checkpoint, tmp_path):
@@ -192,12 +194,10 @@ def test_refuses_foreign_checkpoints_and_unsafe_files(tmp_path, digits_checkpoin
     bad = tmp_path / "model" / "bad.onnx"
     bad.parent.mkdir()
     onnx.save(outside, bad)
-    proc = run_edgeft(["validate", str(bad)], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "outside" in one_line_error(proc.stderr)
-    proc = run_edgeft(["predict", "--model", str(bad), str(bad)], cwd=tmp_path)  # onnxruntime refuses it too
-    assert proc.returncode == 2
-    one_line_error(proc.stderr)
+    for command in (["validate", str(bad)], ["predict", "--model", str(bad), str(bad)]):
+        proc = run_edgeft(command, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert "metadata" in one_line_error(proc.stderr)  # refused before any tensor data is read
 
 
 def test_small_stem_checkpoint_exports_and_passes(tmp_path):
@@ -207,3 +207,43 @@ def test_small_stem_checkpoint_exports_and_passes(tmp_path):
     assert load_checkpoint(best)["stem"] == "small"
     result = export(ExportConfig(checkpoint=best, out=str(tmp_path / "exported")))
     assert result.passed and result.files[0].validation.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("opset", list(OPSETS))
+def test_each_supported_opset_is_the_opset_written(digits_checkpoint, tmp_path, opset):
+    result = export(ExportConfig(checkpoint=str(digits_checkpoint), out=str(tmp_path), opset=opset, validate=False))
+    model = onnx.load(result.files[0].path)
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {opset}
+    assert read_metadata(result.files[0].path)["opset"] == opset
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--opset", str(OPSETS[0] - 1)], "--opset must be between"),
+    (["--opset", str(OPSETS[-1] + 1)], "--opset must be between"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--device", "cuda:x"], "is not a device"),
+    (["--device", "tpu"], "is not a device"),
+    (["--out", "a-file"], "is a file, not a folder"),
+])  # fmt: skip
+def test_bad_export_options_are_one_line_and_exit_2(digits_checkpoint, tmp_path, options, message):
+    (tmp_path / "a-file").write_text("x")
+    proc = run_edgeft(["export", str(digits_checkpoint), *options], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in one_line_error(proc.stderr)
+    assert not (tmp_path / "exported").exists()
+
+
+def test_stale_temporaries_of_dead_exports_are_removed(digits_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".r18.{dead.pid}.edgeft-tmp.onnx"
+    live = tmp_path / f".r18.{os.getppid()}.edgeft-tmp.onnx"  # a running process: maybe another export
+    other = tmp_path / ".r18.notes.onnx"  # not edgeft's naming
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    export(ExportConfig(checkpoint=str(digits_checkpoint), out=str(tmp_path), validate=False))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "r18.onnx").is_file()

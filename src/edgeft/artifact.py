@@ -1,21 +1,41 @@
-"""Exported files: their embedded metadata, their safety checks, and running them on arrays."""
+"""Exported files: the metadata they carry (schema-checked), the digest of their model content,
+their safety checks, and the runners that execute them. Torch-free at import: the predictor
+uses this module.
+
+The content digest is the sha256 of everything in the file except the edgeft metadata:
+for ONNX every top-level field of the ModelProto but `metadata_props`, read from the protobuf
+wire format; for TorchScript every archive entry but the extra files, the debug tables and the
+serialization id. Writing the metadata after validation therefore leaves the digest as it was,
+and any change to the graph or the weights changes it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from edgeft.config import PRECISIONS
 from edgeft.errors import InputError
+from edgeft.preprocess import Preprocess
 
-__all__ = ["METADATA_KEY", "artifact_format", "check_external_data", "load_runner", "read_metadata", "write_metadata"]
+__all__ = [
+    "METADATA_FORMAT", "METADATA_KEY", "TorchScriptRunner", "artifact_format", "check_external_data", "content_digest",
+    "check_digest", "check_outputs", "onnx_metadata_and_digest", "open_runner", "parse_metadata", "read_metadata", "write_metadata",
+]  # fmt: skip
 
 METADATA_KEY = "edgeft"  # ONNX metadata_props key; TorchScript extra file "edgeft.json"
+METADATA_FORMAT = "edgeft.export/2"
 _TS_EXTRA = "edgeft.json"
+_ONNX_METADATA_FIELD = 14  # ModelProto.metadata_props
+_TS_VOLATILE = ("extra/", ".data/serialization_id")  # rewritten by every save, not model content
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 def artifact_format(path: str | os.PathLike) -> str:
@@ -23,19 +43,219 @@ def artifact_format(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
-    if suffix in (".ts", ".pt", ".torchscript"):
+    if suffix in (".ts", ".torchscript"):
         return "torchscript"
+    if suffix in _CHECKPOINT_SUFFIXES:
+        raise InputError(f"{path}: a PyTorch checkpoint or weights file, not an exported model; "
+                         f"turn it into one with `edgeft export {path}`")  # fmt: skip
     raise InputError(f"{path}: not an exported model (expected .onnx or .ts)")
+
+
+# --- the metadata document ----------------------------------------------------------------
+
+_REQUIRED = {
+    "format": str, "arch": str, "num_classes": int, "classes": list, "preprocess": dict, "precision": str,
+    "input": dict, "output": dict, "content_sha256": str, "source_checkpoint": dict,
+}  # fmt: skip
+
+
+def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
+    """The metadata document, checked against the schema; a clear InputError when it is not one."""
+    if not text:
+        raise InputError(f"{source}: has no edgeft metadata (not exported by edgeft)")
+    try:
+        metadata = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{source}: its edgeft metadata is not valid JSON ({exc}); export the model again") from None
+    if not isinstance(metadata, dict):
+        raise InputError(f"{source}: its edgeft metadata is a {type(metadata).__name__}, not an object; export again")
+    wrong = [key for key, kind in _REQUIRED.items() if not isinstance(metadata.get(key), kind)]
+    if wrong:
+        raise InputError(f"{source}: its edgeft metadata lacks or mistypes {', '.join(wrong)}; export the model again")
+    if metadata["format"] != METADATA_FORMAT:
+        raise InputError(f"{source}: metadata format {metadata['format']!r} is not {METADATA_FORMAT!r}; export again")
+    classes = metadata["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes) or len(classes) != metadata["num_classes"]:
+        raise InputError(f"{source}: its metadata needs num_classes ({metadata['num_classes']}) class names, got {len(classes)}")
+    if metadata["precision"] not in PRECISIONS:
+        raise InputError(f"{source}: unknown precision {metadata['precision']!r} in its metadata")
+    try:
+        Preprocess.from_dict(metadata["preprocess"])
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    except (TypeError, KeyError, ValueError) as exc:
+        raise InputError(f"{source}: its preprocess metadata is not usable ({exc})") from None
+    return metadata
+
+
+def read_metadata(path: str | os.PathLike, *, verify: bool = True) -> dict:
+    """The metadata embedded in an exported file; with `verify`, a file whose model content no
+    longer matches the digest recorded at export is refused."""
+    path = Path(path)
+    fmt = artifact_format(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    if fmt == "onnx":
+        text, digest = onnx_metadata_and_digest(path.read_bytes(), path)
+    else:
+        text, digest = _torchscript_metadata_text(path), content_digest(path)
+    metadata = parse_metadata(text, path)
+    if verify:
+        check_digest(path, metadata, digest)
+    return metadata
+
+
+def check_digest(path: str | os.PathLike, metadata: dict, digest: str) -> None:
+    """Refuse a file whose model content (`digest`) no longer matches the one recorded at export."""
+    if digest != metadata["content_sha256"]:
+        raise InputError(f"{path}: its model content was modified after export (digest mismatch); "
+                         f"do not use it, export the model again")  # fmt: skip
+
+
+def write_metadata(path: str | os.PathLike, metadata: dict) -> None:
+    """Embed (or replace) the metadata document in an exported file, in place, without touching
+    the model content (so `content_digest` is unchanged)."""
+    path = Path(path)
+    text = json.dumps(metadata, sort_keys=True)
+    if artifact_format(path) == "onnx":
+        fields = [(n, raw) for n, raw in _onnx_fields(path.read_bytes(), path) if n != _ONNX_METADATA_FIELD]
+        entry = _length_delimited(1, METADATA_KEY.encode()) + _length_delimited(2, text.encode())
+        path.write_bytes(b"".join(raw for _, raw in fields) + _length_delimited(_ONNX_METADATA_FIELD, entry))
+    else:
+        _rewrite_zip(path, {_TS_EXTRA: text.encode()})
+
+
+# --- content digests ----------------------------------------------------------------------
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of the model content of an exported file (graph and weights, not the metadata)."""
+    path = Path(path)
+    if artifact_format(path) == "onnx":
+        return onnx_metadata_and_digest(path.read_bytes(), path)[1]
+    digest = hashlib.sha256()
+    for name, data in _torchscript_content(path):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _onnx_fields(data: bytes | memoryview, source) -> Iterator[tuple[int, memoryview]]:
+    """(field number, raw bytes including the tag) of each top-level field of a ModelProto."""
+    data, pos = memoryview(data), 0
+    try:
+        while pos < len(data):
+            start = pos
+            tag, pos = _varint(data, pos)
+            wire = tag & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                pos += length
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"wire type {wire}")
+            if pos > len(data) or tag >> 3 == 0:
+                raise ValueError("truncated field")
+            yield tag >> 3, data[start:pos]
+    except ValueError as exc:
+        raise InputError(f"{source}: not a readable ONNX file ({exc})") from None
+
+
+def onnx_metadata_and_digest(data: bytes, source: str | os.PathLike) -> tuple[str | None, str]:
+    """(the edgeft metadata text or None, the content digest) of a serialized ONNX model, in one
+    pass over its top-level fields (no onnx import: the predictor uses this)."""
+    digest, text = hashlib.sha256(), None
+    for number, raw in _onnx_fields(data, source):
+        if number != _ONNX_METADATA_FIELD:
+            digest.update(raw)
+            continue
+        _, pos = _varint(raw, 0)
+        _, pos = _varint(raw, pos)
+        entry = dict(_string_fields(raw[pos:], source))
+        if bytes(entry.get(1, b"")) == METADATA_KEY.encode():
+            text = bytes(entry.get(2, b"")).decode("utf-8", errors="replace")
+    return text, digest.hexdigest()
+
+
+def _string_fields(data, source) -> Iterator[tuple[int, bytes]]:
+    for number, raw in _onnx_fields(data, source):
+        _, pos = _varint(raw, 0)
+        _, pos = _varint(raw, pos)
+        yield number, raw[pos:]
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"{path}: not a readable TorchScript file ({exc})") from None
+
+
+def _torchscript_content(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(name without the archive folder, data) of each model entry, sorted by name."""
+    with _open_zip(path) as archive:
+        entries = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
+        for name in sorted(entries):
+            if not name.startswith(_TS_VOLATILE) and not name.endswith(".debug_pkl"):
+                yield name, archive.read(entries[name])
+
+
+def _torchscript_metadata_text(path: Path) -> str | None:
+    with _open_zip(path) as archive:
+        names = [n for n in archive.namelist() if n.split("/", 1)[-1] == f"extra/{_TS_EXTRA}"]
+        return archive.read(names[0]).decode("utf-8", errors="replace") if names else None
+
+
+def _rewrite_zip(path: Path, extra: dict[str, bytes]) -> None:
+    """Replace a TorchScript archive's extra files through torch (which keeps its own layout)."""
+    module = _load_torchscript(path, device="cpu")
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+        torch.jit.save(module, str(path), _extra_files=extra)
+
+
+# --- safety checks and runners ------------------------------------------------------------
 
 
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse an ONNX file whose external tensor data lives outside the file's own folder."""
-    _refuse_outside_data(_load_onnx(Path(path)), Path(path))
-
-
-def _refuse_outside_data(model, path: Path) -> None:
+    import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors of every kind
+        raise InputError(f"{path}: not a readable ONNX file ({exc})") from None
     folder = path.resolve().parent
     for tensor in _get_all_tensors(model):
         if uses_external_data(tensor):
@@ -44,85 +264,51 @@ def _refuse_outside_data(model, path: Path) -> None:
                 raise InputError(f"{path}: external data {location!r} points outside {folder}; refusing to read it")
 
 
-def _load_onnx(path: Path):
-    import onnx
-
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf decode errors of every kind
-        raise InputError(f"{path}: not a readable ONNX file ({exc})") from None
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The edgeft metadata document embedded in an exported file."""
-    path = Path(path)
-    if artifact_format(path) == "onnx":
-        model = _load_onnx(path)
-        _refuse_outside_data(model, path)
-        props = {p.key: p.value for p in model.metadata_props}
-        text = props.get(METADATA_KEY)
-    else:
-        text = _load_torchscript(path, extra=True)[1]
-    if not text:
-        raise InputError(f"{path}: has no edgeft metadata (not exported by edgeft)")
-    return json.loads(text)
-
-
-def write_metadata(path: str | os.PathLike, metadata: dict) -> None:
-    """Embed (or replace) the metadata document in an exported file, in place."""
-    path = Path(path)
-    text = json.dumps(metadata, sort_keys=True)
-    if artifact_format(path) == "onnx":
-        import onnx
-
-        model = onnx.load(str(path))
-        del model.metadata_props[:]
-        onnx.helper.set_model_props(model, {METADATA_KEY: text})
-        onnx.save(model, str(path))
-    else:
-        import torch
-
-        module, _ = _load_torchscript(path, extra=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
-            torch.jit.save(module, str(path), _extra_files={_TS_EXTRA: text})
-
-
-def _load_torchscript(path: Path, *, extra: bool, device: str = "cpu"):
+def _load_torchscript(path: Path, *, device: str):
     import torch
 
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    files = {_TS_EXTRA: ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location=device, _extra_files=files)
+            return torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: not a readable TorchScript file ({str(exc).splitlines()[0]})") from None
-    value = files[_TS_EXTRA]
-    return module, value.decode() if isinstance(value, bytes) else value
 
 
-def load_runner(path: str | os.PathLike, *, device: str = "cpu") -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """A function float32 NCHW batch -> float32 logits for an exported file, and what runs it."""
-    path = Path(path)
-    if artifact_format(path) == "onnx":
-        import onnxruntime as ort
+class TorchScriptRunner:
+    """A TorchScript file run the way `Predictor` runs an ONNX file: metadata checked, its own
+    preprocessing, float32 NCHW in, logits out."""
 
-        check_external_data(path)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), providers=providers)
-        name = session.get_inputs()[0].name
-        return (lambda x: session.run(None, {name: x})[0]), session.get_providers()[0]
-    import torch
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu"):
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+        self.classes: list[str] = list(self.metadata["classes"])
+        self.device = device
+        self.module = _load_torchscript(self.path, device=device)
+        self.provider = f"torchscript:{device}"
 
-    module, _ = _load_torchscript(path, extra=False, device=device)
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        import torch
 
-    def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
+            out = self.module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)).float().cpu().numpy()
+        return check_outputs(out, self.classes, self.path)
 
-    return run, f"torchscript:{device}"
+
+def check_outputs(logits: np.ndarray, classes: list[str], source: str | os.PathLike) -> np.ndarray:
+    """Logits with one column per class name, or an InputError naming the disagreement."""
+    if logits.ndim != 2 or logits.shape[1] != len(classes):
+        raise InputError(f"{source}: the model gives [{logits.shape[-1]}] outputs but its metadata says "
+                         f"[{len(classes)}]; export it again")  # fmt: skip
+    return logits
+
+
+def open_runner(path: str | os.PathLike, *, device: str = "cpu"):
+    """What `edgeft predict` would run for this file: a `Predictor` (ONNX, onnxruntime) or a
+    `TorchScriptRunner`; both have .metadata, .preprocess, .classes, .provider and .logits()."""
+    if artifact_format(path) == "onnx":
+        from edgeft.predict import Predictor
+
+        return Predictor(path, device=device)
+    return TorchScriptRunner(path, device=device)

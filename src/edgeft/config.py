@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgeft.devices import parse_device
+from edgeft.errors import InputError
+
 __all__ = [
-    "AUGMENTATIONS", "FORMATS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
+    "AUGMENTATIONS", "FORMATS", "OPSETS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
     "BenchConfig", "ExportConfig", "TrainConfig",
 ]  # fmt: skip
 
@@ -58,6 +61,7 @@ class TrainConfig:
 
 FORMATS = ("onnx", "torchscript", "all")
 PRECISIONS = ("fp32", "fp16", "int8")
+OPSETS = range(18, 24)  # ONNX opsets written and tested (each read back from the file)
 
 
 @dataclass
@@ -76,9 +80,30 @@ class ExportConfig:
     data_root: str | None = None  # None: the checkpoint's
     calib_data: str | None = None  # int8 calibration images; None: the checkpoint's training data
     calib_size: int = 256  # images used for int8 calibration
-    max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default
+    max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default (< 0 fails every file)
     batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
+
+    def __post_init__(self) -> None:
+        _one_of("--format", self.format, FORMATS)
+        _one_of("--precision", self.precision, PRECISIONS)
+        if self.opset not in OPSETS:
+            raise InputError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {self.opset}")
+        self.device = parse_device(self.device, allow_auto=False)
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--calib-size", self.calib_size, 1)
+        if self.max_acc_drop is not None and not -100 <= self.max_acc_drop <= 100:
+            raise InputError(f"--max-acc-drop must be between -100 and 100 points, got {self.max_acc_drop}")
+
+
+def _one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _at_least(option: str, value: int, smallest: int) -> None:
+    if value < smallest:
+        raise InputError(f"{option} must be at least {smallest}, got {value}")
 
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime", "executorch")

@@ -49,6 +49,7 @@ class TensorImages:
 
     images: torch.Tensor
     labels: torch.Tensor  # int64 (N,)
+    raw: np.ndarray | None = None  # the images as stored (uint8, before resizing): what validation decodes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -132,7 +133,8 @@ def _to_tensor_images(arrays: np.ndarray, labels: np.ndarray, spec: Preprocess) 
     `preprocess_image` on the same pixels saved as a file."""
     resized = [to_array(load_image(Image.fromarray(a), channels=spec.channels), spec) for a in arrays]
     images = np.stack(resized).reshape(len(resized), spec.size, spec.size, -1).transpose(0, 3, 1, 2)
-    return TensorImages(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+    labels = torch.from_numpy(labels.astype(np.int64))
+    return TensorImages(torch.from_numpy(np.ascontiguousarray(images)), labels, raw=np.asarray(arrays, dtype=np.uint8))
 
 
 def _digits(spec: Preprocess, val_split: float, seed: int) -> DataBundle:

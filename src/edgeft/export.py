@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,22 +19,23 @@ import torch
 from torch import nn
 
 from edgeft import __version__
-from edgeft.artifact import check_external_data, load_runner, write_metadata
+from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, open_runner, write_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import FORMATS, PRECISIONS, ExportConfig
+from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
-from edgeft.errors import InputError
+from edgeft.devices import torch_device
+from edgeft.errors import InputError, RunError
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
-from edgeft.validate import ValidationResult, compare
+from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx", "write_torchscript"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "edgeft.export/1"
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 _SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph
+_TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp.<suffix>, beside the final file
 
 
 @dataclass
@@ -55,14 +57,6 @@ class ExportResult:
         return all(f.validation is None or f.validation.passed for f in self.files)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -72,12 +66,8 @@ def _versions() -> dict[str, str]:
     return {"edgeft": __version__, **{name: str(module.__version__) for name, module in modules.items()}}
 
 
-def _check(config: ExportConfig) -> list[str]:
+def _formats(config: ExportConfig) -> list[str]:
     """The formats to write, after refusing combinations that cannot work."""
-    if config.format not in FORMATS:
-        raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {config.format!r}")
-    if config.precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     formats = ["onnx", "torchscript"] if config.format == "all" else [config.format]
     on_cuda = config.device.startswith("cuda")
     ts_unsupported = config.precision == "int8" or (config.precision == "fp16" and not on_cuda)
@@ -87,29 +77,42 @@ def _check(config: ExportConfig) -> list[str]:
             raise InputError(f"--format torchscript --precision {config.precision}: {why}")
         log.warning("skipping TorchScript: %s", why)
         formats.remove("torchscript")
-    if config.calib_size < 1:
-        raise InputError("--calib-size must be at least 1")
     return formats
 
 
-def export(config: ExportConfig) -> ExportResult:
-    """Write the requested files to `config.out`, each validated unless `config.validate` is off.
-    A file that fails its gate is removed (or kept and marked failed with `config.force`); a file
-    already at the destination is only replaced by one that passed or was forced."""
-    formats = _check(config)
-    source = Path(config.checkpoint)
-    checkpoint = load_checkpoint(source)
-    model = model_from_checkpoint(checkpoint)
+def _prepare_out(folder: Path) -> Path:
+    """The output folder, created and writable, with temporaries of dead exports removed."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {folder}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--out {folder} is not writable")
+    for stale in folder.glob(f".*.{_TEMP_TAG}.*"):
+        pid = stale.name.split(".")[-3]
+        if not (pid.isdigit() and _alive(int(pid))):
+            stale.unlink(missing_ok=True)
+            log.info("removed %s, left by an export that did not finish", stale)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _metadata(checkpoint: dict, source: Path, config: ExportConfig) -> dict:
+    """The metadata every file of this export carries (no path of this machine in it)."""
     spec = Preprocess.from_dict(checkpoint["preprocess"])
-    needs_data = config.validate or (config.precision == "int8" and not config.calib_data)
-    bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = config.name or (source.parent.name if source.parent.name else source.stem)
-    if config.precision != "fp32":
-        stem += f"-{config.precision}"
-    metadata = {
-        "format": FORMAT,
+    return {
+        "format": METADATA_FORMAT,
         "arch": checkpoint["arch"],
         "num_classes": checkpoint["num_classes"],
         "classes": list(checkpoint["classes"]),
@@ -117,39 +120,66 @@ def export(config: ExportConfig) -> ExportResult:
         "precision": config.precision,
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": ["batch", spec.channels, spec.size, spec.size]},
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", checkpoint["num_classes"]]},
-        "source_checkpoint": {"path": str(source.resolve()), "sha256": _sha256(source)},
+        "source_checkpoint": {"file": source.name, "run": source.resolve().parent.name, "sha256": file_sha256(source)},
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    result = ExportResult()
-    for fmt in formats:
-        final = out / f"{stem}{_SUFFIX[fmt]}"
-        fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix, dir=out)
-        os.close(fd)
-        tmp = Path(name)
-        tmp.chmod(0o644)
+    }  # fmt: skip
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Write the requested files to `config.out`, each validated unless `config.validate` is off.
+    A file that fails its gate is removed (or kept and marked failed with `config.force`); a file
+    already at the destination is only replaced by one that passed or was forced."""
+    formats = _formats(config)
+    torch_device(config.device)  # an unusable CUDA device is refused before any work
+    source = Path(config.checkpoint)
+    checkpoint = load_checkpoint(source)
+    needs_data = config.validate or (config.precision == "int8" and not config.calib_data)
+    bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
+    out = _prepare_out(Path(config.out))
+    stem = config.name or (source.resolve().parent.name or source.stem)
+    if config.precision != "fp32":
+        stem += f"-{config.precision}"
+    job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
+    return ExportResult([job.write(fmt, out / f"{stem}{_SUFFIX[fmt]}") for fmt in formats])
+
+
+@dataclass
+class _Job:
+    """One export's inputs, shared by the formats it writes."""
+
+    config: ExportConfig
+    checkpoint: dict
+    model: nn.Module
+    bundle: DataBundle | None
+    metadata: dict
+
+    def write(self, fmt: str, final: Path) -> ExportedFile:
+        """Write one file beside `final`, digest it, gate it, and move it into place if kept."""
+        config, spec = self.config, Preprocess.from_dict(self.checkpoint["preprocess"])
+        tmp = final.with_name(f".{final.stem}.{os.getpid()}.{_TEMP_TAG}{final.suffix}")
         try:
-            meta = {**metadata, "opset": config.opset if fmt == "onnx" else None}
             if fmt == "onnx":
-                write_onnx(model, spec, tmp, opset=config.opset, precision=config.precision,
-                            calibration=_calibration(config, bundle, spec))  # fmt: skip
+                write_onnx(self.model, spec, tmp, opset=config.opset, precision=config.precision,
+                           calibration=_calibration(config, self.bundle, spec))  # fmt: skip
             else:
-                write_torchscript(model, spec, tmp, precision=config.precision, device=config.device)
+                write_torchscript(self.model, spec, tmp, precision=config.precision, device=config.device)
+            meta = {**self.metadata, "opset": config.opset if fmt == "onnx" else None, "content_sha256": content_digest(tmp)}
+            write_metadata(tmp, meta)  # the gate reads the file as `edgeft predict` will
             validation = None
             if config.validate:
-                run, provider = load_runner(tmp, device=config.device)
-                validation = compare(run, model, bundle, precision=config.precision, provider=provider,
-                                     max_acc_drop=config.max_acc_drop, batch_sizes=(1, config.batch_size))  # fmt: skip
-                meta["validation"] = validation.to_dict()
-            write_metadata(tmp, meta)
+                validation = gate(open_runner(tmp, device=config.device), self.checkpoint, self.bundle,
+                                  precision=config.precision, batch_sizes=(1, config.batch_size),
+                                  max_acc_drop=config.max_acc_drop)  # fmt: skip
+                write_metadata(tmp, {**meta, "validation": validation.to_dict()})
             kept = validation is None or validation.passed or config.force
+            size = tmp.stat().st_size
             if kept:
                 os.replace(tmp, final)
-            result.files.append(ExportedFile(str(final), fmt, config.precision, final.stat().st_size if kept else tmp.stat().st_size, validation, kept))
         finally:
             tmp.unlink(missing_ok=True)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
-    return result
+        return ExportedFile(str(final), fmt, config.precision, size, validation, kept)
 
 
 class _Float32IO(nn.Module):
@@ -189,6 +219,9 @@ def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, pr
         _quantize(path, calibration)
     check_external_data(path)
     onnx.checker.check_model(str(path), full_check=True)
+    written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
+    if written != {opset}:
+        raise RunError(f"asked for opset {opset}, the exporter wrote {sorted(written)}")
 
 
 def _to_fp16(model):
@@ -202,46 +235,54 @@ def _to_fp16(model):
     return ir.to_proto(converted)
 
 
-def _quantize(path: Path, calibration: np.ndarray) -> None:
+def _quantize(path: Path, calibration: Iterator[np.ndarray]) -> None:
     """onnxruntime static quantization: QDQ, int8 activations, per-channel int8 weights."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 32)))
-
         def get_next(self):
-            batch = next(self.batches, None)
+            batch = next(calibration, None)
             return None if batch is None else {"input": batch}
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(path), str(prepared))
         quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)  # fmt: skip
 
 
-def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preprocess) -> np.ndarray | None:
-    """`calib_size` preprocessed images: from `calib_data`, else the checkpoint's training split."""
+_CALIB_BATCH = 32
+
+
+def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preprocess) -> Iterator[np.ndarray] | None:
+    """Batches of `calib_size` preprocessed images in all, streamed: from `calib_data`, else the
+    checkpoint's training split."""
     if config.precision != "int8":
         return None
     if config.calib_data:
-        folder = Path(config.calib_data)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise InputError(f"--calib-data {folder}: no images found")
-        rng = np.random.default_rng(0)
-        chosen = [files[i] for i in sorted(rng.permutation(len(files))[: config.calib_size])]
-        return np.stack([preprocess_image(p, spec) for p in chosen])
-    batches = iterate_batches(bundle.train, batch_size=64, preprocess=spec, device=torch.device("cpu"), shuffle=True)
-    images, count = [], 0
-    for x, _ in batches:
-        images.append(x.numpy())
-        count += len(x)
-        if count >= config.calib_size:
-            break
-    return np.concatenate(images)[: config.calib_size]
+        return _folder_batches(Path(config.calib_data), config.calib_size, spec)
+    batches = iterate_batches(bundle.train, batch_size=_CALIB_BATCH, preprocess=spec, device=torch.device("cpu"), shuffle=True)
+    return _take(((x.numpy() for x, _ in batches)), config.calib_size)
+
+
+def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.ndarray]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"--calib-data {folder}: no images found")
+    chosen = [files[i] for i in sorted(np.random.default_rng(0).permutation(len(files))[:count])]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for start in range(0, len(chosen), _CALIB_BATCH):
+            yield np.stack(list(pool.map(lambda p: preprocess_image(p, spec), chosen[start : start + _CALIB_BATCH])))
+
+
+def _take(batches: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:
+    """The first `count` images of a stream of batches."""
+    for batch in batches:
+        yield batch[:count]
+        count -= len(batch)
+        if count <= 0:
+            return
 
 
 def write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precision: str, device: str) -> None:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.artifact import check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata
+from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
 
@@ -76,39 +77,35 @@ class Predictor:
         path = Path(model)
         if not path.is_file():
             raise InputError(f"model {path} does not exist")
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        wants_cuda = device.startswith("cuda") or (device == "auto" and _cuda_present(ort))
-        providers: list = [_CPU]
-        if wants_cuda:
-            index = int(device.split(":")[1]) if ":" in device else 0
-            providers = [(_CUDA, {"device_id": index}), _CPU]
-        if wants_cuda:
-            ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported below
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise InputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
-        finally:
-            ort.set_default_logger_severity(2)
+        device = parse_device(device)
+        data = path.read_bytes()
+        text, digest = onnx_metadata_and_digest(data, path)
+        self.metadata = parse_metadata(text, path)
+        check_digest(path, self.metadata, digest)
+        self.session = _session(ort, data, path, device, threads)
         self.provider = self.session.get_providers()[0]
         if device.startswith("cuda") and self.provider != _CUDA:
             raise InputError(f"--device {device}: onnxruntime cannot use CUDA here (providers: {ort.get_available_providers()}); use --device cpu")
-        text = self.session.get_modelmeta().custom_metadata_map.get("edgeft")
-        if not text:
-            raise InputError(f"{path}: no edgeft metadata; export it with `edgeft export`")
-        self.metadata = json.loads(text)
         self.path = path
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.classes: list[str] = list(self.metadata["classes"])
         self.input_name = self.session.get_inputs()[0].name
+        self._check_io()
+
+    def _check_io(self) -> None:
+        """The graph's fixed input and output sizes agree with the metadata's preprocessing and classes."""
+        spec = self.preprocess
+        expected = {"input": [spec.channels, spec.size, spec.size], "output": [len(self.classes)]}
+        actual = {"input": self.session.get_inputs()[0].shape[1:], "output": self.session.get_outputs()[0].shape[1:]}
+        for kind in expected:
+            if any(isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])):
+                what = "outputs" if kind == "output" else "inputs of"
+                raise InputError(f"{self.path}: the model gives {actual[kind]} {what} but its metadata says "
+                                 f"{expected[kind]}; export it again")  # fmt: skip
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a float32 NCHW batch that is already preprocessed."""
-        return self.session.run(None, {self.input_name: batch})[0]
+        return check_outputs(self.session.run(None, {self.input_name: batch})[0], self.classes, self.path)
 
     def predict(self, images: Iterable[str | os.PathLike], *, top_k: int = 5, batch_size: int = 8) -> list[Prediction]:
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size))
@@ -159,6 +156,23 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _session(ort, data: bytes, path: Path, device: str, threads: int | None):
+    """An onnxruntime session on the serialized model: CUDA first when wanted, then the CPU."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    wants_cuda = device.startswith("cuda") or (device == "auto" and _cuda_present(ort))
+    providers: list = [(_CUDA, {"device_id": cuda_index(device) if device != "auto" else 0}), _CPU] if wants_cuda else [_CPU]
+    if wants_cuda:
+        ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported by the caller
+    try:
+        return ort.InferenceSession(data, sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise InputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 def _cuda_present(ort) -> bool:

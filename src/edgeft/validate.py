@@ -1,49 +1,69 @@
-"""The accuracy gate: an exported file against its reference checkpoint, on real images."""
+"""The accuracy gate: an exported file, run exactly as `edgeft predict` runs it, against the
+checkpoint it came from, on real images.
+
+The validation images (the files on disk for folder data, the stored uint8 images for embedded
+and torchvision data) go through the preprocessing written in the file and the file's own runner
+(`Predictor` for ONNX, `TorchScriptRunner` for TorchScript); the checkpoint sees the same images
+through training's evaluation transform. Everything is streamed: memory is O(batch).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from PIL import Image
 
-from edgeft.artifact import load_runner, read_metadata
+from edgeft.artifact import open_runner, read_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
+from edgeft.data import DataBundle, TensorImages, iterate_batches, load_checkpoint_data
+from edgeft.devices import torch_device
 from edgeft.errors import InputError
 from edgeft.models import model_from_checkpoint
+from edgeft.preprocess import preprocess_image
 
-__all__ = ["GATES", "ValidationResult", "compare", "gate_for", "validate_file"]
+__all__ = ["GATES", "ValidationResult", "file_sha256", "find_reference", "gate", "gate_for", "validate_file"]
 
 log = logging.getLogger(__name__)
 
 GATES = {"fp32": 0.0, "fp16": 0.1, "int8": 1.0}  # largest accuracy drop allowed, in points
-FP32_MIN_AGREEMENT = 0.999  # fp32 must also give the same top-1 on >= 99.9 % of the images
+FP32_MIN_AGREEMENT = 0.999  # fp32: the same top-1 on >= 99.9 % of the images
+FP32_LOGIT_RTOL = 1e-3  # fp32: every |logit - reference| <= 1e-3 * max(1, |reference|)
+FP32_PROB_ATOL = 1e-4  # fp32: every |softmax - reference softmax| <= 1e-4
+_CHUNK = 64  # images decoded and compared at a time (rounded up to a multiple of the batch size)
 
 
 @dataclass
 class ValidationResult:
-    """The comparison of an exported file with its reference, and the gate's verdict."""
+    """The comparison of an exported file with its reference, and the gate's verdict. Rates
+    and differences are the worst over the batch sizes tried."""
 
     reference_acc: float
-    exported_acc: float  # the lower of the batch sizes tried
+    exported_acc: float
     acc_drop: float  # reference - exported, in percentage points
-    top1_agreement: float  # fraction of images with the same top-1 class (lowest over batch sizes)
+    top1_agreement: float  # fraction of images with the same top-1 class
+    top5_agreement: float  # fraction of images with the same set of top-5 classes
     max_abs_logit_diff: float
+    max_rel_logit_diff: float  # max |Δlogit| / max(1, |reference logit|)
+    max_prob_diff: float  # max |Δ softmax probability|
+    mean_prob_diff: float  # mean over images of the largest |Δ probability|
     n_images: int
     batch_sizes: list[int]
-    dataset: str
+    dataset: str  # the data's name (a folder's name, never its path)
     precision: str
     max_acc_drop: float  # the gate
     min_agreement: float  # the gate
     passed: bool
     reason: str  # why the gate failed; empty when it passed
     provider: str  # what ran the exported file
+    notes: list[str] = field(default_factory=list)  # what the user should know, not a failure
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,60 +75,142 @@ def gate_for(precision: str, max_acc_drop: float | None = None) -> tuple[float, 
     return drop, FP32_MIN_AGREEMENT if precision == "fp32" and max_acc_drop is None else 0.0
 
 
-def compare(
-    run: Callable[[np.ndarray], np.ndarray],
-    reference: nn.Module,
-    bundle: DataBundle,
-    *,
-    precision: str,
-    provider: str,
-    max_acc_drop: float | None = None,
-    batch_sizes: tuple[int, ...] = (1, 8),
-) -> ValidationResult:
-    """Run the reference (PyTorch, fp32) and `run` on the validation split, the latter at each of
-    `batch_sizes`, and judge the result by the precision's gate."""
-    device = torch.device("cpu")
-    reference = reference.to(device).eval()
-    inputs, labels, ref_logits = [], [], []
-    with torch.inference_mode():
-        for x, y in iterate_batches(bundle.val, batch_size=64, preprocess=bundle.preprocess, device=device):
-            inputs.append(x.numpy())
-            labels.append(y.numpy())
-            ref_logits.append(reference(x).float().numpy())
-    images, labels, ref_logits = np.concatenate(inputs), np.concatenate(labels), np.concatenate(ref_logits)
-    ref_top1 = ref_logits.argmax(1)
-    accuracies, agreements, max_diff = [], [], 0.0
-    for batch_size in batch_sizes:
-        logits = np.concatenate([run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        top1 = logits.argmax(1)
-        accuracies.append(float((top1 == labels).mean()))
-        agreements.append(float((top1 == ref_top1).mean()))
-        max_diff = max(max_diff, float(np.abs(logits - ref_logits).max()))
-    reference_acc = float((ref_top1 == labels).mean())
-    exported_acc, agreement = min(accuracies), min(agreements)
+class _Tally:
+    """Streaming counts and worst differences of one batch size."""
+
+    def __init__(self):
+        self.n = self.correct = self.agree = self.agree5 = 0
+        self.max_abs = self.max_rel = self.max_prob = self.sum_prob = 0.0
+
+    def add(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> None:
+        top1, ref_top1 = logits.argmax(1), reference.argmax(1)
+        k = min(5, logits.shape[1])
+        top5 = np.sort(np.argsort(-logits, 1)[:, :k], 1)
+        ref_top5 = np.sort(np.argsort(-reference, 1)[:, :k], 1)
+        diff = np.abs(logits.astype(np.float64) - reference)
+        prob_diff = np.abs(_softmax(logits) - _softmax(reference)).max(1)
+        self.n += len(labels)
+        self.correct += int((top1 == labels).sum())
+        self.agree += int((top1 == ref_top1).sum())
+        self.agree5 += int((top5 == ref_top5).all(1).sum())
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.max_rel = max(self.max_rel, float((diff / np.maximum(1.0, np.abs(reference))).max()))
+        self.max_prob = max(self.max_prob, float(prob_diff.max()))
+        self.sum_prob += float(prob_diff.sum())
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(1, keepdims=True)
+
+
+def spec_mismatches(metadata: dict, checkpoint: dict) -> list[str]:
+    """How the file's own description of its model disagrees with the checkpoint's."""
+    spec = checkpoint["preprocess"]
+    reasons = [f"preprocess {key} is {metadata['preprocess'].get(key)!r} in the file, {value!r} in the checkpoint"
+               for key, value in spec.items() if _plain(metadata["preprocess"].get(key)) != _plain(value)]  # fmt: skip
+    if list(metadata["classes"]) != list(checkpoint["classes"]):
+        reasons.append(f"the class list differs from the checkpoint's ({metadata['classes']} vs {checkpoint['classes']})")
+    if metadata["arch"] != checkpoint["arch"]:
+        reasons.append(f"arch is {metadata['arch']} in the file, {checkpoint['arch']} in the checkpoint")
+    expected_input = ["batch", checkpoint["in_chans"], spec["size"], spec["size"]]
+    if metadata["input"].get("shape") != expected_input:
+        reasons.append(f"input shape is {metadata['input'].get('shape')} in the file, {expected_input} for the checkpoint")
+    return reasons
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _chunks(bundle: DataBundle, chunk: int, workers: int) -> Iterator[tuple[torch.Tensor, np.ndarray, list]]:
+    """(reference input on training's eval transform, labels, the same images as sources for the
+    file's own preprocessing: paths, or PIL images of the stored uint8 arrays), chunk by chunk."""
+    split, cpu = bundle.val, torch.device("cpu")
+    batches = iterate_batches(split, batch_size=chunk, preprocess=bundle.preprocess, device=cpu,
+                              workers=0 if isinstance(split, TensorImages) else workers)  # fmt: skip
+    start = 0
+    for x, y in batches:
+        end = start + len(y)
+        if isinstance(split, TensorImages):
+            sources = [Image.fromarray(a) for a in split.raw[start:end]]
+        else:
+            sources = [path for path, _ in split.files[start:end]]
+        yield x, y.numpy(), sources
+        start = end
+
+
+def gate(runner, checkpoint: dict, bundle: DataBundle, *, precision: str, batch_sizes: tuple[int, ...] = (1, 8),
+         max_acc_drop: float | None = None, workers: int = 2) -> ValidationResult:  # fmt: skip
+    """Run the checkpoint and the exported file (`runner`, from `open_runner`) on the validation
+    split, the file at each of `batch_sizes`, and judge the result by the precision's gate."""
+    mismatches = spec_mismatches(runner.metadata, checkpoint)
+    reference = model_from_checkpoint(checkpoint).eval()
+    tallies = {b: _Tally() for b in batch_sizes}
+    reference_correct = 0
+    chunk = -(-max(_CHUNK, *batch_sizes) // max(batch_sizes)) * max(batch_sizes)
+    if not mismatches:  # a file that disagrees with its checkpoint is not run: its inputs may not even fit
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
+            for x, labels, sources in _chunks(bundle, chunk, workers):
+                ref_logits = reference(x).float().numpy()
+                reference_correct += int((ref_logits.argmax(1) == labels).sum())
+                inputs = np.stack(list(pool.map(lambda s: preprocess_image(s, runner.preprocess), sources)))
+                for b, tally in tallies.items():
+                    logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
+                    tally.add(logits, ref_logits, labels)
+    return _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=precision,
+                    provider=runner.provider, max_acc_drop=max_acc_drop)  # fmt: skip
+
+
+def _verdict(tallies: dict[int, _Tally], reference_correct: int, mismatches: list[str], *, bundle: DataBundle,
+             precision: str, provider: str, max_acc_drop: float | None) -> ValidationResult:  # fmt: skip
+    n = max(t.n for t in tallies.values())
+    rate = lambda count: count / n if n else 0.0  # noqa: E731
+    reference_acc = rate(reference_correct)
+    exported_acc = min(rate(t.correct) for t in tallies.values())
+    agreement = min(rate(t.agree) for t in tallies.values())
+    worst = lambda name: max(getattr(t, name) for t in tallies.values())  # noqa: E731
     drop = 100.0 * (reference_acc - exported_acc)
     max_drop, min_agreement = gate_for(precision, max_acc_drop)
-    reasons = []
-    if drop > max_drop + 1e-9:
+    reasons = list(mismatches)
+    if n and drop > max_drop + 1e-9:
         reasons.append(f"accuracy dropped {drop:.2f} points (allowed {max_drop:g})")
-    if agreement < min_agreement:
+    if n and agreement < min_agreement:
         reasons.append(f"top-1 agreement {agreement:.2%} is below {min_agreement:.1%}")
+    if n and precision == "fp32" and max_acc_drop is None:
+        if worst("max_rel") > FP32_LOGIT_RTOL:
+            reasons.append(f"logits differ by up to {worst('max_rel'):.2g} x max(1, |logit|) (allowed {FP32_LOGIT_RTOL:g})")
+        if worst("max_prob") > FP32_PROB_ATOL:
+            reasons.append(f"probabilities differ by up to {worst('max_prob'):.2g} (allowed {FP32_PROB_ATOL:g})")
     return ValidationResult(
-        reference_acc=reference_acc,
-        exported_acc=exported_acc,
-        acc_drop=drop,
-        top1_agreement=agreement,
-        max_abs_logit_diff=max_diff,
-        n_images=len(images),
-        batch_sizes=list(batch_sizes),
-        dataset=bundle.name,
-        precision=precision,
-        max_acc_drop=max_drop,
-        min_agreement=min_agreement,
-        passed=not reasons,
-        reason="; ".join(reasons),
-        provider=provider,
-    )
+        reference_acc=reference_acc, exported_acc=exported_acc, acc_drop=drop if n else 0.0,
+        top1_agreement=agreement, top5_agreement=min(rate(t.agree5) for t in tallies.values()),
+        max_abs_logit_diff=worst("max_abs"), max_rel_logit_diff=worst("max_rel"), max_prob_diff=worst("max_prob"),
+        mean_prob_diff=max(t.sum_prob / t.n if t.n else 0.0 for t in tallies.values()), n_images=n,
+        batch_sizes=sorted(tallies), dataset=Path(bundle.name).name, precision=precision, max_acc_drop=max_drop,
+        min_agreement=min_agreement, passed=not reasons, reason="; ".join(reasons), provider=provider,
+    )  # fmt: skip
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_reference(path: Path, metadata: dict) -> Path:
+    """The checkpoint an exported file came from: runs/<run>/<file> here, or beside the folder
+    the file lies in (exported/../runs/<run>/<file>)."""
+    source = metadata["source_checkpoint"]
+    run, name = source.get("run", ""), source.get("file", "")
+    candidates = [Path("runs") / run / name, path.resolve().parent.parent / "runs" / run / name]
+    for candidate in candidates:
+        if run and name and candidate.is_file():
+            return candidate
+    raise InputError(f"{path}: its source checkpoint runs/{run}/{name} is not here; pass --reference CHECKPOINT")
 
 
 def validate_file(
@@ -120,19 +222,23 @@ def validate_file(
     max_acc_drop: float | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    workers: int = 2,
 ) -> ValidationResult:
-    """`edgeft validate`: compare an exported file with its checkpoint (the one it was exported
-    from unless `reference` is given) on the checkpoint's validation split or `data`."""
-    metadata = read_metadata(path)
-    reference = reference or metadata.get("source_checkpoint", {}).get("path")
-    if not reference or not Path(reference).is_file():
-        raise InputError(f"{path}: its source checkpoint {reference} is not here; pass --reference CHECKPOINT")
-    checkpoint = load_checkpoint(reference)
-    if checkpoint["classes"] != metadata["classes"]:
-        raise InputError(f"{reference} has other classes than {path}; pass the checkpoint it was exported from")
+    """`edgeft validate`: the gate on an exported file, against the checkpoint it was exported
+    from (found by its recorded run and file name) or `reference`; data as `gate` reads it."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    torch_device(device)  # an unusable CUDA device is refused before any work
+    path = Path(path)
+    metadata = read_metadata(path)  # refuses a file modified after export
+    checkpoint_path = Path(reference) if reference else find_reference(path, metadata)
+    checkpoint = load_checkpoint(checkpoint_path)
+    notes = []
+    if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
+        notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
     bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
-    run, provider = load_runner(path, device=device)
-    return compare(
-        run, model_from_checkpoint(checkpoint), bundle, precision=metadata["precision"], provider=provider,
-        max_acc_drop=max_acc_drop, batch_sizes=(1, batch_size),
-    )  # fmt: skip
+    runner = open_runner(path, device=device)
+    result = gate(runner, checkpoint, bundle, precision=metadata["precision"], batch_sizes=(1, batch_size),
+                  max_acc_drop=max_acc_drop, workers=workers)  # fmt: skip
+    result.notes += notes
+    return result

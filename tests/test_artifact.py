@@ -1,0 +1,84 @@
+"""Exported files: metadata schema, content digest, and the refusals that protect them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import one_line_error, run_edgeft
+
+from edgeft.artifact import content_digest, parse_metadata, read_metadata, write_metadata
+from edgeft.config import ExportConfig
+from edgeft.errors import InputError
+from edgeft.export import export
+
+
+@pytest.fixture(scope="module")
+def files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("artifact")
+    result = export(ExportConfig(checkpoint=str(digits_checkpoint), format="all", out=str(out), validate=False))
+    return {f.format: Path(f.path) for f in result.files}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_digest_ignores_the_metadata_and_sees_the_model(files, tmp_path, fmt):
+    path = tmp_path / files[fmt].name
+    shutil.copy(files[fmt], path)
+    before = content_digest(path)
+    assert read_metadata(path)["content_sha256"] == before
+    write_metadata(path, {**read_metadata(path), "note": "rewritten"})
+    assert content_digest(path) == before and read_metadata(path)["note"] == "rewritten"
+    if fmt == "onnx":
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # still a valid model
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path))
+        model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
+        onnx.save(model, str(path))
+        assert content_digest(path) != before
+
+
+def _with_metadata(source: Path, tmp_path: Path, text: str) -> Path:
+    model = onnx.load(str(source))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {"edgeft": text})
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("{not json", "not valid JSON"), ("[1, 2]", "a list, not an object"), ('{"arch": "resnet18"}', "lacks or mistypes")],
+)
+def test_broken_metadata_is_one_line_and_exit_2(files, tmp_path, text, message):
+    path = _with_metadata(files["onnx"], tmp_path, text)
+    with pytest.raises(InputError, match=message):
+        read_metadata(path)
+    for command in (["info", str(path)], ["validate", str(path)], ["predict", "--model", str(path), str(path)]):
+        proc = run_edgeft(command, cwd=tmp_path)
+        assert proc.returncode == 2 and message in one_line_error(proc.stderr)
+
+
+def test_class_list_shorter_than_the_outputs_is_refused(files, tmp_path):
+    metadata = read_metadata(files["onnx"])
+    metadata.update(classes=metadata["classes"][:9], num_classes=9)
+    path = _with_metadata(files["onnx"], tmp_path, json.dumps(metadata))
+    image = Path(__file__).parent.parent / "examples" / "digits" / "3.png"
+    proc = run_edgeft(["predict", "--model", str(path), str(image)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "gives [10] outputs but its metadata says [9]" in one_line_error(proc.stderr)
+
+
+def test_parse_metadata_checks_the_class_count():
+    with pytest.raises(InputError, match="class names"):
+        parse_metadata(json.dumps({"format": "edgeft.export/2", "num_classes": 3, "classes": ["a"]}), "x")
+
+
+def test_info_on_a_checkpoint_says_what_it_is(digits_checkpoint, tmp_path):
+    proc = run_edgeft(["info", str(digits_checkpoint)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "checkpoint" in one_line_error(proc.stderr) and "edgeft export" in proc.stderr

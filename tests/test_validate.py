@@ -1,0 +1,144 @@
+"""The gate: an exported file run as `edgeft predict` runs it (its own metadata, its own runner)
+against its checkpoint; files changed after export fail or are refused, and name why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import one_line_error, run_edgeft
+from onnx import numpy_helper
+
+from edgeft.artifact import content_digest, read_metadata, write_metadata
+from edgeft.config import ExportConfig
+from edgeft.errors import InputError
+from edgeft.export import export
+from edgeft.validate import FP32_LOGIT_RTOL, FP32_PROB_ATOL, validate_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fp32_files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """Untouched fp32 ONNX and TorchScript files of the digits checkpoint, beside its run folder."""
+    out = digits_checkpoint.parent.parent.parent / "exported"
+    result = export(ExportConfig(checkpoint=str(digits_checkpoint), format="all", out=str(out), validate=False))
+    return {f.format: Path(f.path) for f in result.files}
+
+
+def _copy(path: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / f"{name}{path.suffix}"
+    shutil.copy(path, target)
+    return target
+
+
+def _edit_metadata(path: Path, edit) -> None:
+    metadata = read_metadata(path)
+    edit(metadata)
+    write_metadata(path, metadata)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_untouched_files_pass_the_sharper_fp32_gate(fp32_files, digits_checkpoint, fmt):
+    result = validate_file(fp32_files[fmt], reference=digits_checkpoint)
+    assert result.passed, result.reason
+    assert result.top1_agreement == 1.0 and result.top5_agreement == 1.0
+    assert result.max_rel_logit_diff <= FP32_LOGIT_RTOL and result.max_prob_diff <= FP32_PROB_ATOL
+    assert result.n_images == 359 and result.notes == []
+
+
+EDITS = {
+    "mean": lambda m: m["preprocess"].update(mean=[0.3]),
+    "std": lambda m: m["preprocess"].update(std=[0.5]),
+    "resize": lambda m: m["preprocess"].update(resize=m["preprocess"]["resize"] + 4),
+    "interpolation": lambda m: m["preprocess"].update(interpolation="nearest"),
+    "channels": lambda m: m["preprocess"].update(channels=3, mean=[0.45] * 3, std=[0.22] * 3),
+    "class list": lambda m: m.update(classes=m["classes"][::-1]),
+}
+
+
+@pytest.mark.parametrize("field", list(EDITS))
+def test_metadata_changed_after_export_fails_and_names_the_field(fp32_files, digits_checkpoint, tmp_path, field):
+    path = _copy(fp32_files["onnx"], tmp_path, field)
+    _edit_metadata(path, EDITS[field])
+    result = validate_file(path, reference=digits_checkpoint)
+    assert not result.passed and field in result.reason
+
+
+def _tamper_onnx(path: Path, name_part: str, change) -> None:
+    model = onnx.load(str(path))
+    tensor = next(t for t in model.graph.initializer if name_part in t.name)
+    tensor.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(tensor)).astype(np.float32), tensor.name))
+    onnx.save(model, str(path))
+
+
+TAMPERS = {
+    "classifier x3": ("fc.weight", lambda w: w * 3),
+    "one bias +0.3": ("fc.bias", lambda b: b + 0.3 * (np.arange(len(b)) == 0)),
+    "a conv perturbed": ("conv1.weight", lambda w: w + 0.05 * np.random.default_rng(0).standard_normal(w.shape)),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_weights_changed_after_export_are_refused_as_modified(fp32_files, digits_checkpoint, tmp_path, tamper):
+    path = _copy(fp32_files["onnx"], tmp_path, "tampered")
+    _tamper_onnx(path, *TAMPERS[tamper])
+    with pytest.raises(InputError, match="modified after export"):
+        validate_file(path, reference=digits_checkpoint)
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_weights_changed_with_a_forged_digest_fail_the_fp32_gate(fp32_files, digits_checkpoint, tmp_path, tamper):
+    path = _copy(fp32_files["onnx"], tmp_path, "forged")
+    _tamper_onnx(path, *TAMPERS[tamper])
+    metadata = read_metadata(path, verify=False)
+    write_metadata(path, {**metadata, "content_sha256": content_digest(path)})
+    result = validate_file(path, reference=digits_checkpoint)
+    assert not result.passed and ("logits differ" in result.reason or "probabilities differ" in result.reason)
+
+
+def test_cli_names_the_mismatch_and_exits_1(fp32_files, tmp_path):
+    path = _copy(fp32_files["onnx"], fp32_files["onnx"].parent, "renamed-classes")
+    _edit_metadata(path, EDITS["class list"])
+    proc = run_edgeft(["validate", str(path)], cwd=tmp_path)  # the checkpoint is found beside exported/
+    assert proc.returncode == 1, proc.stderr
+    assert "class list" in one_line_error(proc.stderr)
+
+
+def test_validate_says_when_the_reference_is_another_checkpoint(fp32_files, digits_checkpoint, tmp_path):
+    other = tmp_path / "other.pt"
+    other.write_bytes(digits_checkpoint.read_bytes())  # a copy: the same sha256 ...
+    assert validate_file(fp32_files["onnx"], reference=other).notes == []
+    import torch
+
+    content = torch.load(digits_checkpoint, weights_only=True)
+    content["note"] = "retrained"
+    torch.save(content, other)  # ... and a different file
+    result = validate_file(fp32_files["onnx"], reference=other)
+    assert result.passed and "not the checkpoint this file was exported from" in result.notes[0]
+
+
+def test_shipped_metadata_has_no_path_of_this_machine(fp32_files, digits_checkpoint, tmp_path):
+    for path in fp32_files.values():
+        proc = run_edgeft(["info", str(path), "--json"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
+        assert str(Path.home()) not in text and str(digits_checkpoint.parent.parent) not in text
+        assert json.loads(text)["source_checkpoint"] == {
+            "file": "best.pt", "run": "r18", "sha256": json.loads(text)["source_checkpoint"]["sha256"]
+        }
+        shown = run_edgeft(["info", str(path)], cwd=tmp_path).stdout
+        assert json.loads(text)["content_sha256"][:20] in shown.replace("\n", "").replace("│", "").replace(" ", "")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["export", "validate"])
+def test_unusable_cuda_is_one_line_and_exit_2(fp32_files, digits_checkpoint, tmp_path, command):
+    target = str(digits_checkpoint) if command == "export" else str(fp32_files["onnx"])
+    proc = run_edgeft([command, target, "--device", "cuda"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "CUDA is not usable" in one_line_error(proc.stderr)

@@ -1,4 +1,5 @@
-"""`edgeft predict`: top-k labels for images, from an exported ONNX file. Never imports torch."""
+"""`edgeft predict`: top-k labels for images, from an exported ONNX file (never imports torch) or an
+ExecuTorch .pte (imports torch, through ExecuTorch's runtime)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from . import app
 @app.command("predict")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked for images).")],
-    model: Annotated[Optional[Path], typer.Option(help="An exported .onnx file (default: the newest in ./exported/).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An exported .onnx file (default: the newest in ./exported/), or a .pte with the executorch extra.")] = None,
     top_k: Annotated[int, typer.Option(help="Labels shown per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per image.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (cuda never falls back silently).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 8,
 ) -> None:
-    """Classify images with onnxruntime; exit 2 when any input could not be read."""
+    """Classify images with onnxruntime (or ExecuTorch for a .pte); exit 2 when any input could not be read."""
     from edgeft.predict import Predictor, collect_images, newest_model
 
     if model is None:
         model = newest_model()
         print(f"edgeft: using {model}", file=sys.stderr)
+    if model.suffix.lower() == ".pte":
+        print("edgeft: a .pte runs through ExecuTorch's runtime, which imports torch (slower start than ONNX)", file=sys.stderr)
     predictor = Predictor(model, device=device)
     print(f"edgeft: running on {predictor.provider}", file=sys.stderr)
     predictions = predictor.predict_iter(collect_images(inputs), top_k=top_k, batch_size=batch_size)

@@ -59,7 +59,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else base * (10 if self.optimizer == "sgd" else 1)
 
 
-FORMATS = ("onnx", "torchscript", "all")
+FORMATS = ("onnx", "torchscript", "executorch", "all")
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSETS = range(18, 24)  # ONNX opsets written and tested (each read back from the file)
 
@@ -69,8 +69,8 @@ class ExportConfig:
     """What `edgeft export` writes, and how it proves the files before keeping them."""
 
     checkpoint: str  # an edgeft checkpoint (runs/<name>/best.pt)
-    format: str = "onnx"  # onnx | torchscript | all
-    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: ONNX only; TorchScript fp16: CUDA only)
+    format: str = "onnx"  # onnx | torchscript | executorch | all (executorch: with the extra installed)
+    precision: str = "fp32"  # fp32 | fp16 | int8 (int8: ONNX and ExecuTorch; TorchScript fp16: CUDA only)
     out: str = "exported"  # output folder
     name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
     opset: int = 18  # ONNX opset

@@ -1,10 +1,11 @@
-"""Checkpoint -> self-describing ONNX / TorchScript files (fp32, fp16, int8), each validated
-against the checkpoint and kept only when it passes its accuracy gate."""
+"""Checkpoint -> self-describing ONNX / TorchScript / ExecuTorch files (fp32, fp16, int8), each
+validated against the checkpoint and kept only when it passes its accuracy gate."""
 
 from __future__ import annotations
 
 import copy
 import datetime
+import importlib.metadata
 import logging
 import os
 import tempfile
@@ -27,13 +28,14 @@ from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+from edgeft.pte import write_pte
 from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx", "write_torchscript"]
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "executorch": ".pte"}
 _SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph
 _TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp.<suffix>, beside the final file
 
@@ -46,6 +48,7 @@ class ExportedFile:
     size_bytes: int
     validation: ValidationResult | None
     kept: bool  # False: failed its gate and was removed
+    delegation: dict | None = None  # ExecuTorch: what runs inside and outside the XNNPACK delegate
 
 
 @dataclass
@@ -68,7 +71,9 @@ def _versions() -> dict[str, str]:
 
 def _formats(config: ExportConfig) -> list[str]:
     """The formats to write, after refusing combinations that cannot work."""
-    formats = ["onnx", "torchscript"] if config.format == "all" else [config.format]
+    formats = ["onnx", "torchscript", "executorch"] if config.format == "all" else [config.format]
+    if "executorch" in formats:
+        _check_executorch(config, formats)
     on_cuda = config.device.startswith("cuda")
     ts_unsupported = config.precision == "int8" or (config.precision == "fp16" and not on_cuda)
     if "torchscript" in formats and ts_unsupported:
@@ -78,6 +83,22 @@ def _formats(config: ExportConfig) -> list[str]:
         log.warning("skipping TorchScript: %s", why)
         formats.remove("torchscript")
     return formats
+
+
+def _check_executorch(config: ExportConfig, formats: list[str]) -> None:
+    """ExecuTorch needs its extra and runs on the CPU: refused when asked for by name, skipped in `all`."""
+    from edgeft.pte import require_executorch
+
+    why = "ExecuTorch files are lowered for and validated on the CPU (XNNPACK); use --device cpu"
+    try:
+        require_executorch()
+        if config.device.startswith("cuda"):
+            raise InputError(why)
+    except InputError as exc:
+        if config.format == "executorch":
+            raise InputError(f"--format executorch: {exc}") from None
+        log.warning("skipping ExecuTorch: %s", exc)
+        formats.remove("executorch")
 
 
 def _prepare_out(folder: Path) -> Path:
@@ -159,12 +180,19 @@ class _Job:
         config, spec = self.config, Preprocess.from_dict(self.checkpoint["preprocess"])
         tmp = final.with_name(f".{final.stem}.{os.getpid()}.{_TEMP_TAG}{final.suffix}")
         try:
+            delegation = None
             if fmt == "onnx":
                 write_onnx(self.model, spec, tmp, opset=config.opset, precision=config.precision,
                            calibration=_calibration(config, self.bundle, spec))  # fmt: skip
+            elif fmt == "executorch":
+                delegation = write_pte(self.model, spec, tmp, precision=config.precision,
+                                       calibration=_calibration(config, self.bundle, spec))  # fmt: skip
             else:
                 write_torchscript(self.model, spec, tmp, precision=config.precision, device=config.device)
             meta = {**self.metadata, "opset": config.opset if fmt == "onnx" else None, "content_sha256": content_digest(tmp)}
+            if delegation is not None:
+                meta["delegation"] = delegation
+                meta["versions"] = {**meta["versions"], "executorch": importlib.metadata.version("executorch")}
             write_metadata(tmp, meta)  # the gate reads the file as `edgeft predict` will
             validation = None
             if config.validate:
@@ -179,7 +207,7 @@ class _Job:
         finally:
             tmp.unlink(missing_ok=True)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
-        return ExportedFile(str(final), fmt, config.precision, size, validation, kept)
+        return ExportedFile(str(final), fmt, config.precision, size, validation, kept, delegation)
 
 
 class _Float32IO(nn.Module):

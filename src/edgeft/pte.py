@@ -105,6 +105,7 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     `calibration` (an iterable of float32 NCHW batches, or one array). Returns the delegation
     summary (what runs inside and outside XNNPACK). The file has no metadata yet."""
     require_executorch()
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # an import-time deprecation notice
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -121,8 +122,8 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     program = torch.export.export(module, example, dynamic_shapes=dynamic)
     # The fake convolution picks a CPU backend (NNPACK, oneDNN) by batch size and would narrow the
     # dynamic batch range to the example's side of that threshold; no convolution runs here.
-    with torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 note when its flags are set
+    with warnings.catch_warnings(), torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False):
+        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 note when its flags are set and restored
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     summary = delegation_summary(edge.exported_program().graph_module)
     Path(path).write_bytes(edge.to_executorch().buffer)
@@ -227,10 +228,12 @@ def _quiet_native_start():
         os.close(saved)
 
 
-def load_pte_runner(path: str | os.PathLike, *, threads: int = 0) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def load_pte_runner(
+    path: str | os.PathLike, *, threads: int = 0, input_shape: tuple[int, int, int] | None = None
+) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """A function float32 NCHW batch -> float32 logits running a .pte through ExecuTorch's runtime
     on `threads` CPU threads (0: its default), batches above the program's maximum run in slices;
-    and what runs it."""
+    and what runs it. `input_shape` (C, H, W), when given, must be the program's."""
     require_executorch()
     path = Path(path)
     _split(path)  # a readable .pte, or a one-line error
@@ -244,9 +247,14 @@ def load_pte_runner(path: str | os.PathLike, *, threads: int = 0) -> tuple[Calla
             method = runtime.load_program(path).load_method("forward")
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"{path}: ExecuTorch cannot load it ({str(exc).splitlines()[0]})") from None
-    max_batch = method.metadata.input_tensor_meta(0).sizes()[0]
+    max_batch, *program_shape = method.metadata.input_tensor_meta(0).sizes()
+    if input_shape is not None and tuple(program_shape) != tuple(input_shape):
+        raise InputError(f"{path}: the program takes {program_shape} inputs but its metadata says "
+                         f"{list(input_shape)}; export it again")  # fmt: skip
 
     def run(x: np.ndarray) -> np.ndarray:
+        if list(x.shape[1:]) != program_shape:
+            raise InputError(f"{path}: the program takes N x {program_shape} inputs, got {list(x.shape)}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         # outputs live in the program's planned memory: copy each before the next call
         outs = [method.execute((torch.from_numpy(x[i : i + max_batch]),))[0].numpy().copy()

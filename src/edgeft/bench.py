@@ -171,7 +171,7 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
         if runtime == "executorch" and not config.checkpoints:
             files[key] = _write_executorch(model, spec, folder / f"{model_name}-{precision}.pte", precision)
             continue
-        fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
+        fmt = {"onnxruntime": "onnx", "executorch": "executorch"}.get(runtime, "torchscript")
         if config.checkpoints:  # a real export, with its validation
             result = export(ExportConfig(checkpoint=checkpoint, format=fmt, precision=precision, out=str(folder), data=config.data,
                                          name=f"{model_name}-{runtime}-{precision}", device=device, force=True))  # fmt: skip

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import offline_env, one_line_error, run_edgeft
 from torch import nn
 
+from edgeft.artifact import read_metadata
 from edgeft.data import default_preprocess
 from edgeft.errors import InputError
 from edgeft.pte import (
@@ -145,40 +150,93 @@ def test_fp16_keeps_float32_io(tmp_path):
     np.testing.assert_allclose(out, _eager(model, x), atol=2e-2, rtol=2e-2)
 
 
+EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
+
+
 @pytest.fixture(scope="module")
-def digits(digits_checkpoint):
-    """The digits resnet18, its preprocessing and up to 200 of its validation images."""
-    from edgeft.checkpoint import load_checkpoint
-    from edgeft.data import iterate_batches, load_checkpoint_data
-    from edgeft.models import model_from_checkpoint
-    from edgeft.preprocess import Preprocess
-
-    checkpoint = load_checkpoint(digits_checkpoint)
-    bundle = load_checkpoint_data(checkpoint)
-    spec = Preprocess.from_dict(checkpoint["preprocess"])
-    batches = iterate_batches(bundle.val, batch_size=100, preprocess=spec, device=torch.device("cpu"))
-    x = np.concatenate([b[0].numpy() for _, b in zip(range(2), batches)])
-    train = iterate_batches(bundle.train, batch_size=64, preprocess=spec, device=torch.device("cpu"), shuffle=True)
-    calibration = [b[0].numpy() for _, b in zip(range(2), train)]
-    return model_from_checkpoint(checkpoint).eval(), spec, x, calibration
+def int8_pte(digits_checkpoint, tmp_path_factory) -> Path:
+    """`edgeft export --format executorch --precision int8` of the digits resnet18, as a user runs it."""
+    out = tmp_path_factory.mktemp("exported")
+    proc = run_edgeft(["export", str(digits_checkpoint), "--format", "executorch", "--precision", "int8", "--out", str(out)],
+                      cwd=out, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "outside XNNPACK" in proc.stdout and "Warning" not in proc.stderr
+    return next(out.glob("*.pte"))
 
 
-@pytest.mark.slow  # lowers a model (seconds each)
+@pytest.mark.slow
 @needs_executorch
-def test_digits_resnet18_fp32_and_int8(digits, tmp_path):
-    model, spec, x, calibration = digits
-    expected = _eager(model, x)
-    fp32 = tmp_path / "r18.pte"
-    summary = write_pte(model, spec, fp32, precision="fp32")
-    assert summary["outside_by_op"].keys() <= {"aten_view_copy_default"}  # every convolution in XNNPACK
-    run, _ = load_pte_runner(fp32)
-    for batch in (1, 8):
-        np.testing.assert_allclose(run(x[:batch]), expected[:batch], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(run(x), expected, atol=1e-4, rtol=1e-4)
-    int8 = tmp_path / "r18-int8.pte"
-    write_pte(model, spec, int8, precision="int8", calibration=iter(calibration))  # streamed batches
-    assert int8.stat().st_size < fp32.stat().st_size / 3
-    run, _ = load_pte_runner(int8)
-    agreement = (run(x).argmax(1) == expected.argmax(1)).mean()
-    assert agreement >= 0.95, agreement
-    np.testing.assert_array_equal(run(x[:1]).argmax(1), run(x[:8])[:1].argmax(1))
+def test_int8_export_passes_its_gate_and_describes_itself(int8_pte, digits_checkpoint):
+    metadata = read_metadata(int8_pte)
+    assert metadata["precision"] == "int8" and metadata["validation"]["passed"]
+    assert metadata["validation"]["provider"] == "executorch:xnnpack"
+    assert metadata["content_sha256"] == pte_content_digest(int8_pte)
+    assert set(metadata["delegation"]["outside_by_op"]) <= {"aten_view_copy_default"}  # every convolution in XNNPACK
+    assert metadata["versions"]["executorch"] and int8_pte.stat().st_size < 12 * 2**20  # int8 resnet18: ~11 MB
+    info = run_edgeft(["info", str(int8_pte)], cwd=int8_pte.parent)
+    assert info.returncode == 0 and "outside XNNPACK" in info.stdout and "verified" in info.stdout
+    checked = run_edgeft(["validate", str(int8_pte), "--reference", str(digits_checkpoint), "--json"], cwd=int8_pte.parent)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["passed"] is True
+
+
+@pytest.mark.slow
+@needs_executorch
+def test_predict_runs_a_pte_and_says_it_imports_torch(int8_pte):
+    proc = run_edgeft(["predict", str(EXAMPLES / "3.png"), "--model", str(int8_pte), "--json"], cwd=int8_pte.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["top_k"][0]["label"] == "3"
+    assert "imports torch" in proc.stderr and "executorch:xnnpack" in proc.stderr
+
+
+@pytest.mark.slow
+@needs_executorch
+def test_a_modified_pte_is_refused(int8_pte, tmp_path):
+    tampered = tmp_path / "tampered.pte"
+    data = bytearray(int8_pte.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one bit of the program (weights or graph)
+    tampered.write_bytes(bytes(data))
+    for command in (["validate", str(tampered)], ["predict", str(EXAMPLES / "3.png"), "--model", str(tampered)]):
+        proc = run_edgeft(command, cwd=tmp_path)
+        assert proc.returncode == 2 and "modified after export" in one_line_error(proc.stderr)
+
+
+def _without_executorch(tmp_path: Path) -> dict:
+    """An environment where `executorch` resolves to an empty package, as if the extra were not installed."""
+    shadow = tmp_path / "shadow"
+    (shadow / "executorch").mkdir(parents=True)
+    (shadow / "executorch" / "__init__.py").write_text("")
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    return offline_env(tmp_path / ".torch_home", PYTHONPATH=path)
+
+
+def test_export_without_the_extra_is_one_line_naming_it(tmp_path):
+    checkpoint = tmp_path / "runs" / "r18" / "best.pt"  # refused before the checkpoint is read
+    proc = run_edgeft(["export", str(checkpoint), "--format", "executorch", "--out", str(tmp_path)],
+                      cwd=tmp_path, env=_without_executorch(tmp_path))  # fmt: skip
+    assert proc.returncode == 2
+    assert EXTRA_HINT in one_line_error(proc.stderr)
+    assert not list(tmp_path.glob("*.pte"))
+
+
+@pytest.mark.slow
+def test_help_and_onnx_predict_never_import_executorch(digits_checkpoint, tmp_path):
+    from edgeft.config import ExportConfig
+    from edgeft.export import export
+
+    onnx_file = export(ExportConfig(checkpoint=str(digits_checkpoint), format="onnx", out=str(tmp_path), validate=False))
+    script = (
+        "import sys\n"
+        "from edgeft.cli import main\n"
+        "for argv in (['edgeft', '--help'], ['edgeft', 'predict', sys.argv[1], '--model', sys.argv[2], '--json']):\n"
+        "    sys.argv = argv\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, exc.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('executorch', 'torch', 'torchao')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(EXAMPLES / "3.png"), onnx_file.files[0].path],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"

@@ -84,21 +84,6 @@ def _quantize_int8(module, example, dynamic, calibration):
     return convert_pt2e(prepared)
 
 
-def _float32_io(module, dtype):
-    """The model in `dtype` behind float32 inputs and outputs."""
-    import torch
-
-    class Float32IO(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x.to(dtype)).float()
-
-    return Float32IO(module.to(dtype))
-
-
 def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibration=None) -> dict:
     """Lower `model` to an XNNPACK-delegated ExecuTorch program at `path` (float32 NCHW input with a
     dynamic batch in [1, MAX_BATCH], float32 logits). int8: PT2E quantization calibrated on
@@ -118,7 +103,9 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     if precision == "int8":
         module = _quantize_int8(module, example, dynamic, calibration)
     elif precision == "fp16":
-        module = _float32_io(module, torch.float16)
+        from edgeft.export import _Float32IO
+
+        module = _Float32IO(module.half())
     program = torch.export.export(module, example, dynamic_shapes=dynamic)
     # The fake convolution picks a CPU backend (NNPACK, oneDNN) by batch size and would narrow the
     # dynamic batch range to the example's side of that threshold; no convolution runs here.

@@ -8,7 +8,8 @@ mission backbone runs outside the XNNPACK delegate.
 - backbones: `edgeft bench` rows for onnxruntime and executorch, fp32 and int8, batch 1 and 8, for
   resnet18, resnext50_32x4d and densenet121; the report is kept as results/bench-executorch-cpu.*.
 - delegation: `edgeft.pte.write_pte` on each backbone, fp32 and int8: lowering seconds, file size,
-  and the operators left outside the delegate.
+  the operators left outside the delegate, and from ExecuTorch's event trace (ETDump) the time a
+  batch-1 run spends outside the delegate calls and in each of those operators.
 
 Run: python -m pytest benchmarks/test_executorch.py --benchmark-only \
          --benchmark-json benchmarks/results/executorch-cpu.pytest-benchmark.json
@@ -138,6 +139,29 @@ def test_executorch_bench_rows_for_the_mission_backbones(benchmark, tmp_path, su
     summary["bench_rows"] = table
 
 
+def _time_outside_delegate(path: Path, size: int, runs: int = 10) -> dict:
+    """ExecuTorch's own event trace (ETDump) of `runs` batch-1 runs: per-run p50 milliseconds of the
+    whole method, of the XNNPACK delegate calls, and of each operator that ran outside them."""
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(path, enable_etdump=True)
+    method = program.load_method("forward")
+    for _ in range(runs):
+        method.execute((torch.randn(1, 3, size, size),))
+    trace = path.with_suffix(".etdp")
+    program.write_etdump_result_to_file(str(trace), None)
+    totals: dict[str, float] = {}
+    for block in Inspector(etdump_path=str(trace)).event_blocks:
+        for event in block.events:
+            if event.perf_data is not None and (event.name.startswith("native_call") or event.name in ("DELEGATE_CALL", "Method::execute")):
+                totals[event.name] = totals.get(event.name, 0.0) + float(event.perf_data.p50)
+    execute, delegate = totals.pop("Method::execute"), totals.pop("DELEGATE_CALL")
+    return {"execute_ms": execute, "delegate_calls_ms": delegate, "outside_ms": execute - delegate,
+            "outside_share": 1 - delegate / execute, "native_ops_ms": totals}  # fmt: skip
+
+
 def test_delegation_of_the_mission_backbones(benchmark, tmp_path, summary):
     import numpy as np
 
@@ -157,7 +181,8 @@ def test_delegation_of_the_mission_backbones(benchmark, tmp_path, summary):
                 started = time.perf_counter()
                 delegation = write_pte(model, spec, path, precision=precision, calibration=calibration)
                 found[f"{name}_{precision}"] = {"lowering_s": time.perf_counter() - started,
-                                                "file_mb": os.path.getsize(path) / 2**20, "delegation": delegation}  # fmt: skip
+                                                "file_mb": os.path.getsize(path) / 2**20, "delegation": delegation,
+                                                "batch1_trace": _time_outside_delegate(path, 224)}  # fmt: skip
 
     benchmark.pedantic(lower_all, rounds=1, iterations=1)
     summary["delegation"] = found

@@ -109,9 +109,10 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     program = torch.export.export(module, example, dynamic_shapes=dynamic)
     # The fake convolution picks a CPU backend (NNPACK, oneDNN) by batch size and would narrow the
     # dynamic batch range to the example's side of that threshold; no convolution runs here.
-    with warnings.catch_warnings(), torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 note when its flags are set and restored
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        with torch.backends.nnpack.flags(enabled=False), torch.backends.mkldnn.flags(enabled=False):
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     summary = delegation_summary(edge.exported_program().graph_module)
     Path(path).write_bytes(edge.to_executorch().buffer)
     return summary

@@ -28,10 +28,9 @@ def predict_command(
     if model is None:
         model = newest_model()
         print(f"edgeft: using {model}", file=sys.stderr)
-    if model.suffix.lower() == ".pte":
-        print("edgeft: a .pte runs through ExecuTorch's runtime, which imports torch (slower start than ONNX)", file=sys.stderr)
     predictor = Predictor(model, device=device)
-    print(f"edgeft: running on {predictor.provider}", file=sys.stderr)
+    note = " (a .pte runs through ExecuTorch's runtime, which imports torch: a slower start than ONNX)" if model.suffix.lower() == ".pte" else ""
+    print(f"edgeft: running on {predictor.provider}{note}", file=sys.stderr)
     predictions = predictor.predict_iter(collect_images(inputs), top_k=top_k, batch_size=batch_size)
     failed = 0
     if as_json:

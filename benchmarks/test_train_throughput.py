@@ -142,7 +142,7 @@ def edgeft_config(out_dir: Path) -> TrainConfig:
     cross-entropy, fp32 on the CPU; everything else (augmentation `standard`, ...) edgeft's own."""
     return TrainConfig(
         model=MODEL, data="digits", img_size=IMG_SIZE, epochs=1, batch_size=BATCH_SIZE,
-        optimizer="adam", lr=LR, weight_decay=0.0, scheduler="none", label_smoothing=0.0,
+        optimizer="adam", lr=LR, weight_decay=0.0, scheduler="none", warmup_epochs=0.0, label_smoothing=0.0,
         augment="standard", amp=False, channels_last=False, device="cpu", seed=SEED,
         patience=0, out=str(out_dir),
     )  # fmt: skip

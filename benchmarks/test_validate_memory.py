@@ -68,7 +68,7 @@ def _subset(data: Path, count: int, target: Path) -> Path:
         shutil.rmtree(target)
     target.mkdir()
     (target / "train").symlink_to(data / "train")
-    files = sorted((data / "val").rglob("*.jpg"))[:count]
+    files = sorted((data / "val").rglob("*.jpg"), key=lambda f: f.name)[:count]  # every class, evenly
     for f in files:
         (target / "val" / f.parent.name).mkdir(parents=True, exist_ok=True)
         (target / "val" / f.parent.name / f.name).symlink_to(f)

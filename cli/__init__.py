@@ -10,7 +10,7 @@ import typer
 from edgeft import __version__
 from edgeft.errors import EdgeftError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "interrupt_note", "main"]
 
 app = typer.Typer(
     name="edgeft",
@@ -20,6 +20,14 @@ app = typer.Typer(
     add_completion=False,
 )
 _verbose = False
+# what Ctrl-C says was kept; a command may say more with `interrupt_note`
+_interrupt_note = "interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
+
+
+def interrupt_note(text: str) -> None:
+    """What Ctrl-C from now on says was kept (a command's own, more precise line)."""
+    global _interrupt_note
+    _interrupt_note = text
 
 
 def _version(value: bool) -> None:
@@ -48,9 +56,25 @@ def main() -> None:
     except EdgeftError as exc:
         _fail(exc, f"edgeft: error: {exc}", exc.exit_code)
     except KeyboardInterrupt as exc:
-        _fail(exc, "edgeft: interrupted", 130)
+        _fail(exc, f"edgeft: {_interrupt_note}", 130)
+    except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130: say what was kept
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        _fail(interrupt, f"edgeft: {_interrupt_note}", 130)
     except Exception as exc:  # noqa: BLE001 - anything else is a bug; one line unless --verbose
         _fail(exc, f"edgeft: unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)", 1)
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt this exception was raised from, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(exc: BaseException, line: str, code: int) -> None:

@@ -28,14 +28,15 @@ def compare_command(
     out: Annotated[str, typer.Option(help="Parent of the comparison folder.")] = C.out,
 ) -> None:
     """Train one backbone three ways on the same data and compare the curves."""
+    config = C(model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, img_size=img_size,
+               stem=stem, lr=lr, device=device, seed=seed, out=out, patience=0)  # fmt: skip
     from rich.console import Console
     from rich.markdown import Markdown
+    from rich.markup import escape
 
     from edgeft.compare import compare
 
-    config = C(model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, img_size=img_size,
-               stem=stem, lr=lr, device=device, seed=seed, out=out, patience=0)  # fmt: skip
     result = compare(config, weights=weights, freeze_epochs=freeze_epochs, progress=True)
     console = Console()
     console.print(Markdown(result.table))
-    console.print(f"table: {result.files['md']}  plot: {result.files['png']}")
+    console.print(f"table: {escape(result.files['md'])}  plot: {escape(result.files['png'])}")

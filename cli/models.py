@@ -11,6 +11,7 @@ from . import app
 def models_command() -> None:
     """List the backbones with their size, cost at 224 px, and offline ImageNet weights."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from edgeft.models import list_models, model_info
@@ -24,11 +25,11 @@ def models_command() -> None:
     for name in names:
         info = model_info(name)
         table.add_row(
-            name,
+            escape(name),
             f"{info.params_m:.1f}",
             f"{info.gflops:.2f}",
             "[green]cached[/]" if info.cached else "[yellow]download needed[/]",
-            info.weights_file.name,
+            escape(info.weights_file.name),
         )
     Console().print(table)
     folder = info.weights_file.parent

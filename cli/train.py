@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeft.config import TrainConfig as C
+from edgeft.errors import InputError
 
 from . import app
 
@@ -20,12 +21,13 @@ _RUN = "Run"
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
     data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA)] = C.data,
     data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)] = C.data_root,
     weights: Annotated[str, typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.")] = C.weights,
     stem: Annotated[str, typer.Option(help="torchvision | small (3x3 stride-1 conv, no max-pool) for images <= 64 px.")] = C.stem,
-    img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: 32 for built-in data, 224 for folders).", rich_help_panel=_DATA)] = C.img_size,
+    img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: 32 for built-in data; folders: 224 with ImageNet weights, else from the images).", rich_help_panel=_DATA)] = C.img_size,
     channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)] = C.channels,
     val_split: Annotated[float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)] = C.val_split,
     augment: Annotated[str, typer.Option(help="none | light | standard.", rich_help_panel=_DATA)] = C.augment,
@@ -37,12 +39,14 @@ def train_command(
     weight_decay: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.weight_decay,
     momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=_OPT)] = C.momentum,
     scheduler: Annotated[str, typer.Option(help="cosine | plateau | none.", rich_help_panel=_OPT)] = C.scheduler,
-    warmup_epochs: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.warmup_epochs,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up at the start of each phase.", rich_help_panel=_OPT)] = C.warmup_epochs,
+    plateau_patience: Annotated[int, typer.Option(help="plateau: cut the LR after this many epochs without lower val loss.", rich_help_panel=_OPT)] = C.plateau_patience,
+    plateau_factor: Annotated[float, typer.Option(help="plateau: LR factor of each cut.", rich_help_panel=_OPT)] = C.plateau_factor,
     label_smoothing: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.label_smoothing,
     freeze_epochs: Annotated[int, typer.Option(help="Epochs training only the new head (backbone and its BatchNorm frozen).", rich_help_panel=_OPT)] = C.freeze_epochs,
     unfreeze_lr_scale: Annotated[float, typer.Option(help="LR factor after unfreezing.", rich_help_panel=_OPT)] = C.unfreeze_lr_scale,
     patience: Annotated[int, typer.Option(help="Early stop after this many epochs without lower val loss; 0 never.", rich_help_panel=_OPT)] = C.patience,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Autocast (bf16, fp16 + loss scaling) (default: on for CUDA).", rich_help_panel=_RUN)] = C.amp,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Autocast: bf16 (fp16 + loss scaling on GPUs without bf16; CPUs: only with native bf16) (default: on for CUDA).", rich_help_panel=_RUN)] = C.amp,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="(default: on for CUDA)", rich_help_panel=_RUN)] = C.channels_last,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)] = C.device,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)] = C.compile,
@@ -52,20 +56,26 @@ def train_command(
     workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
     out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)] = C.name,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue a run: its folder or last.pt (its own config is used).", rich_help_panel=_RUN)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue a run (its folder or last.pt) with its own config; with --epochs, extend it.", rich_help_panel=_RUN)] = None,
 ) -> None:
     """Fine-tune (--weights imagenet|PATH) or train from scratch; writes runs/<name>/."""
     options = dict(locals())
+    options.pop("ctx")
     if options.pop("nproc") > 1 and "WORLD_SIZE" not in os.environ:
         _exec_torchrun(nproc)
+    resume = options.pop("resume")
+    if resume is None:
+        config = C(**options)  # every value checked here, before anything is written
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from edgeft.train import train
+    from edgeft import train as training
 
-    resume = options.pop("resume")
-    config = C(**options)
-    result = train(config, resume=resume, progress=True)
+    if resume is None:
+        result = training.train(config, progress=True)
+    else:
+        result = training.resume(resume, epochs=_epochs_with_resume(ctx), progress=True)
     if not result.run_dir:  # a torchrun rank other than 0: rank 0 reports
         return
 
@@ -74,12 +84,25 @@ def train_command(
     table.add_row("epochs", f"{result.epochs}" + (" (early stop)" if result.stopped_early else ""))
     table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}")
     table.add_row("wall time", f"{result.wall_s:.1f} s")
+    if result.img_size_from_data:
+        table.add_row("image size", f"{result.img_size} px (from the images' median shorter side; --img-size to choose)")
     if result.skipped_files:
-        table.add_row("skipped files", f"[yellow]{result.skipped_files}[/] (listed in summary.json)")
-    table.add_row("run folder", result.run_dir)
+        table.add_row("skipped files", f"[yellow]{result.skipped_files}[/] (unreadable; listed in summary.json)")
+    table.add_row("run folder", escape(result.run_dir))
     console = Console()
     console.print(table)
-    console.print(f"next: edgeft export {result.best_checkpoint}")
+    console.print(f"next: edgeft export {escape(result.best_checkpoint)}")
+
+
+def _epochs_with_resume(context: typer.Context) -> int | None:
+    """--epochs when given with --resume (it extends the run); any other option is refused,
+    since a resumed run keeps its own config."""
+    given = [name for name in context.params if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+    others = sorted(set(given) - {"resume", "epochs", "nproc"})
+    if others:
+        flags = ", ".join("--" + name.replace("_", "-") for name in others)
+        raise InputError(f"--resume continues a run with its own config; {flags} cannot change (only --epochs, to extend it)")
+    return context.params["epochs"] if "epochs" in given else None
 
 
 def _exec_torchrun(nproc: int) -> None:

@@ -73,9 +73,11 @@ def test_class_list_shorter_than_the_outputs_is_refused(files, tmp_path):
     assert "gives [10] outputs but its metadata says [9]" in one_line_error(proc.stderr)
 
 
-def test_parse_metadata_checks_the_class_count():
-    with pytest.raises(InputError, match="class names"):
-        parse_metadata(json.dumps({"format": "edgeft.export/2", "num_classes": 3, "classes": ["a"]}), "x")
+def test_parse_metadata_checks_the_class_count(files):
+    metadata = read_metadata(files["onnx"])
+    assert parse_metadata(json.dumps(metadata), "x") == metadata
+    with pytest.raises(InputError, match="10 class names, got 1"):
+        parse_metadata(json.dumps({**metadata, "classes": ["a"]}), "x")
 
 
 def test_info_on_a_checkpoint_says_what_it_is(digits_checkpoint, tmp_path):

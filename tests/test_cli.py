@@ -162,3 +162,29 @@ def test_readme_chain_train_export_predict_on_the_sample_pngs(tmp_path):
     assert len(records) == 10
     correct = sum(r["top_k"][0]["label"] == Path(r["file"]).stem for r in records)
     assert correct >= 7  # the samples are digits the model has learned (chance: 1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_says_what_was_kept(tmp_path):
+    """Ctrl-C during training, after the first checkpoint: one line, exit 130, the checkpoint intact."""
+    import signal
+    import time
+
+    from edgeft.checkpoint import load_checkpoint
+
+    args = ["train", "--epochs", "100", "--img-size", "16", "--batch-size", "64", "--name", "stopped"]
+    proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    best = tmp_path / "runs" / "stopped" / "best.pt"
+    deadline = time.monotonic() + 240
+    while not best.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert best.exists() and proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        "edgeft: interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
+    )
+    assert "Traceback" not in err
+    assert load_checkpoint(best)["arch"] == "resnet18"

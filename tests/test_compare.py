@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from conftest import run_edgeft
+from conftest import one_line_error, run_edgeft
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -40,3 +40,10 @@ def test_compare_trains_three_ways_and_reports_them(digits_checkpoint, image_fol
 def test_compare_needs_weights(tmp_path):
     proc = run_edgeft(["compare", "--weights", "none", "--epochs", "2"], cwd=tmp_path)
     assert proc.returncode == 2 and "needs --weights" in proc.stderr
+
+
+def test_compare_checks_the_weights_before_training(tmp_path):
+    proc = run_edgeft(["compare", "--weights", str(tmp_path / "nonexistent.pt"), "--epochs", "3", "--img-size", "16"],
+                      cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "nonexistent.pt" in one_line_error(proc.stderr)
+    assert not (tmp_path / "runs").exists()  # nothing trained, no partial folder

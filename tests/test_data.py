@@ -22,8 +22,9 @@ from edgeft.data import (
     augment_batch,
     iterate_batches,
     load_data,
+    size_from_data,
 )
-from edgeft.errors import InputError, RunError
+from edgeft.errors import InputError
 from edgeft.preprocess import preprocess_image
 
 CPU = torch.device("cpu")
@@ -131,7 +132,7 @@ def test_folder_eval_tensors_equal_preprocess_image(tmp_path):
         assert np.abs(x[i].numpy() - preprocess_image(path, bundle.preprocess)).max() < 1e-6
         assert y[i] == label
     assert bundle.preprocess.resize > bundle.preprocess.size  # centre crop, as torchvision's eval does
-    assert load_data(str(root)).preprocess.size == 224  # the folder default
+    assert load_data(str(root)).preprocess.size == 32  # from the data: 30 px rounded up to a multiple of 32
 
 
 def write_mixed_folder(root: Path) -> list[Path]:
@@ -199,7 +200,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
 
 def test_too_many_corrupt_files_abort_the_run(tmp_path):
     corrupt_folder(tmp_path / "data", 50, 2)  # 2 of 102 files: over 1 %
-    with pytest.raises(RunError) as info:
+    with pytest.raises(InputError) as info:  # bad input: exit 2
         load_data(str(tmp_path / "data"), img_size=16)
     assert "2 of 102" in str(info.value)
     bundle = load_data(str(tmp_path / "data"), img_size=16, max_bad_fraction=0.05)  # the limit is an option
@@ -324,3 +325,69 @@ def test_shards_are_equal_and_cover_the_split(n, world):
     assert set(torch.cat(shards).tolist()) == set(range(n))
     unpadded = [shard_indices(n, shuffle=True, seed=3, rank=r, world=world, pad=False) for r in range(world)]
     assert sorted(torch.cat(unpadded).tolist()) == list(range(n))  # evaluation sees each image once
+
+
+# --- folders at scale: headers at start-up, decode failures later, per-image augmentation seeds ---
+
+
+def truncate_after_header(path: Path) -> None:
+    """Keep a JPEG's header (size, mode and format still read) and cut its compressed data."""
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"\xff\xda") + 20])
+
+
+def test_start_up_reads_headers_only_and_later_failures_are_counted(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 10, "b": 10}, size=24, ext=".jpg")
+    broken = root / "a" / "003.jpg"
+    truncate_after_header(broken)
+    bundle = load_data(str(root), img_size=16, val_split=0.25, max_bad_fraction=0.1)
+    assert bundle.skipped_files == 0  # its header is fine: nothing decoded at start-up
+    assert len(bundle.train) + len(bundle.val) == 20
+    for split in (bundle.train, bundle.val):
+        n = sum(len(y) for _, y in iterate_batches(split, batch_size=4, preprocess=bundle.preprocess, device=CPU,
+                                                  augment="light", flips=True, shuffle=True, workers=2))  # fmt: skip
+        assert n == len(split) - (broken in {p for p, _ in split.files})
+    count, examples = bundle.skipped()
+    assert count == 1 and broken.name in examples[0]
+
+
+def test_decode_failures_past_the_limit_abort_as_bad_input(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=24, ext=".jpg")
+    for path in sorted(root.rglob("*.jpg")):
+        truncate_after_header(path)
+    bundle = load_data(str(root), img_size=16, val_split=0.25)
+    with pytest.raises(InputError) as info:
+        list(iterate_batches(bundle.train, batch_size=4, preprocess=bundle.preprocess, device=CPU))
+    assert "not readable images" in str(info.value)
+
+
+def augmented(bundle, *, seed: int, workers: int) -> torch.Tensor:
+    return torch.cat([x for x, _ in iterate_batches(bundle.train, batch_size=4, preprocess=bundle.preprocess, device=CPU,
+                                                    shuffle=True, augment="standard", flips=True, seed=seed,
+                                                    workers=workers)])  # fmt: skip
+
+
+def test_folder_augmentation_depends_on_the_epoch_seed_not_on_workers(tmp_path):
+    """Persistent workers are seeded once, so each image is seeded by (epoch seed, index): epoch 1
+    of a resumed process equals epoch 1 of an uninterrupted one, with any number of workers."""
+    root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=24)
+    bundle = load_data(str(root), img_size=16, val_split=0.25)
+    first, second = augmented(bundle, seed=1, workers=2), augmented(bundle, seed=2, workers=2)
+    assert not torch.equal(first, second)
+    fresh = load_data(str(root), img_size=16, val_split=0.25)  # a new process's loader, started at epoch 2
+    assert torch.equal(augmented(fresh, seed=2, workers=2), second)
+    assert torch.equal(augmented(fresh, seed=1, workers=0), first)
+    assert torch.equal(augmented(bundle, seed=1, workers=2), first)
+
+
+@pytest.mark.parametrize(("sides", "size"), [([25] * 5, 32), ([20, 30, 70, 500, 500], 96), ([600, 700], 224),
+                                             ([5, 9], 32), ([64, 64], 64)])  # fmt: skip
+def test_size_from_data(sides, size):
+    assert size_from_data(sides) == size
+
+
+def test_folder_size_follows_the_images(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, size=25, modes=("L",))
+    bundle = load_data(str(root))
+    assert bundle.preprocess.size == 32 and bundle.size_from_data
+    assert load_data(str(root), img_size=64).preprocess.size == 64

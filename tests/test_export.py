@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -247,3 +249,32 @@ def test_stale_temporaries_of_dead_exports_are_removed(digits_checkpoint, tmp_pa
     export(ExportConfig(checkpoint=str(digits_checkpoint), out=str(tmp_path), validate=False))
     assert not stale.exists() and live.exists() and other.exists()
     assert (tmp_path / "r18.onnx").is_file()
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.0, 3.0])
+def test_killed_export_leaves_the_last_good_file_in_use(digits_checkpoint, tmp_path, delay):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import edgeft_command, offline_env
+
+    out = tmp_path / "exported"
+    assert run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--no-validate"], cwd=tmp_path).returncode == 0
+    good = read_metadata(out / "r18.onnx")["content_sha256"]
+    proc = subprocess.Popen([*edgeft_command(), "export", str(digits_checkpoint), "--out", str(out), "--name", "newer"],
+                            cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"))  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".newer.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the temporary appears
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "newer.onnx").exists() or read_metadata(out / "newer.onnx")  # never a half-written final file
+    image = Path(__file__).parent.parent / "examples" / "digits" / "3.png"
+    predicted = run_edgeft(["predict", str(image), "--json"], cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    used = predicted.stderr.split("using ", 1)[1].split()[0]
+    assert Path(used).name in ("r18.onnx", "newer.onnx")
+    if Path(used).name == "r18.onnx":
+        assert read_metadata(out / "r18.onnx")["content_sha256"] == good

@@ -288,3 +288,110 @@ def test_over_large_file_is_refused_before_decoding(tmp_path, monkeypatch):
     noise_image(20, 20).save(path)
     monkeypatch.setattr(pp, "MAX_FILE_BYTES", path.stat().st_size - 1)
     assert_one_line_input_error(path, "limit")
+
+
+# --- bounded memory: limits decided from the header, before decoding or resizing ---------------
+
+
+@pytest.mark.parametrize(("width", "height", "resize"), [(2_000_000, 1, 32), (1, 200_000, 256), (20_000, 1, 256), (3000, 10, 256)])
+def test_long_thin_image_is_refused_before_resizing(tmp_path, width, height, resize):
+    path = tmp_path / "thin.png"
+    Image.new("1", (width, height)).save(path)
+    assert path.stat().st_size < 300_000  # small on disk; resized, it would be gigabytes
+    s = spec(min(resize, 224), resize)
+    with pytest.raises(InputError, match="too long and thin") as info:
+        preprocess_image(path, s)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(InputError, match="too long and thin"):
+        preprocess_image(Image.new("L", (width, height)), s)
+
+
+def test_thin_image_within_the_limit_still_equals_torchvision(tmp_path):
+    s = spec(16, 16)
+    path = tmp_path / "strip.png"
+    noise_image(4000, 3).save(path)  # resized to 21333 x 16: under the limit
+    oracle = torchvision_eval(s)(Image.open(path).convert("RGB")).numpy()
+    assert np.abs(preprocess_image(path, s) - oracle).max() < 1e-6
+
+
+def test_resized_size_limit_follows_the_model_size(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("L", (3000, 10)).save(path)
+    assert preprocess_image(path, spec(16, 16)).shape == (3, 16, 16)  # 4800 x 16 once resized
+    with pytest.raises(InputError):
+        preprocess_image(path, spec(224, 256))  # 76800 x 256 once resized
+
+
+def sparse_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height, all black: a few kB for any size (zlib of zeros)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+@pytest.mark.slow
+def test_bomb_is_refused_every_time_among_other_images_on_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(sparse_png(10_000, 9_500))  # 95 M pixels: over MAX_PIXELS, under Pillow's error limit
+    assert Image.open(bomb).size == (10_000, 9_500)
+    good = tmp_path / "good.png"
+    noise_image(40, 30).save(good)
+    paths = [bomb if i % 4 == 0 else good for i in range(64)]
+
+    def outcome(path):
+        try:
+            preprocess_image(path, spec(16, 18))
+            return "decoded"
+        except InputError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(outcome, paths))
+    assert all("pixel limit" in r for r, p in zip(results, paths) if p == bomb)
+    assert all(r == "decoded" for r, p in zip(results, paths) if p == good)
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "I;16", "LA"])
+def test_large_images_convert_in_strips_exactly_as_whole(tmp_path, monkeypatch, mode):
+    rng = np.random.default_rng(1)
+    base = noise_image(37, 29, "RGB", seed=3)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (29, 37), dtype=np.uint16))
+    elif mode == "P":
+        img = base.quantize(colors=16)
+        img.info["transparency"] = 3
+    else:
+        img = base.convert(mode)
+        img.putalpha(Image.fromarray(rng.integers(0, 256, (29, 37), dtype=np.uint8)))
+    path = tmp_path / "img.png"
+    img.save(path)
+    whole = np.asarray(load_image(path))
+    monkeypatch.setattr(pp, "_BLOCK_PIXELS", 37 * 4)  # strips of 4 rows
+    np.testing.assert_array_equal(np.asarray(load_image(path)), whole)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("block", [None, 37 * 4])  # the whole image at once; strips of 4 rows
+def test_exif_orientation_in_strips_equals_exif_transpose(tmp_path, monkeypatch, orientation, block):
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.png"
+    noise_image(37, 30, "RGBA", seed=orientation).save(path, exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(path))
+    expected = Image.alpha_composite(Image.new("RGBA", expected.size, (255, 255, 255, 255)), expected).convert("RGB")
+    if block:
+        monkeypatch.setattr(pp, "_BLOCK_PIXELS", block)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(expected))
+    rgb = tmp_path / "oriented.jpg"
+    noise_image(37, 30, seed=orientation).save(rgb, exif=exif, quality=90)
+    np.testing.assert_array_equal(np.asarray(load_image(rgb)), np.asarray(ImageOps.exif_transpose(Image.open(rgb))))

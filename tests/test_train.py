@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,13 +19,13 @@ import torch
 from PIL import Image
 
 import edgeft.train as train_module
-from conftest import edgeft_command, make_image_folder, offline_env, run_edgeft
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft
 from edgeft.checkpoint import load_checkpoint
 from edgeft.data import iterate_batches, load_data
 from edgeft.errors import InputError
 from edgeft.models import get_model
 from edgeft.preprocess import Preprocess
-from edgeft.train import TrainConfig, train
+from edgeft.train import LearningRate, TrainConfig, resume, train
 
 HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
 SUMMARY_KEYS = {"best_val_acc", "best_epoch", "epochs", "train_images_per_s", "wall_s", "skipped_files"}
@@ -79,7 +80,8 @@ def test_run_folder_holds_every_artifact(tiny_run):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["config.json", "history.csv", "curves.png", "best.pt", "last.pt", "summary.json"]
     )
-    assert json.loads((run_dir / "config.json").read_text()) == asdict(config)
+    resolved = {**asdict(config), "data_root": str(Path(config.data_root).resolve())}  # found from anywhere
+    assert json.loads((run_dir / "config.json").read_text()) == resolved
 
     history = read_history(run_dir)
     assert list(history[0]) == HISTORY_COLUMNS
@@ -232,7 +234,9 @@ def test_early_stopping(tmp_path, tiny_run):
     assert all(later >= losses[0] for later in losses[1:])
     summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["stopped_early"] is True
-    assert load_checkpoint(Path(result.run_dir) / "last.pt")["resume"]["epoch"] == 6  # resume will not continue
+    saved = load_checkpoint(Path(result.run_dir) / "last.pt")["resume"]
+    assert saved["epoch"] == 3 and saved["stopped_early"] is True
+    assert resume(result.run_dir).epochs == 3  # resuming does not continue a stopped run ...
 
 
 def test_sgd_learns(tmp_path):
@@ -257,32 +261,28 @@ def test_sgd_learns(tmp_path):
         {"freeze_epochs": 2, "epochs": 2, "weights": "x.pt"},
         {"freeze_epochs": 1},  # freezing a random backbone
         {"label_smoothing": 1.0},
+        {"lr": -1.0},
+        {"lr": float("nan")},
+        {"optimizer": "sgd", "momentum": -1.0},
+        {"workers": -1},
+        {"max_bad_fraction": -1.0},
+        {"plateau_patience": 0},
+        {"plateau_factor": 1.5},
+        {"warmup_epochs": -1.0},
+        {"patience": -1},
+        {"weights": "/nonexistent.pt"},
+        {"data": "no-such-folder"},
         {"device": "cuda"} if not torch.cuda.is_available() else {"device": "cuda:99"},
         {"device": "tpu"},
     ],
 )
 def test_bad_config_is_an_input_error_before_any_output(tmp_path, overrides):
-    config = tiny_config(tmp_path, **overrides)
     with pytest.raises(InputError):
-        train(config)
+        train(tiny_config(tmp_path, **overrides))
     assert not (tmp_path / "runs").exists()
 
 
 # --- the CLI --------------------------------------------------------------------------------------
-
-
-def test_cli_plateau_scheduler_learns(tmp_path):
-    proc = run_edgeft(["train", "--scheduler", "plateau", "--epochs", "2", "--img-size", "16", "--name", "plateau"],
-                      cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "runs" / "plateau"
-    assert "runs/plateau" in proc.stdout and "best val accuracy" in proc.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["best_val_acc"] > 0.3
-    history = read_history(run_dir)
-    expected_lr = TrainConfig(scheduler="plateau").resolved_lr()
-    assert [float(row["lr"]) for row in history] == pytest.approx([expected_lr] * 2)  # no cosine, no drop yet
-    assert json.loads((run_dir / "config.json").read_text())["scheduler"] == "plateau"
 
 
 def test_cli_fine_tunes_a_checkpoint_on_a_folder(tmp_path, tiny_run):
@@ -299,60 +299,79 @@ def test_cli_fine_tunes_a_checkpoint_on_a_folder(tmp_path, tiny_run):
     assert summary["skipped_files"] == 0 and summary["classes"] == ["a", "b", "c", "d"]
 
 
-RESUME_ARGS = ["train", "--epochs", "4", "--img-size", "16", "--batch-size", "32", "--patience", "0"]
-
-
 def last_state(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "last.pt")["state_dict"]
 
 
-@pytest.mark.slow
-def test_cli_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    env = offline_env(tmp_path / ".torch_home")
-    run_dir = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([*edgeft_command(), *RESUME_ARGS, "--name", "killed"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | None = None, env=None) -> Path:
+    """Run `edgeft <args> --name killed`, SIGKILL it (the whole process group) during its second
+    epoch or later, resume it with `--resume`, and return the run folder."""
+    env = env or offline_env(cwd / ".torch_home", OMP_NUM_THREADS="1")
+    launcher = launcher or edgeft_command()
+    run_dir = cwd / "runs" / "killed"
+    proc = subprocess.Popen([*launcher, *args, "--name", "killed"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        rows: list[dict] = []
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if (run_dir / "history.csv").is_file():
-                rows = read_history(run_dir)
-                if len(rows) >= 2:
-                    break
+            if (run_dir / "history.csv").is_file() and read_history(run_dir):
+                break
             time.sleep(0.05)
-        assert len(rows) == 2, f"epoch 2 did not finish: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
-        time.sleep(0.4 * float(rows[1]["seconds"]))  # well inside epoch 3
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.3 * float(read_history(run_dir)[0]["seconds"]))  # inside epoch 2
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert [int(r["epoch"]) for r in read_history(run_dir)] == [1, 2], "the kill came after epoch 3 ended"
+    assert not (run_dir / "summary.json").exists(), "the kill came after the run ended"
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
-    assert load_checkpoint(run_dir / "last.pt")["resume"]["epoch"] == 2
-    load_checkpoint(run_dir / "best.pt")
+    resumed = subprocess.run([*launcher, "train", "--resume", str(run_dir)], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return run_dir
 
-    resumed = run_edgeft(["train", "--resume", "runs/killed"], cwd=tmp_path, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    history = read_history(run_dir)
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
-    assert load_checkpoint(run_dir / "last.pt")["resume"]["epoch"] == 4
-    load_checkpoint(run_dir / "best.pt")
-    assert not (tmp_path / "runs" / "killed-2").exists()  # continued in place
 
-    reference = run_edgeft([*RESUME_ARGS, "--name", "reference"], cwd=tmp_path, env=env)
+def assert_same_run(ours: Path, theirs: Path) -> None:
+    """Bit for bit: every history column but timings, and every tensor of last.pt."""
+    for key in ("phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc"):
+        assert [r[key] for r in read_history(ours)] == [r[key] for r in read_history(theirs)], key
+    mine, reference = last_state(ours), last_state(theirs)
+    assert mine.keys() == reference.keys()
+    for key in mine:
+        assert torch.equal(mine[key], reference[key]), key
+
+
+def small_weights(tmp_path: Path) -> Path:
+    """A resnet18 state_dict (10 classes, RGB) to fine-tune from, made here."""
+    torch.manual_seed(1)
+    path = tmp_path / "weights.pt"
+    torch.save(get_model("resnet18", num_classes=10).state_dict(), path)
+    return path
+
+
+KILL_CASES = {  # name -> options of a run killed in its second epoch (folder data: 2 x 16 images, 16 px)
+    "folder with workers": ["--workers", "2", "--epochs", "3"],
+    "frozen phase": ["--weights", "{weights}", "--freeze-epochs", "2", "--epochs", "3", "--workers", "0"],
+    "plateau": ["--scheduler", "plateau", "--plateau-patience", "1", "--warmup-epochs", "0", "--epochs", "4",
+                "--workers", "0"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(KILL_CASES))
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, case):
+    data = make_image_folder(tmp_path / "shapes", {"a": 16, "b": 16}, size=20, ext=".jpg")
+    weights = small_weights(tmp_path) if "{weights}" in KILL_CASES[case] else ""
+    options = [arg.replace("{weights}", str(weights)) for arg in KILL_CASES[case]]
+    args = ["train", "--data", str(data), "--img-size", "16", "--batch-size", "8", "--patience", "0", *options]
+    run_dir = run_killed_and_resumed(args, tmp_path)
+    reference = run_edgeft([*args, "--name", "reference"], cwd=tmp_path,
+                           env=offline_env(tmp_path / ".torch_home", OMP_NUM_THREADS="1"))  # fmt: skip
     assert reference.returncode == 0, reference.stderr
-    ref_dir = tmp_path / "runs" / "reference"
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-        assert [r[key] for r in read_history(ref_dir)] == [r[key] for r in history], key
-    ours, theirs = last_state(run_dir), last_state(ref_dir)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    assert_same_run(run_dir, tmp_path / "runs" / "reference")
+    assert not (tmp_path / "runs" / "killed-2").exists()  # continued in place
 
 
 @pytest.mark.slow
@@ -366,3 +385,163 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     state = load_checkpoint(result.best_checkpoint)["state_dict"]
     assert not any(key.startswith(("_orig_mod.", "module.")) for key in state)
     assert export(ExportConfig(checkpoint=result.best_checkpoint, out=str(tmp_path / "exported"))).passed
+
+
+# --- the learning rate: one owner, computed by hand -----------------------------------------------
+
+SPE = 2  # steps per epoch of the tables below: 3 epochs, 6 steps, base rate 1.0
+
+
+def cos_factor(progress: float) -> float:
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# (scheduler, warm-up epochs, frozen epochs) -> the rate of each of the 6 steps
+HAND_TABLES = {
+    ("none", 0, 0): [1, 1, 1, 1, 1, 1],
+    ("none", 1, 0): [1 / 3, 2 / 3, 1, 1, 1, 1],  # warm-up: 2 steps, (t + 1) / (2 + 1)
+    ("none", 0, 1): [1, 1, 0.1, 0.1, 0.1, 0.1],  # unfrozen at 0.1 x
+    ("none", 1, 1): [1 / 2, 1, 0.1 / 3, 0.2 / 3, 0.1, 0.1],  # warm-up capped at half the 2-step phase: 1 step
+    ("cosine", 0, 0): [cos_factor(t / 6) for t in range(6)],
+    ("cosine", 1, 0): [1 / 3, 2 / 3] + [cos_factor(t / 4) for t in range(4)],
+    ("cosine", 0, 1): [cos_factor(0), cos_factor(1 / 2)] + [0.1 * cos_factor(t / 4) for t in range(4)],
+    ("cosine", 1, 1): [1 / 2, cos_factor(0), 0.1 / 3, 0.2 / 3, 0.1 * cos_factor(0), 0.1 * cos_factor(1 / 2)],
+    ("plateau", 0, 0): [1, 1, 1, 1, 1, 1],  # no cut without val losses
+    ("plateau", 1, 0): [1 / 3, 2 / 3, 1, 1, 1, 1],
+    ("plateau", 0, 1): [1, 1, 0.1, 0.1, 0.1, 0.1],
+    ("plateau", 1, 1): [1 / 2, 1, 0.1 / 3, 0.2 / 3, 0.1, 0.1],
+}
+
+
+@pytest.mark.parametrize(("scheduler", "warmup", "frozen"), list(HAND_TABLES))
+def test_rate_per_step_matches_the_hand_computed_table(scheduler, warmup, frozen):
+    config = TrainConfig(lr=1.0, epochs=3, scheduler=scheduler, warmup_epochs=warmup, freeze_epochs=frozen,
+                         weights="w.pt" if frozen else "none", unfreeze_lr_scale=0.1)  # fmt: skip
+    rate = LearningRate(config, SPE)
+    assert [rate.at(step) for step in range(6)] == pytest.approx(HAND_TABLES[scheduler, warmup, frozen], abs=1e-12)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
+    for step in range(6):  # what apply sets is what the optimizer steps with: nothing else touches it
+        assert rate.apply(optimizer, step) == optimizer.param_groups[0]["lr"] == pytest.approx(rate.at(step))
+
+
+def test_plateau_cuts_after_patience_flat_epochs_and_restarts_at_unfreeze():
+    config = TrainConfig(lr=1.0, epochs=8, scheduler="plateau", warmup_epochs=0, plateau_patience=2,
+                         plateau_factor=0.5, freeze_epochs=6, weights="w.pt", unfreeze_lr_scale=0.1)  # fmt: skip
+    rate = LearningRate(config, 1)
+    used = []
+    for epoch, val_loss in enumerate([1.0, 0.9, 0.9, 0.90001, 0.8, 0.8, 5.0, 5.0]):
+        used.append(rate.at(epoch))
+        rate.end_epoch(epoch, val_loss)
+    # epochs 3 and 4 flat (0.90001 is within the 1e-4 threshold): cut after epoch 4; the unfrozen phase starts again
+    assert used == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.1, 0.1])
+    restored = LearningRate(config, 1)
+    restored.load_state_dict(rate.state_dict())
+    assert restored.at(7) == rate.at(7)
+
+
+def test_plateau_run_drops_the_rate_it_trains_with(tmp_path, tiny_run):
+    """A flat val loss (backbone frozen, a tiny rate): history.csv shows the cut after
+    `plateau_patience` flat epochs, and the optimizer holds the logged rate."""
+    _, _, source_dir = tiny_run
+    data = make_image_folder(tmp_path / "shapes", {"a": 6, "b": 6})
+    config = tiny_config(tmp_path, data=str(data), weights=str(source_dir / "best.pt"), epochs=5, freeze_epochs=4,
+                         lr=1e-9, scheduler="plateau", plateau_patience=2, warmup_epochs=0, batch_size=8,
+                         name="plateau")  # fmt: skip
+    result = train(config)
+    logged = [float(row["lr"]) for row in read_history(Path(result.run_dir))]
+    assert logged == pytest.approx([1e-9, 1e-9, 1e-9, 0.2e-9, 0.1e-9], rel=1e-9)
+    groups = load_checkpoint(Path(result.run_dir) / "last.pt")["resume"]["optimizer"]["param_groups"]
+    assert all(group["lr"] == pytest.approx(logged[-1], rel=1e-12) for group in groups)
+
+
+def test_logged_rate_is_the_rate_of_the_last_step(tiny_run):
+    config, result, run_dir = tiny_run
+    steps = math.ceil(len(load_data("digits", img_size=16).train) / config.batch_size)
+    expected = LearningRate(TrainConfig(**json.loads((run_dir / "config.json").read_text())), steps)
+    assert [row["lr"] for row in result.history] == [expected.at((e + 1) * steps - 1) for e in range(2)]
+
+
+# --- resume as its own entry point ----------------------------------------------------------------
+
+
+def test_resume_extends_a_finished_run(tmp_path, tiny_run):
+    _, _, source_dir = tiny_run
+    run_dir = tmp_path / "extended"
+    shutil.copytree(source_dir, run_dir)
+    with pytest.raises(InputError):
+        resume(run_dir, epochs=1)  # fewer than it has
+    result = resume(run_dir, epochs=3)
+    assert [int(row["epoch"]) for row in read_history(run_dir)] == [1, 2, 3] and result.epochs == 3
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
+    assert resume(run_dir).epochs == 3  # finished: nothing more to do
+
+
+def test_train_with_resume_refuses_a_config_it_would_ignore(tiny_run):
+    _, _, run_dir = tiny_run
+    with pytest.raises(InputError) as info:
+        train(TrainConfig(lr=0.5), resume=run_dir)
+    assert "lr" in str(info.value)
+
+
+def test_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    from edgeft.data import load_checkpoint_data
+
+    make_image_folder(tmp_path / "data" / "tiny", {"a": 4, "b": 4})
+    monkeypatch.chdir(tmp_path)
+    result = train(tiny_config(Path("."), data="data/tiny", epochs=1, batch_size=4, out="runs", name="rel"))
+    checkpoint = load_checkpoint(tmp_path / "runs" / "rel" / "best.pt")
+    assert checkpoint["config"]["data"] == str(tmp_path / "data" / "tiny")
+    monkeypatch.chdir(tmp_path / "runs")  # export and validate find the data from anywhere
+    assert len(load_checkpoint_data(checkpoint).val) == 2
+    assert result.img_size == 16
+
+
+# --- the CLI: bad values, bad folders, the image size --------------------------------------------
+
+
+@pytest.mark.parametrize("option", [["--lr", "-1"], ["--optimizer", "sgd", "--momentum", "-1"], ["--workers", "-1"],
+                                    ["--max-bad-fraction", "-1"], ["--plateau-patience", "0"]])  # fmt: skip
+def test_cli_bad_values_exit_2_before_any_folder(tmp_path, option):
+    proc = run_edgeft(["train", *option], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert option[-2] in one_line_error(proc.stderr)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_all_corrupt_folder_exits_2(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "bad" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "bad" / name / f"{i}.png").write_bytes(b"not an image")
+    proc = run_edgeft(["train", "--data", "bad", "--epochs", "1"], cwd=tmp_path)
+    assert proc.returncode == 2 and "not readable images" in one_line_error(proc.stderr)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_resume_extends_and_refuses_other_options(tmp_path, tiny_run):
+    _, _, source_dir = tiny_run
+    run_dir = tmp_path / "[red]run"
+    shutil.copytree(source_dir, run_dir)
+    refused = run_edgeft(["train", "--resume", str(run_dir), "--lr", "0.1"], cwd=tmp_path)
+    assert refused.returncode == 2 and "--lr" in one_line_error(refused.stderr)
+    proc = run_edgeft(["train", "--resume", str(run_dir), "--epochs", "3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [int(row["epoch"]) for row in read_history(run_dir)] == [1, 2, 3]
+    assert "[red]run" in proc.stdout  # the user's path, printed as given
+
+
+def test_cli_shows_the_image_size_chosen_from_the_data(tmp_path):
+    make_image_folder(tmp_path / "small", {"a": 4, "b": 4}, size=25, modes=("L",))
+    proc = run_edgeft(["train", "--data", "small", "--epochs", "1", "--batch-size", "4", "--workers", "0"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "32 px" in proc.stdout
+    config = json.loads(next((tmp_path / "runs").glob("*/config.json")).read_text())
+    assert config["img_size"] == 32 and config["data"] == str(tmp_path / "small")
+
+
+def test_amp_on_a_cpu_is_bf16_only_where_native():
+    from edgeft.cpu import has_bf16
+    from edgeft.train import autocast_dtype
+
+    assert autocast_dtype(CPU, None) is None and autocast_dtype(CPU, False) is None  # off by default on CPUs
+    assert autocast_dtype(CPU, True) == (torch.bfloat16 if has_bf16() else None)

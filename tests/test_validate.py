@@ -142,3 +142,22 @@ def test_unusable_cuda_is_one_line_and_exit_2(fp32_files, digits_checkpoint, tmp
     proc = run_edgeft([command, target, "--device", "cuda"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "CUDA is not usable" in one_line_error(proc.stderr)
+
+
+def test_folder_data_runs_the_files_through_both_and_leaves_out_undecodable_ones(tmp_path):
+    from conftest import make_image_folder
+
+    from edgeft.train import TrainConfig, train
+
+    data = tmp_path / "shapes"
+    make_image_folder(data / "train", {"a": 12, "b": 12, "c": 12})
+    make_image_folder(data / "val", {"a": 4, "b": 4, "c": 4}, seed=1)
+    best = train(TrainConfig(data=str(data), img_size=16, epochs=1, out=str(tmp_path / "runs"), name="shapes")).best_checkpoint
+    result = export(ExportConfig(checkpoint=best, out=str(tmp_path / "exported")))
+    validation = result.files[0].validation
+    assert validation.passed and validation.n_images == 12 and validation.dataset == "shapes"
+    broken = data / "val" / "a" / "000.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # the header survives, the pixels do not
+    again = validate_file(result.files[0].path, reference=best)
+    assert again.passed and again.n_images == 11
+    assert "1 validation file(s) could not be decoded" in again.notes[0]

@@ -78,7 +78,7 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
         raise InputError(f"{source}: metadata format {metadata['format']!r} is not {METADATA_FORMAT!r}; export again")
     classes = metadata["classes"]
     if not classes or not all(isinstance(c, str) for c in classes) or len(classes) != metadata["num_classes"]:
-        raise InputError(f"{source}: its metadata needs num_classes ({metadata['num_classes']}) class names, got {len(classes)}")
+        raise InputError(f"{source}: its metadata needs {metadata['num_classes']} class names, got {len(classes)}")
     if metadata["precision"] not in PRECISIONS:
         raise InputError(f"{source}: unknown precision {metadata['precision']!r} in its metadata")
     try:

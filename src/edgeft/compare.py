@@ -10,7 +10,7 @@ from pathlib import Path
 from edgeft.config import TrainConfig
 from edgeft.errors import InputError
 from edgeft.plots import plot_comparison
-from edgeft.train import TrainResult, train
+from edgeft.train import TrainResult, check_inputs, train
 
 __all__ = ["CompareResult", "compare"]
 
@@ -31,16 +31,17 @@ def compare(config: TrainConfig, *, weights: str, freeze_epochs: int = 2, progre
         raise InputError("compare needs --weights (imagenet or an edgeft checkpoint trained on other data)")
     if not 0 < freeze_epochs < config.epochs:
         raise InputError(f"--freeze-epochs must be between 1 and epochs-1 ({config.epochs - 1})")
-    base = Path(config.out) / f"compare-{config.model}-{Path(config.data).name}"
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
     variants = {
         "scratch": replace(config, weights="none", freeze_epochs=0),
         "frozen": replace(config, weights=weights, freeze_epochs=freeze_epochs),
         "finetune": replace(config, weights=weights, freeze_epochs=0),
     }
+    check_inputs(variants["frozen"])  # the weights are read before the first epoch of any run
+    base = Path(config.out) / f"compare-{config.model}-{Path(config.data).name}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
     runs = {name: train(replace(v, out=str(folder), name=name), progress=progress) for name, v in variants.items()}
     table = _table(runs, variants)
     files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}

@@ -3,6 +3,7 @@ in --help) without importing torch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgeft.devices import parse_device
@@ -16,6 +17,7 @@ __all__ = [
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 AUGMENTATIONS = ("none", "light", "standard")
+STEMS = ("torchvision", "small")
 
 
 @dataclass
@@ -27,7 +29,7 @@ class TrainConfig:
     data_root: str = "data"  # where torchvision datasets live (and are downloaded to)
     weights: str = "none"  # none | imagenet | path to an edgeft checkpoint or a state_dict
     stem: str = "torchvision"  # torchvision | small (3x3 stride-1 conv, no max-pool: images <= 64 px)
-    img_size: int | None = None  # None: 32 for digits/MNIST/CIFAR, 224 for folders
+    img_size: int | None = None  # None: 32 for built-in data; folders: 224 with ImageNet weights, else from the data
     channels: int | None = None  # None: the data's (folders: 1 when every image is grayscale)
     val_split: float = 0.2  # fraction held out when the data has no validation split
     epochs: int = 10
@@ -36,14 +38,16 @@ class TrainConfig:
     lr: float | None = None  # None: 3e-3 from scratch, 1e-3 fine-tuning (x10 for sgd)
     weight_decay: float = 0.05  # not applied to biases and normalization layers
     momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine (with linear warm-up) | plateau (on val loss) | none
-    warmup_epochs: float = 1.0  # cosine only
+    scheduler: str = "cosine"  # cosine | plateau (cut on a flat val loss) | none (constant after warm-up)
+    warmup_epochs: float = 1.0  # linear warm-up at the start of each phase (capped at half the phase)
+    plateau_patience: int = 2  # plateau: cut the rate after this many epochs without a lower val loss
+    plateau_factor: float = 0.2  # plateau: the rate is multiplied by this at each cut
     label_smoothing: float = 0.1
     augment: str = "standard"  # none | light | standard
     freeze_epochs: int = 0  # train only the new head for this many epochs, then everything
     unfreeze_lr_scale: float = 0.1  # learning-rate factor once the backbone is unfrozen
     patience: int = 5  # stop after this many epochs without a lower val loss; 0: never
-    amp: bool | None = None  # autocast (bf16, or fp16 with loss scaling); None: on for CUDA
+    amp: bool | None = None  # autocast (bf16, or fp16 with loss scaling; CPUs: bf16 where native); None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's cuda:LOCAL_RANK)
     compile: bool = False  # torch.compile the model for training
@@ -54,9 +58,49 @@ class TrainConfig:
     out: str = "runs"  # parent of the run folder
     name: str | None = None  # run folder name; None: <model>-<data>, numbered if it exists
 
+    def __post_init__(self) -> None:
+        _check_train_config(self)
+
     def resolved_lr(self) -> float:
         base = 3e-3 if self.weights == "none" else 1e-3
         return self.lr if self.lr is not None else base * (10 if self.optimizer == "sgd" else 1)
+
+
+def _check_train_config(c: TrainConfig) -> None:
+    """Every value a user can give, checked once where the config is built (before any output)."""
+    choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENTATIONS, "stem": STEMS}
+    for key, allowed in choices.items():
+        if getattr(c, key) not in allowed:
+            raise InputError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")
+    for key, value, ok, rule in [
+        ("epochs", c.epochs, c.epochs >= 1, "at least 1"),
+        ("batch-size", c.batch_size, c.batch_size >= 1, "at least 1"),
+        ("lr", c.lr, c.lr is None or (math.isfinite(c.lr) and c.lr >= 0), "a number >= 0"),
+        ("weight-decay", c.weight_decay, math.isfinite(c.weight_decay) and c.weight_decay >= 0, "a number >= 0"),
+        ("momentum", c.momentum, 0 <= c.momentum < 1, "in [0, 1)"),
+        ("warmup-epochs", c.warmup_epochs, math.isfinite(c.warmup_epochs) and c.warmup_epochs >= 0, "a number >= 0"),
+        ("plateau-patience", c.plateau_patience, c.plateau_patience >= 1, "at least 1"),
+        ("plateau-factor", c.plateau_factor, 0 < c.plateau_factor < 1, "in (0, 1)"),
+        ("label-smoothing", c.label_smoothing, 0 <= c.label_smoothing < 1, "in [0, 1)"),
+        ("unfreeze-lr-scale", c.unfreeze_lr_scale, 0 < c.unfreeze_lr_scale <= 1, "in (0, 1]"),
+        ("patience", c.patience, c.patience >= 0, "0 (never) or more"),
+        ("workers", c.workers, c.workers >= 0, "0 or more"),
+        ("max-bad-fraction", c.max_bad_fraction, 0 <= c.max_bad_fraction <= 1, "in [0, 1]"),
+        ("val-split", c.val_split, 0 < c.val_split < 1, "between 0 and 1 (exclusive)"),
+        ("img-size", c.img_size, c.img_size is None or 8 <= c.img_size <= 1024, "between 8 and 1024"),
+        ("channels", c.channels, c.channels in (None, 1, 3), "1 or 3"),
+    ]:
+        if not ok:
+            raise InputError(f"--{key} must be {rule}, got {value!r}")
+    if not 0 <= c.freeze_epochs < c.epochs:
+        raise InputError(f"--freeze-epochs must be between 0 and epochs-1 ({c.epochs - 1}), got {c.freeze_epochs}")
+    if c.freeze_epochs and c.weights == "none":
+        raise InputError("--freeze-epochs needs pretrained --weights (a random backbone gains nothing from freezing)")
+    if not c.data or not c.out:
+        raise InputError("--data and --out must not be empty")
+    if c.name is not None and (not c.name or "/" in c.name or c.name in (".", "..")):
+        raise InputError(f"--name must be a plain folder name, got {c.name!r}")
+    parse_device(c.device)
 
 
 FORMATS = ("onnx", "torchscript", "executorch", "all")

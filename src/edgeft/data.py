@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from edgeft.errors import InputError, RunError
+from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, load_image, preprocess_image, to_array
 
 __all__ = [
@@ -31,9 +31,11 @@ __all__ = [
     "TensorImages",
     "augment_batch",
     "iterate_batches",
+    "UnreadableFiles",
     "shard_indices",
     "load_checkpoint_data",
     "load_data",
+    "size_from_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,19 +57,61 @@ class TensorImages:
         return len(self.labels)
 
 
-class FolderImages(torch.utils.data.Dataset):
-    """A split of image files; `augment` picks the training or the eval transform."""
+class UnreadableFiles:
+    """The files of a folder dataset that could not be read (at start-up or when decoded later),
+    with their reasons; more than `max_fraction` of `total` raises InputError."""
 
-    def __init__(self, files: list[tuple[Path, int]], preprocess: Preprocess, augment: str = "none", flips: bool = True):
+    def __init__(self, root: Path, total: int, max_fraction: float):
+        self.root, self.total, self.max_fraction = root, total, max_fraction
+        self.found: dict[str, str] = {}
+
+    def add(self, *found: tuple[str | Path, str]) -> None:
+        """Record (path, reason) pairs; raise past the limit, else warn about the new ones."""
+        new = {str(path): reason for path, reason in found if str(path) not in self.found}
+        self.found.update(new)
+        if len(self.found) > self.max_fraction * self.total:
+            raise InputError(
+                f"{len(self.found)} of {self.total} files in {self.root} are not readable images "
+                f"(more than {self.max_fraction:.0%}), e.g. {next(iter(self.found.values()))}"
+            )
+        for reason in new.values():
+            log.warning("skipped %s", reason)
+
+
+_DECODE_ERRORS = (InputError, OSError, ValueError, SyntaxError, EOFError)  # the loader's, and what Pillow raises
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """A split of image files; `augment` picks the training or the eval transform. Indexed by
+    position (raises on an unreadable file), or by (position, seed) as the batch loader does:
+    the augmentation then depends on that seed only, and an unreadable file gives None."""
+
+    def __init__(self, files: list[tuple[Path, int]], preprocess: Preprocess, augment: str = "none", flips: bool = True,
+                 unreadable: UnreadableFiles | None = None):  # fmt: skip
         self.files = files
         self.preprocess = preprocess
         self.labels = torch.tensor([label for _, label in files], dtype=torch.int64)
         self.transform = _folder_train_transform(preprocess, augment, flips) if augment != "none" else None
+        self.unreadable = unreadable
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]):
+        if not isinstance(key, tuple):
+            return self._load(key)
+        index, seed = key
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x, label = self._load(index)
+            return x, label, "", ""
+        except _DECODE_ERRORS as exc:
+            path, label = self.files[index]
+            reason = str(exc) if isinstance(exc, InputError) else f"{path}: {exc}"
+            return None, label, str(path), reason
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.files[index]
         if self.transform is None:
             return torch.from_numpy(preprocess_image(path, self.preprocess)), label
@@ -84,8 +128,17 @@ class DataBundle:
     train: TensorImages | FolderImages
     val: TensorImages | FolderImages
     flips: bool  # horizontal flips keep the label (not for digits)
-    skipped_files: int = 0  # unreadable images and non-image files left out of a folder dataset
+    skipped_files: int = 0  # unreadable images and non-image files left out of a folder dataset at start-up
     skipped_examples: tuple[str, ...] = ()  # the first few, with their reasons
+    unreadable: UnreadableFiles | None = None  # folders: every unreadable file so far (start-up and later)
+    size_from_data: bool = False  # the input size was chosen from the images' sizes
+
+    def skipped(self) -> tuple[int, list[str]]:
+        """Files left out so far (at start-up, and found unreadable since), and a few examples."""
+        if self.unreadable is None:
+            return self.skipped_files, list(self.skipped_examples)
+        later = [reason for reason in self.unreadable.found.values() if reason not in self.skipped_examples]
+        return self.skipped_files + len(later), list(self.skipped_examples) + later[:5]
 
 
 def default_preprocess(*, size: int, channels: int, resize: int | None = None) -> Preprocess:
@@ -107,7 +160,8 @@ def load_data(
 ) -> DataBundle:
     """`data` is a built-in name (digits, mnist, fashion-mnist, cifar10, cifar100; the last four
     under `root`) or an ImageFolder directory (with train/ and val/, or split by `val_split`).
-    `preprocess` replaces the data's default (an exported model's own, when validating it)."""
+    Without `img_size`, built-in data is read at 32 px and a folder at `size_from_data` of its
+    images. `preprocess` replaces the data's default (an exported model's own, when validating it)."""
     if not 0.0 < val_split < 1.0:
         raise InputError(f"--val-split must be between 0 and 1 (exclusive), got {val_split}")
     if img_size is not None and not 8 <= img_size <= 1024:
@@ -122,7 +176,7 @@ def load_data(
     path = Path(data)
     if not path.is_dir():
         raise InputError(f"--data {data!r} is neither a folder nor one of: {', '.join(BUILTIN_DATASETS)}")
-    return _folder(path, img_size or 224, channels, val_split, seed, max_bad_fraction, preprocess)
+    return _folder(path, img_size, channels, val_split, seed, max_bad_fraction, preprocess)
 
 
 # --- in-memory datasets ---------------------------------------------------------------------
@@ -174,7 +228,7 @@ def _torchvision_dataset(name: str, root: Path, spec: Preprocess) -> DataBundle:
 
 
 def _folder(
-    root: Path, size: int, channels: int | None, val_split: float, seed: int, max_bad: float,
+    root: Path, size: int | None, channels: int | None, val_split: float, seed: int, max_bad: float,
     preprocess: Preprocess | None,
 ) -> DataBundle:
     if (root / "train").is_dir() and (root / "val").is_dir():
@@ -188,18 +242,14 @@ def _folder(
         train_idx, val_idx = _stratified_split([label for _, label in files], val_split, seed)
         train_files, val_files = [files[i] for i in train_idx], [files[i] for i in val_idx]
     all_files = train_files + val_files
-    modes, errors = _verify([path for path, _ in all_files])
-    bad = {path for path, _ in errors}
-    if len(bad) > max_bad * len(all_files):
-        raise RunError(
-            f"{len(bad)} of {len(all_files)} files in {root} are not readable images "
-            f"(more than {max_bad:.0%}), e.g. {errors[0][1]}"
-        )
-    for path, reason in errors:
-        log.warning("skipped %s", reason)
+    headers, errors = _read_headers([path for path, _ in all_files])
+    unreadable = UnreadableFiles(root, len(all_files), max_bad)
+    unreadable.add(*errors)
     if channels is None:
-        channels = 1 if modes and all(m in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") for m in modes) else 3
-    spec = preprocess or default_preprocess(size=size, channels=channels, resize=math.floor(size / 0.875))
+        channels = 1 if headers and all(mode in _GRAY_MODES for mode, _ in headers) else 3
+    chosen = size or size_from_data([short for _, short in headers])
+    spec = preprocess or default_preprocess(size=chosen, channels=channels, resize=math.floor(chosen / 0.875))
+    bad = {path for path, _ in errors}
     keep = lambda files: [(p, label) for p, label in files if p not in bad]  # noqa: E731
     train, val = keep(train_files), keep(val_files)
     if not val:
@@ -208,24 +258,33 @@ def _folder(
         name=str(root),
         classes=classes,
         preprocess=spec,
-        train=FolderImages(train, spec),
-        val=FolderImages(val, spec),
+        train=FolderImages(train, spec, unreadable=unreadable),
+        val=FolderImages(val, spec, unreadable=unreadable),
         flips=True,
         skipped_files=len(bad) + len(others),
         skipped_examples=tuple([reason for _, reason in errors[:5]] + [f"{p}: not an image file" for p in others[:5]]),
+        unreadable=unreadable,
+        size_from_data=size is None and preprocess is None,
     )
+
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def size_from_data(short_sides: list[int]) -> int:
+    """The input side for images of these shorter sides: their median rounded up to a multiple
+    of 32, between 32 and 224."""
+    if not short_sides:
+        return 224
+    median = float(np.median(short_sides))
+    return int(min(224, max(32, math.ceil(median / 32) * 32)))
 
 
 def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
     """Class folders (sorted), the image files inside them (by extension, as torchvision's
     ImageFolder), and the other visible files, which are skipped."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    visible = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and not path.name.startswith(".")
-    ]
+    visible = [(path, label) for label, name in enumerate(classes) for path in _visible_files(root / name)]
     files = [(path, label) for path, label in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
     others = [path for path, _ in visible if path.suffix.lower() not in IMAGE_EXTENSIONS]
     if not files:
@@ -239,25 +298,31 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
     return classes, files, others
 
 
-def _verify(paths: list[Path]) -> tuple[list[str], list[tuple[Path, str]]]:
-    """Decode every file once: the modes of the good ones, and (path, reason) for the bad ones."""
+def _visible_files(folder: Path) -> list[Path]:
+    """Every file under `folder` whose name does not start with a dot, sorted (os.walk's
+    directory entries: no stat per file)."""
+    found = []
+    for parent, _, names in os.walk(folder, followlinks=True):
+        found += [Path(parent, name) for name in names if not name.startswith(".")]
+    return sorted(found)
 
-    def check(path: Path) -> tuple[str | None, str | None]:
-        try:
-            with Image.open(path) as img:
-                mode = img.mode
-            load_image(path)
-            return mode, None
-        except InputError as exc:
-            return None, str(exc)
-        except Exception as exc:  # noqa: BLE001 - anything Pillow raises marks the file as bad
-            return None, f"{path}: {exc}"
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(check, paths))
-    modes = [mode for mode, _ in results if mode is not None]
+def _read_headers(paths: list[Path]) -> tuple[list[tuple[str, int]], list[tuple[Path, str]]]:
+    """Read each file's header only (format, mode, size; no pixels): (mode, shorter side) of the
+    readable ones, and (path, reason) for the others. (Pillow parses headers in Python: threads
+    do not make it faster.)"""
+    results = [_header(path) for path in paths]
+    headers = [found for found, _ in results if found is not None]
     errors = [(path, reason) for path, (_, reason) in zip(paths, results) if reason is not None]
-    return modes, errors
+    return headers, errors
+
+
+def _header(path: Path) -> tuple[tuple[str, int] | None, str | None]:
+    try:
+        with Image.open(path) as img:
+            return (img.mode, min(img.size)), None
+    except Exception as exc:  # noqa: BLE001 - anything Pillow raises marks the file as bad
+        return None, f"{path}: {exc}"
 
 
 def _stratified_split(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -376,9 +441,25 @@ def iterate_batches(
                 x = augment_batch(x, augment, flips=flips, generator=generator)
             yield (x - mean) / std, split.labels[index].to(device, non_blocking=True)
         return
+    loader = _folder_loader(split, batch_size=batch_size, preprocess=preprocess, augment=augment, flips=flips,
+                            workers=workers, rank=rank, world=world, pad=pad, shuffle=shuffle, device=device)  # fmt: skip
+    loader.sampler.seed = seed
+    for x, y, failed in loader:
+        if failed and split.unreadable is None:
+            raise InputError(failed[0][1])
+        if failed:
+            split.unreadable.add(*failed)  # raises past the folder's limit
+        if x is not None:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _folder_loader(split: FolderImages, *, batch_size: int, preprocess: Preprocess, augment: str, flips: bool,
+                   workers: int, rank: int, world: int, pad: bool, shuffle: bool, device: torch.device):  # fmt: skip
+    """One DataLoader per split and setting, kept: its workers persist across epochs (each
+    image's augmentation is seeded by the epoch's seed and its index, not by the worker)."""
     key = (batch_size, augment, flips, workers, rank, world, pad, shuffle, device.type, preprocess)
     loaders = _FOLDER_LOADERS.setdefault(split, {})
-    if key not in loaders:  # one loader per split and setting: its workers persist across epochs
+    if key not in loaders:
         dataset = FolderImages(split.files, preprocess, augment, flips) if augment != "none" else split
         loaders[key] = torch.utils.data.DataLoader(
             dataset,
@@ -386,20 +467,28 @@ def iterate_batches(
             sampler=_ShardSampler(len(split), shuffle=shuffle, rank=rank, world=world, pad=pad),
             num_workers=workers,
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed * 7919 + rank + 1),  # seeds the workers' augmentation
+            collate_fn=_collate_readable,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
             pin_memory=device.type == "cuda",
         )
-    loader = loaders[key]
-    loader.sampler.seed = seed
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return loaders[key]
+
+
+def _collate_readable(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:
+    """A batch of the readable images, and (path, reason) of the unreadable ones."""
+    good = [(x, label) for x, label, _, _ in items if x is not None]
+    failed = [(path, reason) for x, _, path, reason in items if x is None]
+    if not good:
+        return None, None, failed
+    return torch.stack([x for x, _ in good]), torch.tensor([label for _, label in good]), failed
 
 
 _FOLDER_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _ShardSampler(torch.utils.data.Sampler):
-    """`shard_indices` for the seed of the current pass (set before each epoch)."""
+    """(index, seed) pairs of `shard_indices` for the seed of the current pass (set before each
+    epoch); the item seed makes an image's augmentation independent of which worker reads it."""
 
     def __init__(self, n: int, *, shuffle: bool, rank: int, world: int, pad: bool):
         self.n, self.shuffle, self.rank, self.world, self.pad, self.seed = n, shuffle, rank, world, pad, 0
@@ -408,7 +497,8 @@ class _ShardSampler(torch.utils.data.Sampler):
         return shard_indices(self.n, shuffle=self.shuffle, seed=self.seed, rank=self.rank, world=self.world, pad=self.pad)
 
     def __iter__(self):
-        return iter(self._indices().tolist())
+        base = (self.seed * 1_000_003) % 2**62
+        return iter([(index, base + index) for index in self._indices().tolist()])
 
     def __len__(self) -> int:  # without drawing the permutation
         return math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))

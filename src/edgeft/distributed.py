@@ -20,6 +20,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # under torchrun: a process group exists (also with one process)
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +36,7 @@ class Dist:
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """DDP around `model` for the parameters that train now (rebuilt when that set changes)."""
-        if self.world == 1:
+        if not self.launched:
             return model
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -63,17 +64,17 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if self.launched and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); each rank gets
-    its own GPU (cuda:LOCAL_RANK, NCCL) or shares the CPU (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK; also a single
+    process); each rank gets its own GPU (cuda:LOCAL_RANK, NCCL) or shares the CPU (gloo)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return Dist(), device
-    ctx = Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+               local_rank=int(os.environ.get("LOCAL_RANK", "0")), launched=True)  # fmt: skip
     if device.type == "cuda":
         if ctx.local_rank >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} CUDA device(s) here")

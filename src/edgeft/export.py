@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from edgeft import __version__
-from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, open_runner, write_metadata
+from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, write_metadata
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
@@ -196,9 +196,8 @@ class _Job:
             write_metadata(tmp, meta)  # the gate reads the file as `edgeft predict` will
             validation = None
             if config.validate:
-                validation = gate(open_runner(tmp, device=config.device), self.checkpoint, self.bundle,
-                                  precision=config.precision, batch_sizes=(1, config.batch_size),
-                                  max_acc_drop=config.max_acc_drop)  # fmt: skip
+                validation = gate(tmp, self.checkpoint, self.bundle, model=self.model, device=config.device,
+                                  batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
                 write_metadata(tmp, {**meta, "validation": validation.to_dict()})
             kept = validation is None or validation.passed or config.force
             size = tmp.stat().st_size

@@ -14,6 +14,7 @@ import torchvision
 from torch import nn
 
 from edgeft.checkpoint import load_weights_only
+from edgeft.config import STEMS
 from edgeft.errors import InputError
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-STEMS = ("torchvision", "small")
 
 # Backbones whose stem is the first Conv2d and whose head is the last Linear (torchvision builds
 # them all that way), so the same head replacement and channel adaptation work for each.

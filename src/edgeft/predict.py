@@ -10,20 +10,23 @@ executorch extra, which imports torch).
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from edgeft.artifact import check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata
+from edgeft.artifact import check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata, read_metadata
 from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, Preprocess, preprocess_image
 
-__all__ = ["Label", "Prediction", "Predictor", "collect_images", "newest_model"]
+__all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -52,22 +55,100 @@ class Prediction:
 
 
 def newest_model(folder: str | os.PathLike = "exported") -> Path:
-    """The most recently written .onnx file in `folder`."""
-    found = sorted(Path(folder).glob("*.onnx"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise InputError(f"no --model given and no .onnx file in {folder}/; run `edgeft export` first")
-    return found[-1]
+    """The most recently written usable .onnx file in `folder`: never a hidden file (export's
+    temporaries are `.<name>.<pid>.edgeft-tmp.onnx`), one without readable edgeft metadata, one
+    modified after export, or one kept with `--force` although it failed its accuracy gate."""
+    folder = Path(folder)
+    found = {p: _mtime(p) for p in folder.glob("*.onnx") if not p.name.startswith(".")}
+    failed: list[Path] = []
+    for path in sorted(found, key=found.__getitem__, reverse=True):
+        try:
+            metadata = read_metadata(path)  # schema and content digest checked
+        except InputError:
+            continue
+        if gate_failure(metadata) is None:
+            return path
+        failed.append(path)
+    if failed:
+        raise InputError(f"no --model given and every .onnx file in {folder}/ failed its accuracy gate; "
+                         f"give --model {failed[0]} to use one anyway")  # fmt: skip
+    skipped = f" ({len(found)} unreadable or not exported by edgeft)" if found else ""
+    raise InputError(f"no --model given and no usable .onnx file in {folder}/{skipped}; run `edgeft export` first")
+
+
+def _mtime(path: Path) -> float:
+    """When `path` was last written; -1 for one that vanished meanwhile (it is then skipped)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+def gate_failure(metadata: dict) -> str | None:
+    """Why the file failed the accuracy gate at export (it was kept with --force); None when it
+    passed or was not validated."""
+    validation = metadata.get("validation")
+    if isinstance(validation, dict) and validation.get("passed") is False:
+        return str(validation.get("reason") or "failed its accuracy gate")
+    return None
+
+
+def check_options(*, top_k: int, batch_size: int) -> None:
+    """Refuse prediction options that cannot work, before any work starts."""
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the image files under each directory (sorted, recursively)."""
+    """Files as given, and the image files under each directory (sorted, recursively). A
+    directory without image files is kept as itself, so that it gets its own error."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) or [item]
         else:
             files.append(item)
     return files
+
+
+class _PixelBudget:
+    """Decoder threads together decode at most `limit` pixels at once (one image within the
+    loader's limit always may), so a folder of large photos needs the memory of one."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self.changed:
+            self.changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.used -= pixels
+                self.changed.notify_all()
+
+
+def _header_pixels(path: Path) -> int:
+    """width x height from the file's header; 0 when it has none (the loader then says why)."""
+    try:
+        with Image.open(path) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - any unreadable file is refused by the loader itself
+        return 0
+
+
+def _preprocess_file(path: Path, spec: Preprocess, budget: _PixelBudget) -> np.ndarray:
+    if path.is_dir():
+        raise InputError(f"{path}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    pixels = _header_pixels(path)
+    with budget.hold(pixels if pixels <= budget.limit else 0):  # over the limit: refused undecoded
+        return preprocess_image(path, spec)
 
 
 class Predictor:
@@ -99,6 +180,7 @@ class Predictor:
         """Metadata, preprocessing and classes from the file, refused when modified after export."""
         self.metadata = parse_metadata(text, self.path)
         check_digest(self.path, self.metadata, digest)
+        self.gate_failure = gate_failure(self.metadata)  # set for a file kept with --force
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.classes: list[str] = list(self.metadata["classes"])
 
@@ -121,8 +203,8 @@ class Predictor:
         actual = {"input": self.session.get_inputs()[0].shape[1:], "output": self.session.get_outputs()[0].shape[1:]}
         for kind in expected:
             if any(isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])):
-                what = "outputs" if kind == "output" else "inputs of"
-                raise InputError(f"{self.path}: the model gives {actual[kind]} {what} but its metadata says "
+                verb = "gives" if kind == "output" else "takes"
+                raise InputError(f"{self.path}: the model {verb} {actual[kind]} {kind}s but its metadata says "
                                  f"{expected[kind]}; export it again")  # fmt: skip
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -137,19 +219,22 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Predictions in input order. Files are decoded by `decoders` threads ahead of the
         batch being inferred; an unreadable file yields a Prediction with `error` set."""
-        if batch_size < 1 or top_k < 1:
-            raise InputError("--batch-size and --top-k must be at least 1")
+        check_options(top_k=top_k, batch_size=batch_size)
         k = min(top_k, len(self.classes))
-        with ThreadPoolExecutor(max_workers=decoders) as pool:
+        pool = ThreadPoolExecutor(max_workers=decoders)
+        budget = _PixelBudget(MAX_PIXELS)
+        try:
             pending: deque = deque()
             batch: list[tuple[str, np.ndarray]] = []
-            for path in images:
-                pending.append((str(path), pool.submit(preprocess_image, path, self.preprocess)))
+            for path in map(Path, images):
+                pending.append((str(path), pool.submit(_preprocess_file, path, self.preprocess, budget)))
                 while len(pending) > 2 * batch_size * decoders or (pending and pending[0][1].done()):
                     yield from self._take(pending.popleft(), batch, batch_size, k)
             while pending:
                 yield from self._take(pending.popleft(), batch, batch_size, k)
             yield from self._run(batch, k)
+        finally:  # on Ctrl-C or an early stop, images not started yet are not decoded
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _take(self, item, batch: list, batch_size: int, k: int) -> Iterator[Prediction]:
         name, future = item

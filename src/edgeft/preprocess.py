@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from edgeft.errors import InputError
 
@@ -18,17 +18,33 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "MAX_RESIZED_PIXELS",
     "Preprocess",
+    "check_size",
     "load_image",
     "normalize",
     "preprocess_image",
+    "resized_size",
     "to_array",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused before they are opened
-MAX_PIXELS = 100_000_000  # width x height above this is refused as a decompression bomb
+MAX_PIXELS = 50_000_000  # more is refused as a decompression bomb; a rotated 50 M pixel photo decodes in ~400 MB
+MAX_RESIZED_PIXELS = 16_000_000  # an image this large once resized to the model's size is refused (long, thin)
 ALPHA_BACKGROUND = 255  # transparent pixels are composited on white
+_BLOCK_PIXELS = 1 << 20  # large images change mode this many pixels at a time
+
+# MAX_PIXELS is checked here, explicitly, from the header; Pillow's own warning (at a higher
+# count) would only repeat it. Set once at import: warnings filters are process-wide and changing
+# them inside decoder threads is not thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+# Pillow allocates large images in blocks (16 MiB by default). Blocks over glibc's largest mmap
+# threshold (32 MiB) go back to the system when freed; smaller ones stay in each decoder thread's
+# malloc arena, so every thread would keep the memory of the last large image it decoded.
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    Image.core.set_block_size(64 * 2**20)
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -65,15 +81,40 @@ class Preprocess:
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
 
-def load_image(source: str | os.PathLike | Image.Image, *, channels: int = 3) -> Image.Image:
+def load_image(
+    source: str | os.PathLike | Image.Image, *, channels: int = 3, resize: int | None = None
+) -> Image.Image:
     """Decode a file into an 'L' (channels=1) or 'RGB' image: first frame, EXIF orientation
     applied, alpha composited on white, 16-bit scaled to 8-bit. Raises InputError for anything
-    that is not a readable, reasonably sized image."""
+    that is not a readable, reasonably sized image. With `resize` (the shorter side the image
+    will be resized to), an image that would be over MAX_RESIZED_PIXELS once resized is refused
+    too. Sizes are checked from the header, before any pixel is decoded."""
     if isinstance(source, Image.Image):
+        check_size("image", source.size, resize=resize)
         if getattr(source, "n_frames", 1) > 1:
             source.seek(0)
-        return _to_mode(ImageOps.exif_transpose(source), channels)
+        return _to_mode(source, channels)
     path = Path(source)
+    _check_file_size(path)
+    try:
+        with Image.open(path) as img:
+            check_size(path, img.size, resize=resize)
+            img.seek(0)
+            img.load()
+            return _to_mode(img, channels)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own limit, which is above MAX_PIXELS
+        raise InputError(f"{path}: too many pixels (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file Pillow can read") from None
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to decode it") from None
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad headers, codec errors
+        raise InputError(f"{path}: broken image ({exc})") from None
+
+
+def _check_file_size(path: Path) -> None:
     try:
         nbytes = path.stat().st_size
     except OSError as exc:
@@ -82,30 +123,72 @@ def load_image(source: str | os.PathLike | Image.Image, *, channels: int = 3) ->
         raise InputError(f"{path}: empty file")
     if nbytes > MAX_FILE_BYTES:
         raise InputError(f"{path}: {nbytes / 2**20:.0f} MiB is over the {MAX_FILE_BYTES // 2**20} MiB limit")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise InputError(
-                        f"{path}: {width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit (decompression bomb?)"
-                    )
-                img.seek(0)
-                img.load()
-                return _to_mode(ImageOps.exif_transpose(img), channels)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: too many pixels (decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image file Pillow can read") from None
-    except Exception as exc:  # noqa: BLE001 - truncated data, bad headers, codec errors
-        raise InputError(f"{path}: broken image ({exc})") from None
+
+
+def check_size(name: str | os.PathLike, size: tuple[int, int], *, resize: int | None = None) -> None:
+    """Refuse an image of `size` (width, height) that is over MAX_PIXELS, or, resized so its
+    shorter side is `resize`, over MAX_RESIZED_PIXELS (a long, thin image): InputError naming `name`."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit (decompression bomb?)")
+    if resize is not None:
+        new_width, new_height = resized_size(size, resize)
+        if new_width * new_height > MAX_RESIZED_PIXELS:
+            raise InputError(
+                f"{name}: {width}x{height} is too long and thin: resized to {new_width}x{new_height} for this "
+                f"model it would be over the {MAX_RESIZED_PIXELS:,} pixel limit"
+            )
+
+
+def resized_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `resize`, as torchvision's Resize does."""
+    width, height = size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == resize:
+        return size
+    new_long = int(resize * long / short)
+    return (resize, new_long) if width <= height else (new_long, resize)
+
+
+# EXIF orientation -> the transposition that shows the image upright (as ImageOps.exif_transpose)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = {_ORIENTATION[5], _ORIENTATION[6], _ORIENTATION[7], _ORIENTATION[8]}  # rows become columns
+_REVERSES_ROWS = {_ORIENTATION[3], _ORIENTATION[4], _ORIENTATION[6], _ORIENTATION[7]}  # the last row comes first
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any Pillow mode to 'L' or 'RGB' by the rules in the module docstring."""
+    """Apply the EXIF orientation and convert any Pillow mode to 'L' or 'RGB' by the rules in
+    `load_image`'s docstring. Both work pixel by pixel, so a large image is done a strip of rows
+    at a time: memory is the image and the result, never intermediate copies of the whole."""
+    target = "L" if channels == 1 else "RGB"
+    method = _ORIENTATION.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    if img.mode == target and method is None:
+        return img
+    rows = max(1, _BLOCK_PIXELS // max(1, img.width))
+    if rows >= img.height:
+        converted = _convert_pixels(img, target)
+        return converted if method is None else converted.transpose(method)
+    size = (img.height, img.width) if method in _SWAPS_AXES else img.size
+    out = Image.new(target, size)
+    for top in range(0, img.height, rows):
+        bottom = min(top + rows, img.height)
+        strip = _convert_pixels(img.crop((0, top, img.width, bottom)), target)
+        offset = img.height - bottom if method in _REVERSES_ROWS else top
+        if method is not None:
+            strip = strip.transpose(method)
+        out.paste(strip, (offset, 0) if method in _SWAPS_AXES else (0, offset))
+    return out
+
+
+def _convert_pixels(img: Image.Image, target: str) -> Image.Image:
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         img = _sixteen_bit_to_8(img)
     if img.mode == "P":
@@ -114,7 +197,6 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND,) * 3 + (255,))
         img = Image.alpha_composite(background, rgba).convert("RGB")
-    target = "L" if channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
 
 
@@ -130,11 +212,9 @@ def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
 
 def to_array(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """Resize and centre-crop to `spec.size`: a uint8 array, HWC (RGB) or HW (gray)."""
-    width, height = img.size
-    short, long = (width, height) if width <= height else (height, width)
-    if short != spec.resize:
-        new_long = int(spec.resize * long / short)
-        new_size = (spec.resize, new_long) if width <= height else (new_long, spec.resize)
+    check_size("image", img.size, resize=spec.resize)
+    new_size = resized_size(img.size, spec.resize)
+    if new_size != img.size:
         img = img.resize(new_size, _RESAMPLE[spec.interpolation])
     width, height = img.size
     top = int(round((height - spec.size) / 2.0))
@@ -154,4 +234,4 @@ def normalize(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
 
 def preprocess_image(source: str | os.PathLike | Image.Image, spec: Preprocess) -> np.ndarray:
     """The model input for one image: float32 CHW, exactly what training's eval transform gives."""
-    return normalize(to_array(load_image(source, channels=spec.channels), spec), spec)
+    return normalize(to_array(load_image(source, channels=spec.channels, resize=spec.resize), spec), spec)

@@ -1,4 +1,6 @@
-"""The fit loop: `train(TrainConfig(...))` writes a run folder and returns a `TrainResult`."""
+"""The fit loop as phases: build, enter phase (freeze / unfreeze, wrap, compile), one epoch,
+evaluate, checkpoint, finish. `train(TrainConfig(...))` writes a run folder and returns a
+`TrainResult`; `resume(run_dir)` continues (or extends) one from its last.pt."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +21,24 @@ from torch import nn
 
 from edgeft import __version__
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
-from edgeft.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULERS, TrainConfig
-from edgeft.data import DataBundle, TensorImages, iterate_batches, load_data
+from edgeft.config import TrainConfig
+from edgeft.cpu import has_bf16
+from edgeft.data import BUILTIN_DATASETS, DataBundle, TensorImages, iterate_batches, load_data
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = [
+    "LearningRate", "TrainConfig", "TrainResult", "TrainState", "autocast_dtype", "check_inputs", "evaluate",
+    "resume", "train",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+PLATEAU_THRESHOLD = 1e-4  # plateau: a val loss lower by less than this fraction counts as flat (as torch's)
+
 
 @dataclass
 class TrainResult:
@@ -42,28 +52,315 @@ class TrainResult:
     stopped_early: bool
     train_images_per_s: float
     wall_s: float
-    skipped_files: int
+    skipped_files: int  # left out at start-up or found unreadable while training / evaluating
     device: str
     params: int
     world_size: int = 1  # processes that trained together (torchrun)
+    img_size: int = 0  # the input side the model trained at
+    img_size_from_data: bool = False  # chosen from the folder's image sizes (no --img-size given)
     history: list[dict] = field(default_factory=list, repr=False)
 
 
-def _check(config: TrainConfig) -> None:
+# --- the learning rate ------------------------------------------------------------------------
+
+
+class LearningRate:
+    """The one owner of the learning rate: base rate x phase scale (1 while frozen, then
+    `unfreeze_lr_scale`) x a linear warm-up at the start of each phase x the schedule (cosine
+    over the phase, plateau cuts on a flat val loss, or none). `apply` sets it before each step."""
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int):
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.base = config.resolved_lr()
+        self.plateau = {"best": math.inf, "flat": 0, "scale": 1.0}  # restarted at the unfreeze point
+
+    def at(self, step: int) -> float:
+        """The rate of optimizer step `step` (0-based, counted over the whole run)."""
+        c, freeze_steps = self.config, self.config.freeze_epochs * self.steps_per_epoch
+        start, end, scale = (0, freeze_steps, 1.0) if step < freeze_steps else (
+            freeze_steps, c.epochs * self.steps_per_epoch, c.unfreeze_lr_scale if freeze_steps else 1.0)  # fmt: skip
+        warmup, t = min(c.warmup_epochs * self.steps_per_epoch, (end - start) / 2), step - start
+        if t < warmup:
+            return self.base * scale * (t + 1) / (warmup + 1)
+        if c.scheduler == "cosine":
+            progress = min(1.0, (t - warmup) / max(1.0, end - start - warmup))
+            return self.base * scale * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+        if c.scheduler == "plateau":
+            return self.base * scale * self.plateau["scale"]
+        return self.base * scale
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        rate = self.at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        return rate
+
+    def end_epoch(self, epoch: int, val_loss: float) -> None:
+        """Plateau bookkeeping after epoch `epoch` (0-based): `plateau_patience` epochs without
+        a val loss lower by PLATEAU_THRESHOLD cut the rate by `plateau_factor`."""
+        p = self.plateau
+        if val_loss < p["best"] * (1 - PLATEAU_THRESHOLD) or p["best"] == math.inf:
+            p["best"], p["flat"] = val_loss, 0
+        else:
+            p["flat"] += 1
+        if p["flat"] >= self.config.plateau_patience:
+            p["scale"], p["flat"] = p["scale"] * self.config.plateau_factor, 0
+        if epoch + 1 == self.config.freeze_epochs:  # the unfrozen phase starts its own plateau
+            self.plateau = {"best": math.inf, "flat": 0, "scale": 1.0}
+
+    def state_dict(self) -> dict:
+        return dict(self.plateau)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plateau = dict(state)
+
+
+# --- the state of a run -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while a run trains; `state_dict` is last.pt's resume entry and
+    `load_state_dict` puts all of it back (weights, optimizer, rate, scaler, RNGs, progress)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: LearningRate
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0})
+    lowest_val_loss: float = math.inf
+    stale_epochs: int = 0
+    stopped_early: bool = False
+    wall_s: float = 0.0  # training time of earlier processes of this run
+
+    _PROGRESS = ("epoch", "history", "step_losses", "best", "lowest_val_loss", "stale_epochs", "stopped_early")
+
+    def state_dict(self, *, wall_s: float) -> dict:
+        return {
+            **{name: getattr(self, name) for name in self._PROGRESS},
+            "wall_s": wall_s,
+            "optimizer": self.optimizer.state_dict(),
+            "lr": self.lr.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "rng_python": random.getstate(),
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Restore from a last.pt's content (its weights and its resume entry)."""
+        saved = checkpoint["resume"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        for name in self._PROGRESS:
+            setattr(self, name, saved.get(name, getattr(self, name)))
+        self.wall_s = saved["wall_s"]
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr.load_state_dict(saved.get("lr", self.lr.state_dict()))
+        self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if saved["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+        random.setstate(saved["rng_python"])
+
+
+@dataclass
+class _Run:
+    """A run being trained: what the phases share."""
+
+    config: TrainConfig
+    ctx: Dist
+    device: torch.device
+    bundle: DataBundle
+    state: TrainState
+    run_dir: Path | None  # None on torchrun ranks other than 0
+    meta: dict
+    batch_size: int  # per rank
+    steps_per_epoch: int
+    autocast: torch.dtype | None
+    channels_last: bool
+    started: float
+    net: nn.Module | None = None  # the model as trained now (DDP-wrapped, compiled)
+    frozen: bool | None = None  # the phase `net` was built for
+
+    def elapsed(self) -> float:
+        return self.state.wall_s + time.perf_counter() - self.started
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
+    """Train `config.model` on `config.data` into a new run folder. With `resume` (a run folder
+    or its last.pt), continue that run instead, with its own config: an option of `config` set
+    away from its default must equal the run's (`epochs` excepted: a larger one extends the run)."""
+    if resume is None:
+        return _fit(config, checkpoint=None, run_dir=None, progress=progress)
+    saved = _read_last(resume)[1]["config"]
+    given = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if getattr(config, f.name) != f.default}
+    differ = [name for name, value in given.items() if name != "epochs" and not _same_option(name, value, saved.get(name))]
+    if differ:
+        raise InputError(f"{resume} was trained with other {', '.join(differ)}; resuming continues a run with its "
+                         f"own config (only epochs may change)")  # fmt: skip
+    return _resume(resume, epochs=given.get("epochs"), progress=progress)
+
+
+def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = False) -> TrainResult:
+    """Continue the run in `run_dir` (or the run of a last.pt) where it stopped, with its own
+    config; `epochs` above the run's own extends it (also a finished or early-stopped run)."""
+    return _resume(run_dir, epochs=epochs, progress=progress)
+
+
+def _resume(run_dir: str | Path, *, epochs: int | None, progress: bool) -> TrainResult:
+    last, checkpoint = _read_last(run_dir)
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
+    if epochs is not None and epochs != config.epochs:
+        done = checkpoint["resume"].get("epoch", 0)
+        if epochs < done:
+            raise InputError(f"--epochs {epochs}: {last.parent} has already trained {done} epochs")
+        config = replace(config, epochs=epochs)
+        checkpoint["resume"].update(stopped_early=False, stale_epochs=0)
+        log.warning("extending %s to %d epochs", last.parent, epochs)
+    return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
+
+
+def _same_option(name: str, given: Any, saved: Any) -> bool:
+    """Whether a given option equals the saved one (paths compared resolved)."""
+    if name in ("data", "weights", "data_root") and isinstance(given, str) and Path(given).exists():
+        return str(Path(given).resolve()) == saved
+    return given == saved
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Everything a run reads, checked before any output: the model, the weights (loaded), the data."""
     if config.model not in list_models():
         get_model(config.model, num_classes=2)  # raises the unknown-model error with the list
-    choices = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENTATIONS}
-    for key, allowed in choices.items():
-        if getattr(config, key) not in allowed:
-            raise InputError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
-    if config.epochs < 1 or config.batch_size < 1:
-        raise InputError("--epochs and --batch-size must be at least 1")
-    if not 0 <= config.freeze_epochs < config.epochs:
-        raise InputError(f"--freeze-epochs must be between 0 and epochs-1 ({config.epochs - 1})")
-    if config.freeze_epochs and config.weights == "none":
-        raise InputError("--freeze-epochs needs pretrained --weights (a random backbone gains nothing from freezing)")
-    if not 0 <= config.label_smoothing < 1:
-        raise InputError("--label-smoothing must be in [0, 1)")
+    if config.data not in BUILTIN_DATASETS and not Path(config.data).is_dir():
+        raise InputError(f"--data {config.data!r} is neither a folder nor one of: {', '.join(BUILTIN_DATASETS)}")
+    if config.weights != "none":
+        get_model(config.model, num_classes=2, weights=config.weights, stem=config.stem)
+
+
+def _read_last(source: str | Path) -> tuple[Path, dict]:
+    last = Path(source) / "last.pt" if Path(source).is_dir() else Path(source)
+    checkpoint = load_checkpoint(last)
+    if "resume" not in checkpoint:
+        raise InputError(f"{last} has no resume state (resume from a run's last.pt)")
+    return last, checkpoint
+
+
+def _fit(config: TrainConfig, *, checkpoint: dict | None, run_dir: Path | None, progress: bool) -> TrainResult:
+    run = _build(config, checkpoint, run_dir)
+    with _progress(progress and run.ctx.is_main) as bar:
+        for epoch in range(run.state.epoch, config.epochs):
+            if run.state.stopped_early:
+                break
+            _enter_phase(run, epoch)
+            train_metrics = _one_epoch(run, epoch, bar)
+            val_loss, val_acc = evaluate(run.state.model, run.bundle, device=run.device, autocast_dtype=run.autocast,
+                                         channels_last=run.channels_last, dist=run.ctx, workers=config.workers)  # fmt: skip
+            row = _end_epoch(run, epoch, train_metrics, val_loss, val_acc)
+            bar.update(bar.task_ids[-1], metrics=f"{bar.tasks[-1].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
+            _checkpoint(run, row, improved=run.state.best["epoch"] == epoch + 1)
+    return _finish(run)
+
+
+# --- build --------------------------------------------------------------------------------------
+
+
+def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -> _Run:
+    """Model, optimizer, learning rate, scaler, data and distributed context; the saved state
+    of a resumed run; the run folder (created last, after every input was read)."""
+    started = time.perf_counter()
+    if config.model not in list_models():
+        get_model(config.model, num_classes=2)  # the unknown-model error, with the list
+    ctx, device = init_distributed(torch_device(config.device))
+    if config.batch_size % ctx.world:
+        raise InputError(f"--batch-size {config.batch_size} does not split evenly over {ctx.world} processes")
+    if config.sync_bn and ctx.world > 1 and device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA devices")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    bundle = _load_bundle(config, device)
+    config = _resolved(config, bundle)
+    model = _build_model(config, bundle, device, weights="none" if checkpoint else config.weights)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    batch_size = config.batch_size // ctx.world
+    steps_per_epoch = math.ceil(math.ceil(len(bundle.train) / ctx.world) / batch_size)
+    dtype = autocast_dtype(device, config.amp)
+    state = TrainState(model, _optimizer(config, model), LearningRate(config, steps_per_epoch),
+                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))  # fmt: skip
+    if checkpoint is not None:
+        state.load_state_dict(checkpoint)
+        log.warning("resuming %s at epoch %d", run_dir, state.epoch + 1)
+    if ctx.is_main:
+        run_dir = run_dir or _new_run_dir(config)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return _Run(config, ctx, device, bundle, state, run_dir if ctx.is_main else None, _meta(config, bundle),
+                batch_size, steps_per_epoch, dtype, channels_last, started)  # fmt: skip
+
+
+def _load_bundle(config: TrainConfig, device: torch.device) -> DataBundle:
+    """The data; folders without --img-size train at 224 from ImageNet weights, else at a size
+    chosen from their images. In-memory data moves to the GPU whole."""
+    img_size = config.img_size
+    if img_size is None and config.weights == "imagenet" and config.data not in BUILTIN_DATASETS:
+        img_size = 224
+    bundle = load_data(config.data, root=config.data_root, img_size=img_size, channels=config.channels,
+                       val_split=config.val_split, seed=config.seed, max_bad_fraction=config.max_bad_fraction)  # fmt: skip
+    if bundle.size_from_data:
+        log.warning("image size %d px, from the data (median shorter side; --img-size to choose)", bundle.preprocess.size)
+    if device.type == "cuda" and isinstance(bundle.train, TensorImages):
+        bundle.train = TensorImages(bundle.train.images.to(device), bundle.train.labels.to(device))
+        bundle.val = TensorImages(bundle.val.images.to(device), bundle.val.labels.to(device))
+    return bundle
+
+
+def _resolved(config: TrainConfig, bundle: DataBundle) -> TrainConfig:
+    """The config as it ran: the chosen image size, and paths that resolve from any directory."""
+    data = config.data if config.data in BUILTIN_DATASETS else str(Path(config.data).resolve())
+    weights = str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights
+    return replace(config, img_size=bundle.preprocess.size, data=data, weights=weights,
+                   data_root=str(Path(config.data_root).resolve()))  # fmt: skip
+
+
+def _build_model(config: TrainConfig, bundle: DataBundle, device: torch.device, *, weights: str) -> nn.Module:
+    model = get_model(config.model, num_classes=len(bundle.classes), in_chans=bundle.preprocess.channels,
+                      weights=weights, stem=config.stem).to(device)  # fmt: skip
+    if config.sync_bn and torch.distributed.is_initialized():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Two groups: weights with decay, biases and normalization parameters without."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = config.resolved_lr()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """The autocast type of `--amp` (None: fp32): on by default on CUDA (bf16, or fp16 where the
+    GPU lacks bf16); on a CPU, bf16 only where the CPU computes it natively."""
+    if not (amp if amp is not None else device.type == "cuda"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if has_bf16():
+        return torch.bfloat16
+    log.warning("--amp: this CPU has no native bf16 (AVX-512 BF16 or AMX); training in fp32")
+    return None
 
 
 def _new_run_dir(config: TrainConfig) -> Path:
@@ -77,70 +374,181 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Two groups: weights with decay, biases and normalization parameters without."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    lr = config.resolved_lr()
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
+def _meta(config: TrainConfig, bundle: DataBundle) -> dict:
+    """The checkpoint fields besides the weights."""
+    return {
+        "arch": config.model,
+        "num_classes": len(bundle.classes),
+        "in_chans": bundle.preprocess.channels,
+        "stem": config.stem,
+        "classes": list(bundle.classes),
+        "preprocess": bundle.preprocess.to_dict(),
+        "config": asdict(config),
+        "edgeft_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
 
 
-def _lr_factor(config: TrainConfig, steps_per_epoch: int):
-    """Learning-rate multiplier per optimizer step: warm-up then cosine, restarted at the unfreeze
-    point and scaled by `unfreeze_lr_scale` after it. Rebuilt from the config on resume."""
-    freeze_steps = config.freeze_epochs * steps_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        scale, start, end = (1.0, 0, freeze_steps) if step < freeze_steps else (
-            config.unfreeze_lr_scale if freeze_steps else 1.0, freeze_steps, total_steps)  # fmt: skip
-        if config.scheduler != "cosine":
-            return scale
-        warmup = min(config.warmup_epochs * steps_per_epoch, (end - start) / 2)
-        t = step - start
-        if t < warmup:
-            return scale * (t + 1) / (warmup + 1)
-        progress = (t - warmup) / max(1.0, end - start - warmup)
-        return scale * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    return factor
+# --- one epoch ----------------------------------------------------------------------------------
 
 
-def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    use_amp = config.amp if config.amp is not None else device.type == "cuda"
-    if not use_amp:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def _enter_phase(run: _Run, epoch: int) -> None:
+    """Freeze or unfreeze the backbone; wrap (DDP) and compile again when the trained set changes."""
+    model, frozen = run.state.model, epoch < run.config.freeze_epochs
+    if frozen != run.frozen:
+        freeze_backbone(model, frozen)
+        run.net = run.ctx.wrap(model, run.device)  # DDP syncs the parameters that train in this phase
+        run.net = torch.compile(run.net) if run.config.compile else run.net
+        run.frozen = frozen
+    model.train()
+    if frozen:
+        backbone_bn_eval(model)
+        model.get_submodule(head_name(model)).train()
+
+
+def _one_epoch(run: _Run, epoch: int, bar) -> dict:
+    """Train one epoch; loss and accuracy sums over every rank, the rate used, images/s."""
+    c, s, device = run.config, run.state, run.device
+    task = bar.add_task(f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""),
+                        total=run.steps_per_epoch, metrics="")  # fmt: skip
+    started = time.perf_counter()
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
+    losses, seen, rate = [], 0, s.lr.at(epoch * run.steps_per_epoch)
+    batches = iterate_batches(run.bundle.train, batch_size=run.batch_size, preprocess=run.bundle.preprocess,
+                              device=device, shuffle=True, augment=c.augment, flips=run.bundle.flips,
+                              seed=c.seed * 100_003 + epoch, workers=c.workers, rank=run.ctx.rank, world=run.ctx.world)  # fmt: skip
+    for step, (x, y) in enumerate(batches):
+        rate = s.lr.apply(s.optimizer, epoch * run.steps_per_epoch + step)
+        x = x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
+        with torch.autocast(device.type, dtype=run.autocast) if run.autocast else nullcontext():
+            logits = run.net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        losses.append(loss.detach())
+        loss_sum += losses[-1] * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if bar.live.is_started and ((step + 1) % 10 == 0 or step + 1 == run.steps_per_epoch):  # a sync every 10 steps
+            rate_s = seen / (time.perf_counter() - started)
+            metrics = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.2%}  {rate_s:,.0f} img/s"
+            bar.update(task, completed=step + 1, metrics=metrics)
+    seconds = time.perf_counter() - started
+    run.ctx.sync_buffers(s.model)
+    loss_sum, correct, seen_all = run.ctx.sum(loss_sum, correct, torch.tensor(float(seen), device=device))
+    s.step_losses += torch.stack(losses).tolist() if losses else []
+    n = max(1, int(seen_all.item()))
+    return {"lr": rate, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "started": started,
+            "images_per_s": n / seconds}  # fmt: skip
 
 
 def evaluate(
     model: nn.Module, bundle: DataBundle, *, device: torch.device, batch_size: int = 256, autocast_dtype=None,
-    channels_last: bool = False, dist: Dist = Dist(),
+    channels_last: bool = False, dist: Dist = Dist(), workers: int = 0,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy on the validation split (each rank takes a share)."""
+    """Mean cross-entropy and top-1 accuracy on the validation split (each rank takes a share;
+    folder images are decoded by `workers` processes; unreadable ones are left out and counted)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = torch.zeros((), device=device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with torch.inference_mode(), autocast:
         batches = iterate_batches(bundle.val, batch_size=batch_size, preprocess=bundle.preprocess, device=device,
-                                  rank=dist.rank, world=dist.world, pad=False)  # fmt: skip
+                                  rank=dist.rank, world=dist.world, pad=False, workers=workers)  # fmt: skip
         for x, y in batches:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
-    loss_sum, correct = dist.sum(loss_sum, correct)
-    n = len(bundle.val)
+            seen += len(y)
+    loss_sum, correct, seen = dist.sum(loss_sum, correct, seen)
+    n = max(1.0, seen.item())
     return loss_sum.item() / n, correct.item() / n
+
+
+def _end_epoch(run: _Run, epoch: int, metrics: dict, val_loss: float, val_acc: float) -> dict:
+    """The history row; best, early-stop and plateau bookkeeping."""
+    s, c = run.state, run.config
+    row = {
+        "epoch": epoch + 1,
+        "phase": "head" if run.frozen else "all",
+        "lr": metrics["lr"],  # the rate of the epoch's last step
+        "train_loss": metrics["train_loss"],
+        "train_acc": metrics["train_acc"],
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "seconds": time.perf_counter() - metrics["started"],
+        "images_per_s": metrics["images_per_s"],
+    }
+    s.history.append(row)
+    s.epoch = epoch + 1
+    s.lr.end_epoch(epoch, val_loss)
+    if (val_acc, -val_loss) > (s.best["val_acc"], -s.best["val_loss"]):
+        s.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+    if val_loss < s.lowest_val_loss:
+        s.lowest_val_loss, s.stale_epochs = val_loss, 0
+    else:
+        s.stale_epochs += 1
+    s.stopped_early = bool(c.patience) and s.stale_epochs >= c.patience and epoch + 1 < c.epochs
+    if s.stopped_early:
+        log.info("early stop: val loss has not improved for %d epochs", s.stale_epochs)
+    return row
+
+
+# --- checkpoint and finish ----------------------------------------------------------------------
+
+
+def _checkpoint(run: _Run, row: dict, *, improved: bool) -> None:
+    """best.pt when the epoch improved, last.pt with the whole TrainState, history and curves
+    (rank 0 only)."""
+    if not run.ctx.is_main:
+        return
+    s, weights = run.state, run.state.model.state_dict()
+    if improved:
+        save_checkpoint(run.run_dir / "best.pt", {**run.meta, "metrics": s.best, "state_dict": weights})
+    save_checkpoint(run.run_dir / "last.pt",
+                    {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())})  # fmt: skip
+    _write_history(run.run_dir / "history.csv", s.history)
+    plot_training_curves(s.history, s.step_losses, run.run_dir / "curves.png",
+                         title=f"{run.config.model} on {run.bundle.name}")  # fmt: skip
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The result; summary.json on rank 0."""
+    s, ctx = run.state, run.ctx
+    ranks_identical = ctx.identical(s.model)
+    ctx.close()
+    skipped, examples = run.bundle.skipped()
+    result = TrainResult(
+        run_dir=str(run.run_dir) if ctx.is_main else "",
+        best_checkpoint=str(run.run_dir / "best.pt") if ctx.is_main else "",
+        best_val_acc=s.best["val_acc"],
+        best_epoch=s.best["epoch"],
+        epochs=len(s.history),
+        stopped_early=s.stopped_early,
+        train_images_per_s=len(s.history) / max(1e-9, sum(1 / r["images_per_s"] for r in s.history)),
+        wall_s=run.elapsed(),
+        skipped_files=skipped,
+        device=str(run.device),
+        params=sum(p.numel() for p in s.model.parameters()),
+        world_size=ctx.world,
+        img_size=run.bundle.preprocess.size,
+        img_size_from_data=run.bundle.size_from_data,
+        history=s.history,
+    )
+    if not ctx.is_main:
+        return result
+    if not ranks_identical:
+        log.error("the %d ranks ended with different weights", ctx.world)
+    summary: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "history"}
+    summary.update(ranks_identical=ranks_identical, model=run.config.model, data=run.bundle.name,
+                   classes=list(run.bundle.classes), skipped_examples=examples)  # fmt: skip
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
 
 
 def _progress(enabled: bool):
@@ -156,241 +564,6 @@ def _progress(enabled: bool):
         console=Console(stderr=True),
         disable=not enabled,
     )
-
-
-def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
-    """Train `config.model` on `config.data`; with `resume` (a run folder or its last.pt), continue
-    that run where it stopped, with its own config."""
-    started = time.perf_counter()
-    state = None
-    if resume is not None:
-        last = Path(resume) / "last.pt" if Path(resume).is_dir() else Path(resume)
-        state = load_checkpoint(last)
-        if "resume" not in state:
-            raise InputError(f"{last} has no resume state (resume from a run's last.pt)")
-        known = {f.name for f in fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
-        run_dir = last.parent
-    _check(config)
-    ctx, device = init_distributed(torch_device(config.device))
-    if config.batch_size % ctx.world:
-        raise InputError(f"--batch-size {config.batch_size} does not split evenly over {ctx.world} processes")
-    if config.sync_bn and ctx.world > 1 and device.type != "cuda":
-        raise InputError("--sync-bn needs CUDA devices")
-    batch_size = config.batch_size // ctx.world  # per rank
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-
-    bundle = load_data(
-        config.data, root=config.data_root, img_size=config.img_size, channels=config.channels,
-        val_split=config.val_split, seed=config.seed, max_bad_fraction=config.max_bad_fraction,
-    )  # fmt: skip
-    in_chans = bundle.preprocess.channels
-    if device.type == "cuda" and isinstance(bundle.train, TensorImages):  # the whole dataset lives on the GPU
-        bundle.train = TensorImages(bundle.train.images.to(device), bundle.train.labels.to(device))
-        bundle.val = TensorImages(bundle.val.images.to(device), bundle.val.labels.to(device))
-    weights = config.weights if state is None else "none"  # resumed weights come from last.pt
-    model = get_model(config.model, num_classes=len(bundle.classes), in_chans=in_chans, weights=weights,
-                      stem=config.stem).to(device)  # fmt: skip
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.sync_bn and ctx.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    autocast_dtype = _autocast_dtype(config, device)
-    optimizer = _optimizer(config, model)
-    steps_per_epoch = math.ceil(math.ceil(len(bundle.train) / ctx.world) / batch_size)
-    lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
-    plateau = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.2, patience=max(1, config.patience // 2))
-        if config.scheduler == "plateau" else None
-    )  # fmt: skip
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-
-    history: list[dict] = []
-    step_losses: list[float] = []
-    best = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0}
-    lowest_val_loss, stale_epochs, start_epoch, previous_wall = math.inf, 0, 0, 0.0
-    if state is None:
-        run_dir = _new_run_dir(config) if ctx.is_main else None
-    else:
-        model.load_state_dict(state["state_dict"])
-        r = state["resume"]
-        _restore_trainers(r, optimizer, lambda_lr, plateau, scaler, device)
-        history, step_losses, best = r["history"], r["step_losses"], r["best"]
-        lowest_val_loss, stale_epochs, start_epoch = r["lowest_val_loss"], r["stale_epochs"], r["epoch"]
-        previous_wall = r["wall_s"]
-        log.warning("resuming %s at epoch %d with its saved config (other options are ignored)", run_dir, start_epoch + 1)
-    if ctx.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-
-    meta = {
-        "arch": config.model,
-        "num_classes": len(bundle.classes),
-        "in_chans": in_chans,
-        "stem": config.stem,
-        "classes": list(bundle.classes),
-        "preprocess": bundle.preprocess.to_dict(),
-        "config": asdict(config),
-        "edgeft_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
-    head = head_name(model)
-    stopped_early = False
-    phase = None  # frozen backbone (True) or not (False) in the current epoch
-    with _progress(progress and ctx.is_main) as bar:
-        for epoch in range(start_epoch, config.epochs):
-            frozen = epoch < config.freeze_epochs
-            if plateau is not None and config.freeze_epochs and epoch == config.freeze_epochs:
-                for group in optimizer.param_groups:
-                    group["lr"] *= config.unfreeze_lr_scale
-            if frozen != phase:  # wrap again only when the set of trained parameters changes
-                freeze_backbone(model, frozen)
-                net = ctx.wrap(model, device)  # DDP syncs the parameters that train in this phase
-                net = torch.compile(net) if config.compile else net
-                phase = frozen
-            model.train()
-            if frozen:
-                backbone_bn_eval(model)
-                model.get_submodule(head).train()
-            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}" + (" (head)" if frozen else ""),
-                                total=steps_per_epoch, metrics="")  # fmt: skip
-            epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            losses = []
-            seen = 0
-            batches = iterate_batches(
-                bundle.train, batch_size=batch_size, preprocess=bundle.preprocess, device=device,
-                shuffle=True, augment=config.augment, flips=bundle.flips, seed=config.seed * 100_003 + epoch,
-                workers=config.workers, rank=ctx.rank, world=ctx.world,
-            )  # fmt: skip
-            for step, (x, y) in enumerate(batches, 1):
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-                with autocast:
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                lambda_lr.step()
-                loss = loss.detach()
-                losses.append(loss)
-                loss_sum += loss * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                if progress and (step % 10 == 0 or step == steps_per_epoch):  # a sync every 10 steps only
-                    rate = seen / (time.perf_counter() - epoch_start)
-                    metrics = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.2%}  {rate:,.0f} img/s"
-                    bar.update(task, completed=step, metrics=metrics)
-            train_seconds = time.perf_counter() - epoch_start
-            ctx.sync_buffers(model)
-            loss_sum, correct, seen_all = ctx.sum(loss_sum, correct, torch.tensor(float(seen), device=device))
-            seen = int(seen_all.item())
-            val_loss, val_acc = evaluate(model, bundle, device=device, autocast_dtype=autocast_dtype,
-                                         channels_last=channels_last, dist=ctx)  # fmt: skip
-            if plateau is not None:
-                plateau.step(val_loss)
-            step_losses += torch.stack(losses).tolist()
-            row = {
-                "epoch": epoch + 1,
-                "phase": "head" if frozen else "all",
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_sum.item() / seen,
-                "train_acc": correct.item() / seen,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "seconds": time.perf_counter() - epoch_start,
-                "images_per_s": seen / train_seconds,
-            }
-            history.append(row)
-            bar.update(task, metrics=f"{bar.tasks[task].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
-            if (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"]):
-                best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
-                if ctx.is_main:
-                    save_checkpoint(run_dir / "best.pt", {**meta, "metrics": best, "state_dict": model.state_dict()})
-            if val_loss < lowest_val_loss:
-                lowest_val_loss, stale_epochs = val_loss, 0
-            else:
-                stale_epochs += 1
-            stopped_early = bool(config.patience) and stale_epochs >= config.patience and epoch + 1 < config.epochs
-            if not ctx.is_main:  # the other ranks write nothing
-                if stopped_early:
-                    break
-                continue
-            resume_state = {
-                **_trainers_state(optimizer, lambda_lr, plateau, scaler, device),
-                "epoch": epoch + 1 if not stopped_early else config.epochs,
-                "history": history,
-                "step_losses": step_losses,
-                "best": best,
-                "lowest_val_loss": lowest_val_loss,
-                "stale_epochs": stale_epochs,
-                "wall_s": previous_wall + time.perf_counter() - started,
-            }
-            save_checkpoint(run_dir / "last.pt", {**meta, "metrics": row, "state_dict": model.state_dict(), "resume": resume_state})
-            _write_history(run_dir / "history.csv", history)
-            plot_training_curves(history, step_losses, run_dir / "curves.png", title=f"{config.model} on {bundle.name}")
-            if stopped_early:
-                log.info("early stop: val loss has not improved for %d epochs", stale_epochs)
-                break
-
-    ranks_identical = ctx.identical(model)
-    ctx.close()
-    result = TrainResult(
-        run_dir=str(run_dir) if ctx.is_main else "",
-        best_checkpoint=str(run_dir / "best.pt") if ctx.is_main else "",
-        best_val_acc=best["val_acc"],
-        best_epoch=best["epoch"],
-        epochs=len(history),
-        stopped_early=stopped_early,
-        train_images_per_s=len(history) / max(1e-9, sum(1 / r["images_per_s"] for r in history)),  # all images / all time
-        wall_s=previous_wall + time.perf_counter() - started,
-        skipped_files=bundle.skipped_files,
-        device=str(device),
-        params=sum(p.numel() for p in model.parameters()),
-        world_size=ctx.world,
-        history=history,
-    )
-    if not ctx.is_main:
-        return result
-    if not ranks_identical:
-        log.error("the %d ranks ended with different weights", ctx.world)
-    summary = {k: v for k, v in asdict(result).items() if k != "history"}
-    summary["ranks_identical"] = ranks_identical
-    summary.update(model=config.model, data=bundle.name, classes=list(bundle.classes),
-                   skipped_examples=list(bundle.skipped_examples))  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
-
-
-def _trainers_state(optimizer, lambda_lr, plateau, scaler, device: torch.device) -> dict:
-    """Optimizer, schedulers, loss scaler and RNG states: what `--resume` restores."""
-    return {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": lambda_lr.state_dict(),
-        "plateau": plateau.state_dict() if plateau is not None else None,
-        "scaler": scaler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-        "rng_python": random.getstate(),
-    }
-
-
-def _restore_trainers(saved: dict, optimizer, lambda_lr, plateau, scaler, device: torch.device) -> None:
-    """The inverse of `_trainers_state`."""
-    optimizer.load_state_dict(saved["optimizer"])
-    lambda_lr.load_state_dict(saved["scheduler"])
-    if plateau is not None:
-        plateau.load_state_dict(saved["plateau"])
-    scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng_cpu"])
-    if device.type == "cuda" and saved["rng_cuda"]:
-        torch.cuda.set_rng_state_all(saved["rng_cuda"])
-    random.setstate(saved["rng_python"])
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -37,7 +37,7 @@ GATES = {"fp32": 0.0, "fp16": 0.1, "int8": 1.0}  # largest accuracy drop allowed
 FP32_MIN_AGREEMENT = 0.999  # fp32: the same top-1 on >= 99.9 % of the images
 FP32_LOGIT_RTOL = 1e-3  # fp32: every |logit - reference| <= 1e-3 * max(1, |reference|)
 FP32_PROB_ATOL = 1e-4  # fp32: every |softmax - reference softmax| <= 1e-4
-_CHUNK = 64  # images decoded and compared at a time (rounded up to a multiple of the batch size)
+_CHUNK = 16  # images decoded and compared at a time (rounded up to a multiple of the batch size)
 
 
 @dataclass
@@ -124,43 +124,72 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _chunks(bundle: DataBundle, chunk: int, workers: int) -> Iterator[tuple[torch.Tensor, np.ndarray, list]]:
-    """(reference input on training's eval transform, labels, the same images as sources for the
-    file's own preprocessing: paths, or PIL images of the stored uint8 arrays), chunk by chunk."""
-    split, cpu = bundle.val, torch.device("cpu")
-    batches = iterate_batches(split, batch_size=chunk, preprocess=bundle.preprocess, device=cpu,
-                              workers=0 if isinstance(split, TensorImages) else workers)  # fmt: skip
-    start = 0
-    for x, y in batches:
-        end = start + len(y)
-        if isinstance(split, TensorImages):
-            sources = [Image.fromarray(a) for a in split.raw[start:end]]
-        else:
-            sources = [path for path, _ in split.files[start:end]]
-        yield x, y.numpy(), sources
-        start = end
+def _chunks(bundle: DataBundle, chunk: int, spec, pool: ThreadPoolExecutor, skipped: list[str]):
+    """(reference input on training's eval transform, labels, the same images through the file's
+    preprocessing `spec`), chunk by chunk. Sources: the stored uint8 images of in-memory data, the
+    files of folder data (a file that cannot be decoded is left out of both, and listed in `skipped`)."""
+    split = bundle.val
+    if isinstance(split, TensorImages):
+        start = 0
+        for x, y in iterate_batches(split, batch_size=chunk, preprocess=bundle.preprocess, device=torch.device("cpu")):
+            sources = [Image.fromarray(a) for a in split.raw[start : start + len(y)]]
+            yield x, y.numpy(), np.stack(list(pool.map(lambda s: preprocess_image(s, spec), sources)))
+            start += len(y)
+        return
+    for start in range(0, len(split), chunk):
+        pairs = list(pool.map(lambda i: _decode_both(split, i, spec, skipped), range(start, min(start + chunk, len(split)))))
+        good = [pair for pair in pairs if pair is not None]
+        if good:
+            yield torch.stack([x for x, _, _ in good]), np.array([y for _, y, _ in good]), np.stack([e for _, _, e in good])
 
 
-def gate(runner, checkpoint: dict, bundle: DataBundle, *, precision: str, batch_sizes: tuple[int, ...] = (1, 8),
-         max_acc_drop: float | None = None, workers: int = 2) -> ValidationResult:  # fmt: skip
-    """Run the checkpoint and the exported file (`runner`, from `open_runner`) on the validation
-    split, the file at each of `batch_sizes`, and judge the result by the precision's gate."""
-    mismatches = spec_mismatches(runner.metadata, checkpoint)
-    reference = model_from_checkpoint(checkpoint).eval()
+def _decode_both(split, index: int, spec, skipped: list[str]):
+    """(training's eval tensor, label, the file's own preprocessing) of one file, or None."""
+    try:
+        reference, label = split[index]
+        return reference, label, preprocess_image(split.files[index][0], spec)
+    except InputError as exc:
+        skipped.append(str(exc))
+        return None
+
+
+def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, model: torch.nn.Module | None = None,
+         batch_sizes: tuple[int, ...] = (1, 8), max_acc_drop: float | None = None, device: str = "cpu",
+         workers: int = 2) -> ValidationResult:  # fmt: skip
+    """Run the checkpoint (`model`, when already built from it) and the exported file at `path` (as
+    `edgeft predict` runs it) on the validation split, the file at each of `batch_sizes`, and judge
+    the result by its precision's gate. A file that disagrees with its checkpoint is not run: its
+    inputs may not even fit."""
+    metadata = read_metadata(path)  # refuses a file modified after export
+    mismatches = spec_mismatches(metadata, checkpoint)
     tallies = {b: _Tally() for b in batch_sizes}
+    reference_correct, provider, skipped = 0, "not run", []
+    if not mismatches:
+        runner = open_runner(path, device=device)
+        reference = (model or model_from_checkpoint(checkpoint)).eval()
+        reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped)
+        provider = runner.provider
+    result = _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=metadata["precision"],
+                      provider=provider, max_acc_drop=max_acc_drop)  # fmt: skip
+    if skipped:
+        result.notes.append(f"{len(skipped)} validation file(s) could not be decoded and were left out, e.g. {skipped[0]}")
+    return result
+
+
+def _compare(runner, reference: torch.nn.Module, bundle: DataBundle, tallies: dict[int, _Tally], workers: int,
+             skipped: list[str]) -> int:  # fmt: skip
+    """Stream the validation split through both; returns the reference's correct count."""
     reference_correct = 0
-    chunk = -(-max(_CHUNK, *batch_sizes) // max(batch_sizes)) * max(batch_sizes)
-    if not mismatches:  # a file that disagrees with its checkpoint is not run: its inputs may not even fit
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
-            for x, labels, sources in _chunks(bundle, chunk, workers):
-                ref_logits = reference(x).float().numpy()
-                reference_correct += int((ref_logits.argmax(1) == labels).sum())
-                inputs = np.stack(list(pool.map(lambda s: preprocess_image(s, runner.preprocess), sources)))
-                for b, tally in tallies.items():
-                    logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
-                    tally.add(logits, ref_logits, labels)
-    return _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=precision,
-                    provider=runner.provider, max_acc_drop=max_acc_drop)  # fmt: skip
+    biggest = max(tallies)
+    chunk = -(-max(_CHUNK, biggest) // biggest) * biggest
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, torch.inference_mode():
+        for x, labels, inputs in _chunks(bundle, chunk, runner.preprocess, pool, skipped):
+            ref_logits = reference(x).float().numpy()
+            reference_correct += int((ref_logits.argmax(1) == labels).sum())
+            for b, tally in tallies.items():
+                logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
+                tally.add(logits, ref_logits, labels)
+    return reference_correct
 
 
 def _verdict(tallies: dict[int, _Tally], reference_correct: int, mismatches: list[str], *, bundle: DataBundle,
@@ -237,8 +266,9 @@ def validate_file(
     if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
         notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
     bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
-    runner = open_runner(path, device=device)
-    result = gate(runner, checkpoint, bundle, precision=metadata["precision"], batch_sizes=(1, batch_size),
-                  max_acc_drop=max_acc_drop, workers=workers)  # fmt: skip
+    model = model_from_checkpoint(checkpoint)
+    del checkpoint["state_dict"]  # the model holds the weights now: memory is the point here
+    result = gate(path, checkpoint, bundle, model=model, batch_sizes=(1, batch_size), max_acc_drop=max_acc_drop,
+                  device=device, workers=workers)  # fmt: skip
     result.notes += notes
     return result

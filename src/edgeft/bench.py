@@ -182,7 +182,7 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
         path = folder / f"{model_name}-{precision}{'.onnx' if fmt == 'onnx' else '.ts'}"
         if fmt == "onnx":
             calibration = np.random.default_rng(0).standard_normal((16, 3, spec.size, spec.size), dtype=np.float32)
-            write_onnx(model, spec, path, opset=18, precision=precision, calibration=calibration)
+            write_onnx(model, spec, path, opset=18, precision=precision, calibration=iter([calibration]))  # a stream of batches
         else:
             write_torchscript(model, spec, path, precision=precision, device=device)
         files[key] = str(path)

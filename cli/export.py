@@ -41,8 +41,8 @@ def _validation_rows(v) -> list[tuple[str, str]]:
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")] = None,
-    format: Annotated[str, typer.Option(help="onnx | torchscript | all.")] = C.format,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto (int8, auto: ONNX; fp16 TorchScript: CUDA). auto: the fastest candidate here that passes its gate.")] = C.precision,
+    format: Annotated[str, typer.Option(help="onnx | torchscript | executorch | all (executorch: pip install \"edgeft[executorch]\").")] = C.format,
+    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto (int8: ONNX, ExecuTorch; auto: ONNX; fp16 TorchScript: CUDA). auto: the fastest candidate here that passes its gate.")] = C.precision,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
     name: Annotated[Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")] = C.name,
     opset: Annotated[int, typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]}.")] = C.opset,
@@ -62,7 +62,7 @@ def export_command(
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
     force: Annotated[bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")] = C.force,
 ) -> None:
-    """Write TorchScript / ONNX files that carry their classes and preprocessing, proven on real images."""
+    """Write ONNX / TorchScript / ExecuTorch files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
     from rich.console import Console
     from rich.table import Table
@@ -82,6 +82,8 @@ def export_command(
                 table.add_row(*row)
         else:
             table.add_row("validation", "[yellow]skipped (--no-validate)[/]")
+        if f.delegation is not None:
+            table.add_row("outside XNNPACK", _outside_delegate(f.delegation))
         if not f.kept:
             table.add_row("file", "[red]removed[/] (use --force to keep it, marked failed)")
         console.print(table)
@@ -105,7 +107,7 @@ def _attempts_table(attempts, *, auto: bool):
 
 @app.command("validate")
 def validate_command(
-    file: Annotated[Path, typer.Argument(help="An exported .onnx or .ts file.")],
+    file: Annotated[Path, typer.Argument(help="An exported .onnx, .ts or .pte file.")],
     reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one it was exported from).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
@@ -136,7 +138,7 @@ def validate_command(
 
 @app.command("info")
 def info_command(
-    file: Annotated[Path, typer.Argument(help="An exported .onnx or .ts file.")],
+    file: Annotated[Path, typer.Argument(help="An exported .onnx, .ts or .pte file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata JSON.")] = False,
 ) -> None:
     """Print the metadata embedded in an exported file."""
@@ -155,6 +157,12 @@ def info_command(
     Console().print(table)
 
 
+def _outside_delegate(delegation: dict) -> str:
+    """What an ExecuTorch program runs outside the XNNPACK delegate, in one line."""
+    ops = ", ".join(f"{name} x{count}" for name, count in dict(delegation.get("outside_by_op", {})).items()) or "nothing"
+    return f"{ops} ({delegation.get('delegated_ops')} ops in {delegation.get('delegated_subgraphs')} XNNPACK subgraphs)"
+
+
 def _info_rows(metadata: dict) -> list[tuple[str, str]]:
     v, p, source = metadata.get("validation"), metadata["preprocess"], metadata["source_checkpoint"]
     classes = metadata["classes"]
@@ -169,4 +177,4 @@ def _info_rows(metadata: dict) -> list[tuple[str, str]]:
             f"{'passed' if v['passed'] else 'FAILED'}: {v['exported_acc']:.2%} vs {v['reference_acc']:.2%} on {v['n_images']} images"),
         ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
         ("created", str(metadata.get("created"))),
-    ]  # fmt: skip
+    ] + ([("outside XNNPACK", _outside_delegate(metadata["delegation"]))] if isinstance(metadata.get("delegation"), dict) else [])  # fmt: skip

@@ -24,7 +24,7 @@ def files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
     return {f.format: Path(f.path) for f in result.files}
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch"])
 def test_digest_ignores_the_metadata_and_sees_the_model(files, tmp_path, fmt):
     path = tmp_path / files[fmt].name
     shutil.copy(files[fmt], path)

@@ -129,3 +129,18 @@ def test_unusable_cuda_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "edgeft: error: --device cuda: CUDA is not usable here; use --device cpu or auto"
     assert not list(tmp_path.glob("bench-*"))
+
+
+def test_executorch_rows_fp32_and_int8(tmp_path):
+    pytest.importorskip("executorch.runtime")
+    config = BenchConfig(models=("resnet18",), runtimes=("onnxruntime", "executorch"), precisions=("fp32", "int8"),
+                         batch_sizes=(1, 3), img_size=32, device="cpu", quick=True, out=str(tmp_path))  # fmt: skip
+    rows = {(r.runtime, r.precision, r.batch): r for r in run_bench(config).rows}
+    for precision in ("fp32", "int8"):
+        for batch in (1, 3):
+            row = rows[("executorch", precision, batch)]
+            assert row.status == "ok", row.status
+            assert row.provider == "executorch:xnnpack" and 0 < row.p50_ms <= row.p99_ms and row.load_s > 0
+    fp32, int8 = rows[("executorch", "fp32", 1)], rows[("executorch", "int8", 1)]
+    assert int8.file_mb < 0.3 * fp32.file_mb
+    assert fp32.file_mb == pytest.approx(rows[("onnxruntime", "fp32", 1)].file_mb, rel=0.1)  # the same weights

@@ -42,7 +42,7 @@ def _edit_metadata(path: Path, edit) -> None:
     write_metadata(path, metadata)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch"])
 def test_untouched_files_pass_the_sharper_fp32_gate(fp32_files, digits_checkpoint, fmt):
     result = validate_file(fp32_files[fmt], reference=digits_checkpoint)
     assert result.passed, result.reason

@@ -5,7 +5,7 @@ uses this module.
 The content digest is the sha256 of everything in the file except the edgeft metadata:
 for ONNX every top-level field of the ModelProto but `metadata_props`, read from the protobuf
 wire format; for TorchScript every archive entry but the extra files, the debug tables and the
-serialization id. Writing the metadata after validation therefore leaves the digest as it was,
+serialization id; for ExecuTorch the program bytes before the metadata trailer (`edgeft.pte`). Writing the metadata after validation therefore leaves the digest as it was,
 and any change to the graph or the weights changes it.
 """
 
@@ -39,16 +39,18 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 def artifact_format(path: str | os.PathLike) -> str:
-    """'onnx' or 'torchscript', from the file name; anything else is an InputError."""
+    """'onnx', 'torchscript' or 'executorch', from the file name; anything else is an InputError."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
+    if suffix == ".pte":
+        return "executorch"
     if suffix in (".ts", ".torchscript"):
         return "torchscript"
     if suffix in _CHECKPOINT_SUFFIXES:
         raise InputError(f"{path}: a PyTorch checkpoint or weights file, not an exported model; "
                          f"turn it into one with `edgeft export {path}`")  # fmt: skip
-    raise InputError(f"{path}: not an exported model (expected .onnx or .ts)")
+    raise InputError(f"{path}: not an exported model (expected .onnx, .ts or .pte)")
 
 
 # --- the metadata document ----------------------------------------------------------------
@@ -97,6 +99,10 @@ def read_metadata(path: str | os.PathLike, *, verify: bool = True) -> dict:
         raise InputError(f"{path} does not exist")
     if fmt == "onnx":
         text, digest = onnx_metadata_and_digest(path.read_bytes(), path)
+    elif fmt == "executorch":
+        from edgeft.pte import pte_content_digest, read_pte_metadata
+
+        text, digest = read_pte_metadata(path), pte_content_digest(path)
     else:
         text, digest = _torchscript_metadata_text(path), content_digest(path)
     metadata = parse_metadata(text, path)
@@ -121,6 +127,10 @@ def write_metadata(path: str | os.PathLike, metadata: dict) -> None:
         fields = [(n, raw) for n, raw in _onnx_fields(path.read_bytes(), path) if n != _ONNX_METADATA_FIELD]
         entry = _length_delimited(1, METADATA_KEY.encode()) + _length_delimited(2, text.encode())
         path.write_bytes(b"".join(raw for _, raw in fields) + _length_delimited(_ONNX_METADATA_FIELD, entry))
+    elif artifact_format(path) == "executorch":
+        from edgeft.pte import write_pte_metadata
+
+        write_pte_metadata(path, text)
     else:
         _rewrite_zip(path, {_TS_EXTRA: text.encode()})
 
@@ -133,6 +143,10 @@ def content_digest(path: str | os.PathLike) -> str:
     path = Path(path)
     if artifact_format(path) == "onnx":
         return onnx_metadata_and_digest(path.read_bytes(), path)[1]
+    if artifact_format(path) == "executorch":
+        from edgeft.pte import pte_content_digest
+
+        return pte_content_digest(path)
     digest = hashlib.sha256()
     for name, data in _torchscript_content(path):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
@@ -305,9 +319,10 @@ def check_outputs(logits: np.ndarray, classes: list[str], source: str | os.PathL
 
 
 def open_runner(path: str | os.PathLike, *, device: str = "cpu"):
-    """What `edgeft predict` would run for this file: a `Predictor` (ONNX, onnxruntime) or a
-    `TorchScriptRunner`; both have .metadata, .preprocess, .classes, .provider and .logits()."""
-    if artifact_format(path) == "onnx":
+    """What `edgeft predict` would run for this file: a `Predictor` (ONNX through onnxruntime,
+    .pte through ExecuTorch) or a `TorchScriptRunner`; each has .metadata, .preprocess, .classes,
+    .provider and .logits()."""
+    if artifact_format(path) in ("onnx", "executorch"):
         from edgeft.predict import Predictor
 
         return Predictor(path, device=device)

@@ -26,6 +26,7 @@ from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.quantize import default_settings
+from edgeft.pte import require_executorch, write_pte
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
 
@@ -105,15 +106,35 @@ def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]
     for runtime in config.runtimes:
         for precision in precisions:
             reason = None
-            if precision == "int8" and runtime != "onnxruntime":
+            if runtime == "executorch":
+                reason = _executorch_unavailable(device)
+            elif precision == "int8" and runtime not in ("onnxruntime", "executorch"):
                 if config.precisions:  # asked for explicitly: say why not
-                    reason = "int8 runs through onnxruntime only"
+                    reason = "int8 runs through onnxruntime and executorch only"
                 else:
                     continue
-            elif precision == "fp16" and device == "cpu" and runtime != "onnxruntime":
+            elif precision == "fp16" and device == "cpu" and runtime not in ("onnxruntime", "executorch"):
                 reason = "fp16 PyTorch on CPU is not a deployment target; use --device cuda"
             plan.append((runtime, precision, reason))
     return plan
+
+
+def _executorch_unavailable(device: str) -> str | None:
+    """Why ExecuTorch rows cannot run here (it runs on the CPU, through XNNPACK), or None."""
+    if device != "cpu":
+        return "ExecuTorch runs on the CPU (XNNPACK); use --device cpu"
+    try:
+        require_executorch()
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def _write_executorch(model, spec, path: Path, precision: str) -> str:
+    """A .pte of random-weight `model` for timing (int8: calibrated on random images)."""
+    calibration = np.random.default_rng(0).standard_normal((16, spec.channels, spec.size, spec.size), dtype=np.float32)
+    write_pte(model, spec, path, precision=precision, calibration=calibration)
+    return str(path)
 
 
 def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, device: str, folder: Path, needed) -> dict:
@@ -134,7 +155,10 @@ def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, dev
         if runtime == "eager":
             files[key] = checkpoint
             continue
-        fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
+        if runtime == "executorch" and not config.checkpoints:
+            files[key] = _write_executorch(model, spec, folder / f"{model_name}-{precision}.pte", precision)
+            continue
+        fmt = {"onnxruntime": "onnx", "executorch": "executorch"}.get(runtime, "torchscript")
         if config.checkpoints:  # a real export, with its validation
             result = export(ExportConfig(checkpoint=checkpoint, format=fmt, precision=precision, out=str(folder), data=config.data,
                                          name=f"{model_name}-{runtime}-{precision}", device=device, force=True))  # fmt: skip

@@ -104,7 +104,7 @@ def _check_train_config(c: TrainConfig) -> None:
     parse_device(c.device)
 
 
-FORMATS = ("onnx", "torchscript", "all")
+FORMATS = ("onnx", "torchscript", "executorch", "all")
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSETS = range(18, 24)  # ONNX opsets written and tested (each read back from the file)
 
@@ -114,8 +114,8 @@ class ExportConfig:
     """What `edgeft export` writes, and how it proves the files before keeping them."""
 
     checkpoint: str  # an edgeft checkpoint (runs/<name>/best.pt)
-    format: str = "onnx"  # onnx | torchscript | all
-    precision: str = "fp32"  # fp32 | fp16 | int8 | auto (int8, auto: ONNX only; TorchScript fp16: CUDA only)
+    format: str = "onnx"  # onnx | torchscript | executorch | all (executorch: with the extra installed)
+    precision: str = "fp32"  # fp32 | fp16 | int8 | auto (int8: ONNX and ExecuTorch; auto: ONNX; TorchScript fp16: CUDA only)
     out: str = "exported"  # output folder
     name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
     opset: int = 18  # ONNX opset
@@ -163,7 +163,7 @@ def _at_least(option: str, value: int, smallest: int) -> None:
         raise InputError(f"{option} must be at least {smallest}, got {value}")
 
 
-RUNTIMES = ("eager", "torchscript", "onnxruntime")
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "executorch")
 
 
 @dataclass
@@ -171,8 +171,8 @@ class BenchConfig:
     """What `edgeft bench` measures; every row runs in a fresh process."""
 
     models: tuple[str, ...] = ("resnet18", "resnext50_32x4d", "densenet121")
-    runtimes: tuple[str, ...] = RUNTIMES  # eager | torchscript | onnxruntime
-    precisions: tuple[str, ...] = ()  # empty: fp32, plus int8 (onnxruntime) on CPU or fp16 on CUDA
+    runtimes: tuple[str, ...] = RUNTIMES  # eager | torchscript | onnxruntime | executorch
+    precisions: tuple[str, ...] = ()  # empty: fp32, plus int8 (onnxruntime, executorch) on CPU or fp16 on CUDA
     batch_sizes: tuple[int, ...] = (1, 8)
     img_size: int = 224
     device: str = "auto"  # auto | cpu | cuda[:N] (a CUDA device that is not usable here: exit 2)

@@ -1,11 +1,13 @@
-"""Checkpoint -> self-describing ONNX / TorchScript files (fp32, fp16, int8, or the fastest of
-them that passes: auto), each validated against the checkpoint and kept only when it passes its
-accuracy gate. int8 that fails its gate tries the next settings of the fallback ladder."""
+"""Checkpoint -> self-describing ONNX / TorchScript / ExecuTorch files (fp32, fp16, int8, or the
+fastest ONNX file that passes: auto), each validated against the checkpoint and kept only when it
+passes its accuracy gate. ONNX int8 that fails its gate tries the next settings of the fallback
+ladder."""
 
 from __future__ import annotations
 
 import copy
 import datetime
+import importlib.metadata
 import logging
 import os
 import warnings
@@ -28,6 +30,7 @@ from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+from edgeft.pte import write_pte
 from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, quantize_onnx
 from edgeft.validate import ValidationResult, file_sha256, gate
 
@@ -35,7 +38,7 @@ __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "executorch": ".pte"}
 _SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph
 _TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp.<suffix>, beside the final file
 
@@ -49,6 +52,7 @@ class ExportedFile:
     validation: ValidationResult | None
     kept: bool  # False: failed its gate and was removed
     attempts: list[Attempt] = field(default_factory=list)  # int8 ladder attempts, or auto's candidates
+    delegation: dict | None = None  # ExecuTorch: what runs inside and outside the XNNPACK delegate
 
 
 @dataclass
@@ -73,16 +77,34 @@ def _formats(config: ExportConfig) -> list[str]:
     """The formats to write, after refusing combinations that cannot work."""
     if config.precision == "auto" and (config.format != "onnx" or not config.validate):
         raise InputError("--precision auto gates and times ONNX candidates: use it with --format onnx and validation on")
-    formats = ["onnx", "torchscript"] if config.format == "all" else [config.format]
+    formats = ["onnx", "torchscript", "executorch"] if config.format == "all" else [config.format]
+    if "executorch" in formats:
+        _check_executorch(config, formats)
     on_cuda = config.device.startswith("cuda")
     ts_unsupported = config.precision == "int8" or (config.precision == "fp16" and not on_cuda)
     if "torchscript" in formats and ts_unsupported:
-        why = "int8 is an ONNX (onnxruntime) precision" if config.precision == "int8" else "fp16 TorchScript needs --device cuda"
+        why = "int8 is an ONNX and ExecuTorch precision" if config.precision == "int8" else "fp16 TorchScript needs --device cuda"
         if config.format == "torchscript":
             raise InputError(f"--format torchscript --precision {config.precision}: {why}")
         log.warning("skipping TorchScript: %s", why)
         formats.remove("torchscript")
     return formats
+
+
+def _check_executorch(config: ExportConfig, formats: list[str]) -> None:
+    """ExecuTorch needs its extra and runs on the CPU: refused when asked for by name, skipped in `all`."""
+    from edgeft.pte import require_executorch
+
+    why = "ExecuTorch files are lowered for and validated on the CPU (XNNPACK); use --device cpu"
+    try:
+        require_executorch()
+        if config.device.startswith("cuda"):
+            raise InputError(why)
+    except InputError as exc:
+        if config.format == "executorch":
+            raise InputError(f"--format executorch: {exc}") from None
+        log.warning("skipping ExecuTorch: %s", exc)
+        formats.remove("executorch")
 
 
 def _prepare_out(folder: Path) -> Path:
@@ -176,12 +198,13 @@ class _Job:
 
     def write(self, fmt: str, final: Path) -> ExportedFile:
         """Write one file beside `final`, digest it, gate it, and move it into place if kept."""
-        if fmt == "onnx" and self.config.precision == "int8":
+        if fmt == "onnx" and self.config.precision == "int8":  # ExecuTorch int8: PT2E in one pass
             return self.write_int8(final)
         tmp = _temporary(final)
         try:
-            self._write_float(fmt, tmp, self.config.precision)
-            return self._place(tmp, final, self.config.precision, self._seal_and_gate(tmp, fmt, self.config.precision))
+            extra = self._write_file(fmt, tmp, self.config.precision)
+            validation = self._seal_and_gate(tmp, fmt, self.config.precision, extra)
+            return self._place(tmp, final, self.config.precision, validation, delegation=extra.get("delegation"))
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -189,7 +212,7 @@ class _Job:
         """int8 from the first settings of the fallback ladder that pass the gate."""
         tmp, source = _temporary(final), _temporary(final, "fp32-source")
         try:
-            self._write_float("onnx", source, "fp32")
+            self._write_file("onnx", source, "fp32")
             attempts, validation = self._int8_ladder(source, tmp)
             return self._place(tmp, final, "int8", validation, attempts)
         finally:
@@ -217,7 +240,7 @@ class _Job:
                 tmp.unlink(missing_ok=True)
 
     def _write_candidate(self, tmp: Path, precision: str) -> ValidationResult | None:
-        self._write_float("onnx", tmp, precision)
+        self._write_file("onnx", tmp, precision)
         return self._seal_and_gate(tmp, "onnx", precision)
 
     def _place_chosen(self, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
@@ -251,11 +274,19 @@ class _Job:
         for attempt, p50 in zip(attempts, time_files(paths, batch_sizes=batch_sizes, device=self.config.device)):
             attempt.p50_ms, attempt.batch, attempt.p50_batch_ms = p50[1], batch_sizes[-1], p50[batch_sizes[-1]]
 
-    def _write_float(self, fmt: str, tmp: Path, precision: str) -> None:
+    def _write_file(self, fmt: str, tmp: Path, precision: str) -> dict:
+        """Write one float ONNX or TorchScript file, or an ExecuTorch program of any precision;
+        returns what the file's metadata adds (ExecuTorch: its delegation and version)."""
         if fmt == "onnx":
             write_onnx(self.model, self.spec, tmp, opset=self.config.opset, precision=precision)
-        else:
+        elif fmt == "torchscript":
             write_torchscript(self.model, self.spec, tmp, precision=precision, device=self.config.device)
+        else:
+            calibration = _calibration(self.config, self.bundle, self.spec, self.config.calib_size) if precision == "int8" else None
+            delegation = write_pte(self.model, self.spec, tmp, precision=precision, calibration=calibration)
+            versions = {**self.metadata["versions"], "executorch": importlib.metadata.version("executorch")}
+            return {"delegation": delegation, "versions": versions}
+        return {}
 
     def _seal_and_gate(self, tmp: Path, fmt: str, precision: str, extra: dict | None = None) -> ValidationResult | None:
         """Write the metadata and content digest, then gate the file as `edgeft predict` reads it."""
@@ -271,13 +302,13 @@ class _Job:
         return validation
 
     def _place(self, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
-               attempts: list[Attempt] | None = None) -> ExportedFile:  # fmt: skip
+               attempts: list[Attempt] | None = None, delegation: dict | None = None) -> ExportedFile:  # fmt: skip
         kept = validation is None or validation.passed or self.config.force
         size = tmp.stat().st_size
         if kept:
             os.replace(tmp, final)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
-        return ExportedFile(str(final), _format_of(final), precision, size, validation, kept, attempts or [])
+        return ExportedFile(str(final), _format_of(final), precision, size, validation, kept, attempts or [], delegation)
 
 
 def _temporary(final: Path, tag: str = "") -> Path:

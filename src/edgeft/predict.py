@@ -1,4 +1,6 @@
-"""`Predictor`: an exported ONNX file and onnxruntime, nothing else. Never imports torch.
+"""`Predictor`: an exported file and its runtime. An ONNX file needs onnxruntime, numpy and Pillow,
+nothing else, and never imports torch; a .pte file runs through ExecuTorch's runtime (the
+executorch extra, which imports torch).
 
     from edgeft.predict import Predictor
     for p in Predictor("exported/resnet18-digits.onnx").predict(["img.png"]):
@@ -153,25 +155,45 @@ class Predictor:
     """An exported classifier: its preprocessing and classes come from the file's metadata."""
 
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", threads: int | None = None):
-        import onnxruntime as ort
-
         path = Path(model)
         if not path.is_file():
             raise InputError(f"model {path} does not exist")
         device = parse_device(device)
+        self.path = path
+        if path.suffix.lower() == ".pte":
+            self._open_executorch(device, threads)
+            return
+        import onnxruntime as ort
+
         text, digest = onnx_metadata_and_digest(path.read_bytes(), path)
-        self.metadata = parse_metadata(text, path)
-        check_digest(path, self.metadata, digest)
+        self._describe(text, digest)
         self.session = _session(ort, path, device, threads)
         self.provider = self.session.get_providers()[0]
         if device.startswith("cuda") and self.provider != _CUDA:
             raise InputError(f"--device {device}: onnxruntime cannot use CUDA here (providers: {ort.get_available_providers()}); use --device cpu")
-        self.gate_failure = gate_failure(self.metadata)  # set for a file kept with --force
-        self.path = path
-        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
-        self.classes: list[str] = list(self.metadata["classes"])
         self.input_name = self.session.get_inputs()[0].name
         self._check_io()
+        self._infer = lambda batch: self.session.run(None, {self.input_name: batch})[0]
+
+    def _describe(self, text: str | None, digest: str) -> None:
+        """Metadata, preprocessing and classes from the file, refused when modified after export."""
+        self.metadata = parse_metadata(text, self.path)
+        check_digest(self.path, self.metadata, digest)
+        self.gate_failure = gate_failure(self.metadata)  # set for a file kept with --force
+        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+        self.classes: list[str] = list(self.metadata["classes"])
+
+    def _open_executorch(self, device: str, threads: int | None) -> None:
+        """A .pte through ExecuTorch's runtime (XNNPACK, CPU); needs the executorch extra and torch."""
+        from edgeft.pte import load_pte_runner, pte_content_digest, read_pte_metadata, require_executorch
+
+        if device.startswith("cuda"):
+            raise InputError(f"--device {device}: ExecuTorch files run on the CPU (XNNPACK); use --device cpu")
+        require_executorch()
+        self._describe(read_pte_metadata(self.path), pte_content_digest(self.path))
+        spec = self.preprocess
+        self._infer, self.provider = load_pte_runner(self.path, threads=threads or 0,
+                                                     input_shape=(spec.channels, spec.size, spec.size))  # fmt: skip
 
     def _check_io(self) -> None:
         """The graph's fixed input and output sizes agree with the metadata's preprocessing and classes."""
@@ -186,7 +208,7 @@ class Predictor:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a float32 NCHW batch that is already preprocessed."""
-        return check_outputs(self.session.run(None, {self.input_name: batch})[0], self.classes, self.path)
+        return check_outputs(self._infer(batch), self.classes, self.path)
 
     def predict(self, images: Iterable[str | os.PathLike], *, top_k: int = 5, batch_size: int = 8) -> list[Prediction]:
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size))

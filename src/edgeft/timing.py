@@ -1,6 +1,6 @@
 """One benchmark row, measured in a fresh process so load time and peak memory are its own:
 `python -m edgeft.timing '<json spec>'` prints one JSON result. Imports torch only for the
-PyTorch runtimes."""
+PyTorch runtimes (ExecuTorch's runtime imports it too)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ __all__ = ["matmul_peak", "measure"]
 def _load(spec: dict) -> Callable[[np.ndarray], object]:
     """A function running one batch to completion (results synchronized to the host)."""
     runtime, device, threads = spec["runtime"], spec["device"], spec["threads"]
+    if runtime == "executorch":
+        return _load_executorch(spec)
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
@@ -57,6 +59,14 @@ def _load(spec: dict) -> Callable[[np.ndarray], object]:
                 torch.cuda.synchronize()
             return out
 
+    return run
+
+
+def _load_executorch(spec: dict) -> Callable[[np.ndarray], object]:
+    """A .pte through ExecuTorch's runtime (XNNPACK on `threads` CPU threads)."""
+    from edgeft.pte import load_pte_runner
+
+    run, spec["provider"] = load_pte_runner(spec["file"], threads=spec["threads"])
     return run
 
 

@@ -9,7 +9,7 @@ model), on a generated folder of JPEGs the size of a cats-vs-dogs photo (500 x 3
   images/s over the first EDGEFT_BENCH_PIPELINE_IMAGES images after one warm-up batch.
 - evaluation pipeline: the same over the validation split with the eval transform.
 
-Run (the lead's machine, idle; about 5 minutes on 2 cores, most of it writing the JPEGs):
+Run (a 2-core AMD EPYC, idle; about 5 minutes on 2 cores, most of it writing the JPEGs):
     python -m pytest benchmarks/test_data_pipeline.py --benchmark-only \\
         --benchmark-json benchmarks/results/data_pipeline-cpu.pytest-benchmark.json
 It writes benchmarks/results/data_pipeline-cpu.json. EDGEFT_BENCH_IMAGES (default 20000) sets the

@@ -36,7 +36,7 @@ def bench_command(
     from rich.console import Console
 
     from edgeft.bench import run_bench
-    from edgeft.errors import InputError
+    from edgeft.errors import InputError, RunError
 
     try:
         sizes = tuple(int(b) for b in _split(batch_sizes))
@@ -49,7 +49,7 @@ def bench_command(
     console = Console()
     print_report(report, console)
     if not any(r.status == "ok" for r in report.rows):
-        raise InputError("no row could run; see the reasons above")
+        raise RunError("no row could run; see the reasons above")
 
 
 def print_report(report, console) -> None:

@@ -113,7 +113,7 @@ def validate_command(
     data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
     max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")] = None,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where the file and the checkpoint run.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where the exported file runs (the checkpoint runs on the CPU).")] = "cpu",
     workers: Annotated[int, typer.Option(help="Threads that decode the validation images.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,11 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
     classes = metadata["classes"]
     if not classes or not all(isinstance(c, str) for c in classes) or len(classes) != metadata["num_classes"]:
         raise InputError(f"{source}: its metadata needs {metadata['num_classes']} class names, got {len(classes)}")
+    if not isinstance(metadata["source_checkpoint"].get("sha256"), str) or not isinstance(metadata.get("versions", {}), dict):
+        raise InputError(f"{source}: its metadata's source_checkpoint or versions is malformed; export the model again")
+    validation = metadata.get("validation")
+    if validation is not None and not (isinstance(validation, dict) and {"passed", "exported_acc", "reference_acc", "n_images"} <= set(validation)):
+        raise InputError(f"{source}: its metadata's validation record is malformed; export the model again")
     if metadata["precision"] not in PRECISIONS:
         raise InputError(f"{source}: unknown precision {metadata['precision']!r} in its metadata")
     try:
@@ -210,19 +216,27 @@ def onnx_metadata_and_digest(data: bytes, source: str | os.PathLike) -> tuple[st
         if number != _ONNX_METADATA_FIELD:
             digest.update(raw)
             continue
-        _, pos = _varint(raw, 0)
-        _, pos = _varint(raw, pos)
-        entry = dict(_string_fields(raw[pos:], source))
+        entry = dict(_string_fields(_payload(raw, source), source))
         if bytes(entry.get(1, b"")) == METADATA_KEY.encode():
             text = bytes(entry.get(2, b"")).decode("utf-8", errors="replace")
     return text, digest.hexdigest()
 
 
+def _payload(raw: memoryview, source) -> memoryview:
+    """The content of a length-delimited field (tag and length stripped)."""
+    try:
+        tag, pos = _varint(raw, 0)
+        if tag & 7 != 2:
+            raise ValueError(f"field {tag >> 3} is not length-delimited")
+        _, pos = _varint(raw, pos)
+    except ValueError as exc:
+        raise InputError(f"{source}: not a readable ONNX file ({exc})") from None
+    return raw[pos:]
+
+
 def _string_fields(data, source) -> Iterator[tuple[int, bytes]]:
     for number, raw in _onnx_fields(data, source):
-        _, pos = _varint(raw, 0)
-        _, pos = _varint(raw, pos)
-        yield number, raw[pos:]
+        yield number, _payload(raw, source)
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -238,13 +252,20 @@ def _torchscript_content(path: Path) -> Iterator[tuple[str, bytes]]:
         entries = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
         for name in sorted(entries):
             if not name.startswith(_TS_VOLATILE) and not name.endswith(".debug_pkl"):
-                yield name, archive.read(entries[name])
+                yield name, _read_entry(archive, entries[name], path)
 
 
 def _torchscript_metadata_text(path: Path) -> str | None:
     with _open_zip(path) as archive:
         names = [n for n in archive.namelist() if n.split("/", 1)[-1] == f"extra/{_TS_EXTRA}"]
-        return archive.read(names[0]).decode("utf-8", errors="replace") if names else None
+        return _read_entry(archive, names[0], path).decode("utf-8", errors="replace") if names else None
+
+
+def _read_entry(archive: zipfile.ZipFile, entry, path: Path) -> bytes:
+    try:
+        return archive.read(entry)
+    except (zipfile.BadZipFile, zlib.error, OSError) as exc:
+        raise InputError(f"{path}: damaged or modified after export ({exc}); export the model again") from None
 
 
 def _rewrite_zip(path: Path, extra: dict[str, bytes]) -> None:

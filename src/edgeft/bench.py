@@ -22,6 +22,7 @@ from edgeft.config import BenchConfig, ExportConfig
 from edgeft.cpu import cpu_description
 from edgeft.data import default_preprocess
 from edgeft.devices import torch_device
+from edgeft.errors import InputError
 from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
@@ -327,7 +328,7 @@ def markdown_report(report: BenchReport) -> str:
         f"- settings: device {s['device']}, {s['img_size']} px, {s['threads']} threads, {s['warmup']} warm-up runs, "
         f"up to {s['iterations']} timed runs or {s['budget_s']} s per row; each (model, runtime, precision) in a fresh "
         f"process (peak MB is that process's resident peak)\n"
-        f"- int8 rows: onnxruntime static quantization, {s['int8']}\n"
+        f"- int8 rows: onnxruntime static quantization, {s['int8']}; executorch: PT2E with the XNNPACK quantizer\n"
         f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 FLOP per "
         f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
         f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n\n" + markdown_table(report.rows)

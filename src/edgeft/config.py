@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgeft.devices import parse_device
 from edgeft.errors import InputError
@@ -99,9 +100,20 @@ def _check_train_config(c: TrainConfig) -> None:
         raise InputError("--freeze-epochs needs pretrained --weights (a random backbone gains nothing from freezing)")
     if not c.data or not c.out:
         raise InputError("--data and --out must not be empty")
-    if c.name is not None and (not c.name or "/" in c.name or c.name in (".", "..")):
-        raise InputError(f"--name must be a plain folder name, got {c.name!r}")
+    _plain_name(c.name)
+    _not_a_file("--out", c.out)
     parse_device(c.device)
+
+
+def _plain_name(name: str | None) -> None:
+    """A file or folder name that stays inside the output folder."""
+    if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+        raise InputError(f"--name must be a plain name (no '/', not starting with '.'), got {name!r}")
+
+
+def _not_a_file(option: str, path: str) -> None:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"{option} {path} is a file, not a folder")
 
 
 FORMATS = ("onnx", "torchscript", "executorch", "all")
@@ -147,6 +159,7 @@ class ExportConfig:
         if self.opset not in OPSETS:
             raise InputError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {self.opset}")
         self.device = parse_device(self.device, allow_auto=False)
+        _plain_name(self.name)
         _at_least("--batch-size", self.batch_size, 1)
         _at_least("--calib-size", self.calib_size, 1)
         if self.max_acc_drop is not None and not -100 <= self.max_acc_drop <= 100:
@@ -203,4 +216,5 @@ class BenchConfig:
             _at_least(option, value, smallest)
         if not self.budget_s > 0:
             raise InputError(f"--budget-s must be positive, got {self.budget_s}")
+        _not_a_file("--out", self.out)
         self.device = parse_device(self.device)

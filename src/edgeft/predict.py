@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgeft.artifact import check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata, read_metadata
+from edgeft.artifact import artifact_format, check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata, read_metadata
 from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, Preprocess, preprocess_image
@@ -160,7 +160,10 @@ class Predictor:
             raise InputError(f"model {path} does not exist")
         device = parse_device(device)
         self.path = path
-        if path.suffix.lower() == ".pte":
+        fmt = artifact_format(path)
+        if fmt == "torchscript":
+            raise InputError(f"{path}: edgeft predict runs .onnx and .pte files; export one with `edgeft export`")
+        if fmt == "executorch":
             self._open_executorch(device, threads)
             return
         import onnxruntime as ort

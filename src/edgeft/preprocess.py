@@ -3,6 +3,7 @@ prediction. Pillow and numpy only: the predictor imports this without torch."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -66,6 +67,13 @@ class Preprocess:
     interpolation: str = "bilinear"  # nearest | bilinear | bicubic
 
     def __post_init__(self) -> None:
+        numbers = (*self.mean, *self.std)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            raise InputError(f"preprocess: mean and std must be finite numbers, got {list(self.mean)}, {list(self.std)}")
+        if not all(v > 0 for v in self.std):
+            raise InputError(f"preprocess: std must be positive, got {list(self.std)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.size, self.resize, self.channels)):
+            raise InputError(f"preprocess: size, resize and channels must be integers, got {self.size}, {self.resize}, {self.channels}")
         if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
             raise InputError(f"preprocess: channels={self.channels} needs that many mean/std values")
         if self.interpolation not in _RESAMPLE:

@@ -145,7 +145,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: I
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize.") as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, _quiet():  # the system's temporary folder: never left in --out
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         excluded = _resolve_float_nodes(prepared, settings.keep_float)

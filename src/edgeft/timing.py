@@ -86,7 +86,8 @@ def _peak_rss_mb() -> float:
     """This process's resident peak. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
     parent across fork and exec, so a child of a big process would report its parent's size."""
     try:
-        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        with open("/proc/self/status") as status:
+            line = next(l for l in status if l.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

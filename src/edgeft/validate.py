@@ -13,7 +13,6 @@ import ctypes
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -269,7 +268,7 @@ def validate_file(
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     _return_large_frees_to_the_system()
-    torch_device(device)  # an unusable CUDA device is refused before any work
+    device = str(torch_device(device))  # auto resolved; an unusable CUDA device refused before any work
     path = Path(path)
     metadata = read_metadata(path)  # refuses a file modified after export
     checkpoint_path = Path(reference) if reference else find_reference(path, metadata)

@@ -84,3 +84,37 @@ def test_info_on_a_checkpoint_says_what_it_is(digits_checkpoint, tmp_path):
     proc = run_edgeft(["info", str(digits_checkpoint)], cwd=tmp_path)
     assert proc.returncode == 2
     assert "checkpoint" in one_line_error(proc.stderr) and "edgeft export" in proc.stderr
+
+
+def test_junk_in_the_metadata_field_is_one_line(files, tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(files["onnx"].read_bytes() + bytes([0x75, 0xFF, 0xFF, 0xFF, 0xFF]))  # field 14, a 32-bit value
+    for command in (["info", str(path)], ["predict", "--model", str(path), str(path)]):
+        proc = run_edgeft(command, cwd=tmp_path)
+        assert proc.returncode == 2 and "not a readable ONNX file" in one_line_error(proc.stderr)
+
+
+def test_a_damaged_torchscript_archive_is_refused(files, tmp_path):
+    import zipfile
+
+    path = tmp_path / "damaged.ts"
+    data = bytearray(files["torchscript"].read_bytes())
+    with zipfile.ZipFile(files["torchscript"]) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)  # the largest weights, stored
+    data[entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged or modified after export|modified after export"):
+        read_metadata(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mean": ["a"]}, "finite numbers"),
+    ({"std": [0.0]}, "std must be positive"),
+    ({"size": 16.5}, "must be integers"),
+])  # fmt: skip
+def test_unusable_preprocessing_in_metadata_is_refused(files, tmp_path, change, message):
+    metadata = read_metadata(files["onnx"])
+    metadata["preprocess"].update(change)
+    path = _with_metadata(files["onnx"], tmp_path, json.dumps(metadata))
+    with pytest.raises(InputError, match=message):
+        read_metadata(path)

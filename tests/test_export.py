@@ -226,6 +226,7 @@ def test_each_supported_opset_is_the_opset_written(digits_checkpoint, tmp_path, 
     (["--device", "cuda:x"], "is not a device"),
     (["--device", "tpu"], "is not a device"),
     (["--out", "a-file"], "is a file, not a folder"),
+    (["--name", "../outside"], "--name must be a plain name"),
 ])  # fmt: skip
 def test_bad_export_options_are_one_line_and_exit_2(digits_checkpoint, tmp_path, options, message):
     (tmp_path / "a-file").write_text("x")

@@ -16,6 +16,8 @@ from edgeft.config import ExportConfig
 from edgeft.errors import InputError
 from edgeft.export import export
 
+pytestmark = pytest.mark.slow  # every test shares a fixture that exports all three formats
+
 
 @pytest.fixture(scope="module")
 def files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:

@@ -131,6 +131,7 @@ def test_unusable_cuda_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.glob("bench-*"))
 
 
+@pytest.mark.slow  # lowers resnet18 twice
 def test_executorch_rows_fp32_and_int8(tmp_path):
     pytest.importorskip("executorch.runtime")
     config = BenchConfig(models=("resnet18",), runtimes=("onnxruntime", "executorch"), precisions=("fp32", "int8"),

@@ -61,7 +61,8 @@ def tiny(tmp_path_factory):
 
 
 def test_missing_executorch_is_an_input_error_naming_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "executorch", None)  # how Python marks a package as not importable
+    for name in ("executorch", "executorch.exir"):  # how Python marks a package as not importable,
+        monkeypatch.setitem(sys.modules, name, None)  # also after an earlier test imported it
     with pytest.raises(InputError, match=EXTRA_HINT.replace("[", r"\[").replace("]", r"\]")):
         require_executorch()
 

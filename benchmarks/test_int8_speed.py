@@ -83,6 +83,7 @@ def _interleaved_p50(files: dict[str, Path]) -> dict[str, list[float]]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # an idle session's threads would spin on the cores the next one times on
     sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for name, p in files.items()}
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
     for session in sessions.values():

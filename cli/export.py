@@ -163,6 +163,13 @@ def _outside_delegate(delegation: dict) -> str:
     return f"{ops} ({delegation.get('delegated_ops')} ops in {delegation.get('delegated_subgraphs')} XNNPACK subgraphs)"
 
 
+def _accuracies(v: dict) -> str:
+    try:
+        return f"{v['exported_acc']:.2%} vs {v['reference_acc']:.2%} on {v['n_images']} images"
+    except (KeyError, TypeError, ValueError):
+        return str(v.get("reason") or "no accuracies recorded")
+
+
 def _info_rows(metadata: dict) -> list[tuple[str, str]]:
     v, p, source = metadata.get("validation"), metadata["preprocess"], metadata["source_checkpoint"]
     classes = metadata["classes"]
@@ -174,7 +181,7 @@ def _info_rows(metadata: dict) -> list[tuple[str, str]]:
         ("content sha256", f"{metadata['content_sha256']} (verified)"),
         ("source", f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)"),
         ("validation", "not run" if not v else
-            f"{'passed' if v['passed'] else 'FAILED'}: {v['exported_acc']:.2%} vs {v['reference_acc']:.2%} on {v['n_images']} images"),
+            f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}"),
         ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
         ("created", str(metadata.get("created"))),
     ] + ([("outside XNNPACK", _outside_delegate(metadata["delegation"]))] if isinstance(metadata.get("delegation"), dict) else [])  # fmt: skip

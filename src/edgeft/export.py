@@ -31,7 +31,7 @@ from edgeft.errors import InputError, RunError
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
 from edgeft.pte import write_pte
-from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, quantize_onnx
+from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, first_images, quantize_onnx
 from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx", "write_torchscript"]
@@ -402,7 +402,7 @@ def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preproce
     if config.calib_data:
         return _folder_batches(Path(config.calib_data), count, spec)
     batches = iterate_batches(bundle.train, batch_size=_CALIB_BATCH, preprocess=spec, device=torch.device("cpu"), shuffle=True)
-    return _take(((x.numpy() for x, _ in batches)), count)
+    return first_images((x.numpy() for x, _ in batches), count)
 
 
 def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.ndarray]:
@@ -413,15 +413,6 @@ def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.n
     with ThreadPoolExecutor(max_workers=4) as pool:
         for start in range(0, len(chosen), _CALIB_BATCH):
             yield np.stack(list(pool.map(lambda p: preprocess_image(p, spec), chosen[start : start + _CALIB_BATCH])))
-
-
-def _take(batches: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:
-    """The first `count` images of a stream of batches."""
-    for batch in batches:
-        yield batch[:count]
-        count -= len(batch)
-        if count <= 0:
-            return
 
 
 def write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precision: str, device: str) -> None:

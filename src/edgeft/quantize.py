@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATION_TYPES", "CALIBRATION_METHODS", "FLOAT_NODE_GROUPS", "QUANT_FORMATS", "WEIGHT_TYPES",
-    "QuantSettings", "QuantSummary", "default_settings", "fallback_ladder", "quantize_onnx",
+    "QuantSettings", "QuantSummary", "default_settings", "fallback_ladder", "first_images", "quantize_onnx",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], set
     calibrator = create_calibrator(prepared, op_types, augmented_model_path=str(tmp / "augmented.onnx"),
                                    calibrate_method=_calibration_method(settings.calibrate_method))  # fmt: skip
     images = 0
-    for batch in _first_images(calibration, settings.calibration_size):
+    for batch in first_images(calibration, settings.calibration_size):
         calibrator.collect_data(OneBatch(batch))
         images += len(batch)
     if images == 0:
@@ -210,7 +210,7 @@ def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], set
     return cache, images
 
 
-def _first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
+def first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
     """The batches that hold the first `count` images (the last one cut to size), as float32."""
     import numpy as np
 

@@ -9,7 +9,6 @@ import logging
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.quantize import default_settings
+from edgeft.timing import run_measurement
 from edgeft.pte import require_executorch, write_pte
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
@@ -186,20 +186,6 @@ def _write_random_weights_onnx(model, spec, path: Path, precision: str) -> None:
                settings=replace(default_settings(), calibration_size=16))  # fmt: skip
 
 
-def _measure(spec: dict, timeout: float) -> list[dict] | str:
-    """Run edgeft.timing in a fresh process; its results, or the reason it failed."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    try:
-        proc = subprocess.run([sys.executable, "-m", "edgeft.timing", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, env=env)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return f"timed out after {timeout:.0f} s"
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit status {proc.returncode}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     """Measure every row; rows that cannot run say why. Writes the report files to `config.out`."""
     if config.quick:
@@ -233,7 +219,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
                 bar.update(task, description=f"{model_name} {runtime} {precision}")
                 rows = [BenchRow(model_name, runtime, precision, b, device) for b in config.batch_sizes]
                 if reason is None:
-                    measured = _measure({"runtime": runtime, "precision": precision, "device": device, "threads": threads,
+                    measured = run_measurement({"runtime": runtime, "precision": precision, "device": device, "threads": threads,
                                          "file": art["files"][(runtime, precision)], "batches": list(config.batch_sizes),
                                          "size": art["size"], "channels": art["channels"], "warmup": warmup,
                                          "iterations": iterations, "budget_s": budget},
@@ -262,7 +248,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
 def _matmul_peak(device: str, threads: int) -> dict:
     """This machine's fp32 matmul throughput, measured once per report in a fresh process."""
     spec = {"measure": "matmul_peak", "device": device, "threads": threads}
-    measured = _measure(spec, timeout=120)
+    measured = run_measurement(spec, timeout=120)
     if isinstance(measured, str):
         log.warning("matmul peak not measured: %s", measured)
         return {"gflop_per_s": None, "method": f"not measured: {measured}"}

@@ -1,22 +1,27 @@
 """Candidate files of one export, compared: the int8 fallback ladder's attempts and the
-`--precision auto` decision (the fastest candidate that passes its gate). Timing runs the files
-as `edgeft predict` does, interleaved in this process so every candidate sees the same load."""
+`--precision auto` decision (the fastest candidate that passes its gate). Each file is timed as
+`edgeft bench` times a row, and as a user's own timing loop would see it: alone, in a fresh process,
+with the runtime's default settings. Two sessions in one process would not be fair: the idle
+one's spinning threads slowed the timed one up to 3x on 2 cores. The files take turns, round
+after round, so every candidate sees the same load."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeft.artifact import open_runner
+from edgeft.artifact import artifact_format, read_metadata
+from edgeft.errors import RunError
+from edgeft.timing import run_measurement
 from edgeft.validate import ValidationResult
 
 __all__ = ["Attempt", "attempts_table", "choose_fastest", "time_files"]
 
-_ROUNDS = 10  # interleaved rounds; each runs every file once per batch size
-_BUDGET_S = 10.0  # stop after this many seconds (after 3 rounds)
+_ROUNDS = 3  # each round times every file once, in its own process
+_BUDGET_S = 1.0  # timed seconds per file, batch size and round (at least 5 runs)
+_RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torchscript", "executorch": "executorch"}
 
 
 @dataclass
@@ -45,25 +50,27 @@ class Attempt:
 
 
 def time_files(paths: list[Path], *, batch_sizes: tuple[int, ...], device: str = "cpu") -> list[dict[int, float]]:
-    """p50 latency in ms of each file at each batch size, measured in interleaved rounds."""
-    runners = [open_runner(path, device=device) for path in paths]
-    spec = runners[0].preprocess
-    rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, spec.channels, spec.size, spec.size), dtype=np.float32) for b in batch_sizes}
-    for runner in runners:  # warm-up: first-run allocations are not timed
-        for x in inputs.values():
-            runner.logits(x)
-    times: list[dict[int, list[float]]] = [{b: [] for b in batch_sizes} for _ in runners]
-    deadline = time.perf_counter() + _BUDGET_S
-    for round_ in range(_ROUNDS):
-        if round_ >= 3 and time.perf_counter() > deadline:
-            break
-        for runner, measured in zip(runners, times):
-            for b, x in inputs.items():
-                start = time.perf_counter()
-                runner.logits(x)
-                measured[b].append(1000 * (time.perf_counter() - start))
-    return [{b: float(np.median(ms)) for b, ms in measured.items()} for measured in times]
+    """p50 latency in ms of each file at each batch size: the median of its rounds' p50s, each
+    round timing every file in turn in a fresh process."""
+    specs = [_timing_spec(Path(path), batch_sizes, device) for path in paths]
+    rounds: list[list[dict[int, float]]] = [[] for _ in specs]
+    for _ in range(_ROUNDS):
+        for spec, measured in zip(specs, rounds):
+            result = run_measurement(spec, timeout=120 + 4 * _BUDGET_S * len(batch_sizes))
+            if isinstance(result, str):
+                raise RunError(f"{spec['file']}: could not be timed ({result})")
+            measured.append({row["batch"]: row["p50_ms"] for row in result})
+    return [{b: float(np.median([m[b] for m in measured])) for b in batch_sizes} for measured in rounds]
+
+
+def _timing_spec(path: Path, batch_sizes: tuple[int, ...], device: str) -> dict:
+    """What `edgeft.timing` needs to run `path` as predict would: its runtime, input shape and
+    the runtime's default number of threads."""
+    preprocess = read_metadata(path)["preprocess"]
+    return {"runtime": _RUNTIMES[artifact_format(path)], "precision": "", "device": device,
+            "threads": None, "file": str(path), "batches": list(batch_sizes),
+            "size": preprocess["size"], "channels": preprocess["channels"], "warmup": 3, "iterations": 200,
+            "budget_s": _BUDGET_S}  # fmt: skip
 
 
 def choose_fastest(attempts: list[Attempt]) -> Attempt | None:

@@ -1,18 +1,24 @@
-"""One benchmark row, measured in a fresh process so load time and peak memory are its own:
-`python -m edgeft.timing '<json spec>'` prints one JSON result. Imports torch only for the
-PyTorch runtimes (ExecuTorch's runtime imports it too)."""
+"""One benchmark row, measured in a fresh process so load time and peak memory are its own, and
+no other session's threads share the cores: `python -m edgeft.timing '<json spec>'` prints one
+JSON result (`run_measurement` starts it). `edgeft bench` times its rows and `--precision auto`
+its candidates this way. Imports torch only for the PyTorch runtimes (ExecuTorch's runtime
+imports it too)."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["matmul_peak", "measure"]
+from edgeft.devices import cuda_index
+
+__all__ = ["matmul_peak", "measure", "run_measurement"]
 
 
 def _load(spec: dict) -> Callable[[np.ndarray], object]:
@@ -24,18 +30,20 @@ def _load(spec: dict) -> Callable[[np.ndarray], object]:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's own default (its physical cores)
         options.log_severity_level = 3
-        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        cuda = device.startswith("cuda")
+        providers = [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         session = ort.InferenceSession(spec["file"], sess_options=options, providers=providers)
         spec["provider"] = session.get_providers()[0]
-        if device == "cuda" and spec["provider"] != "CUDAExecutionProvider":
+        if cuda and spec["provider"] != "CUDAExecutionProvider":
             raise RuntimeError("onnxruntime cannot use CUDA here")
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
     import torch
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     if runtime == "torchscript":
         import warnings
 
@@ -55,18 +63,18 @@ def _load(spec: dict) -> Callable[[np.ndarray], object]:
     def run(x: np.ndarray):
         with torch.inference_mode():
             out = module(torch.from_numpy(x).to(device, dtype))
-            if device == "cuda":
-                torch.cuda.synchronize()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
             return out
 
     return run
 
 
 def _load_executorch(spec: dict) -> Callable[[np.ndarray], object]:
-    """A .pte through ExecuTorch's runtime (XNNPACK on `threads` CPU threads)."""
+    """A .pte through ExecuTorch's runtime (XNNPACK on `threads` CPU threads; none given: its default)."""
     from edgeft.pte import load_pte_runner
 
-    run, spec["provider"] = load_pte_runner(spec["file"], threads=spec["threads"])
+    run, spec["provider"] = load_pte_runner(spec["file"], threads=spec["threads"] or 0)
     return run
 
 
@@ -128,7 +136,7 @@ def matmul_peak(device: str, threads: int, size: int = 2048, repeats: int = 5) -
     torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     torch.matmul(a, b)
     sync()
     best = float("inf")
@@ -140,6 +148,21 @@ def matmul_peak(device: str, threads: int, size: int = 2048, repeats: int = 5) -
     where = f"{threads} threads" if device == "cpu" else device
     method = f"torch.matmul fp32 {size}x{size}, {where}, best of {repeats} after a warm-up, in a fresh process"
     return {"gflop_per_s": 2 * size**3 / best / 1e9, "method": method}
+
+
+def run_measurement(spec: dict, timeout: float) -> list[dict] | dict | str:
+    """Run `spec` (a row, or {"measure": "matmul_peak", ...}) in a fresh `python -m edgeft.timing`
+    process; its results, or the reason it failed."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeft.timing", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit status {proc.returncode}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

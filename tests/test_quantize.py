@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from edgeft.errors import InputError
-from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, quantize_onnx
+from edgeft.quantize import QuantSettings, batchnorms_as_depthwise_convs, default_settings, fallback_ladder, quantize_onnx
 
 AVX2 = {"avx2": True, "fma": True}
 VNNI = {**AVX2, "avx512f": True, "avx512bw": True, "avx512_vnni": True}
 
 
 class DenseBlockNet(nn.Module):
-    """A stem conv, a densenet-style block (BatchNorm after a concatenation stays a Mul/Add that
-    the quantizer logs about) and a classifier."""
+    """A stem conv, a densenet-style block (a BatchNorm after a concatenation, with no conv before
+    it to fold into) and a classifier."""
 
     def __init__(self):
         super().__init__()
@@ -101,8 +101,8 @@ def test_int8_file_agrees_with_its_source_and_reads_few_batches(fp32_file, tmp_p
     out = tmp_path / "int8.onnx"
     summary = quantize_onnx(fp32_file, out, calibration=counted(), settings=QuantSettings(calibration_size=10))
     assert summary.calibration_images == 10 and len(read) == 3  # streamed: stops after the batches it needs
-    assert (summary.quantized, summary.left_float) == (4, 0)
-    assert "4 of 4" in summary.line()
+    assert (summary.quantized, summary.left_float, summary.batchnorms_as_convs) == (5, 0, 1)  # 4 + the batch norm
+    assert "5 of 5 conv/gemm/matmul nodes quantized (1 of them batch norms)" in summary.line()
     zero_points = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("zero_point")]
     assert {onnx.TensorProto.UINT8, onnx.TensorProto.INT8} <= {z.data_type for z in zero_points}  # u8 activations, s8 weights
     x = next(batches(1, size=8, seed=1))
@@ -123,7 +123,31 @@ def test_histogram_calibration_streams_too(fp32_file, tmp_path, method):
 def test_first_conv_and_classifier_can_stay_float(fp32_file, tmp_path):
     settings = QuantSettings(calibration_size=4, keep_float=("first_conv", "classifier"))
     summary = quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=batches(1), settings=settings)
-    assert (summary.quantized, summary.left_float) == (2, 2)
+    assert (summary.quantized, summary.left_float) == (3, 2)
+
+
+def test_batch_norm_after_a_concatenation_becomes_an_exact_depthwise_conv(fp32_file, tmp_path):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = tmp_path / "prepared.onnx"
+    quant_pre_process(str(fp32_file), str(prepared))
+    assert batchnorms_as_depthwise_convs(prepared) == 1
+    graph = onnx.load(str(prepared)).graph
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}
+    assert not any(init.name.startswith("norm.") for init in graph.initializer)  # its statistics are gone
+    x = next(batches(1, size=8, seed=3))
+    np.testing.assert_allclose(run(prepared, x), run(fp32_file, x), rtol=1e-5, atol=1e-5)
+    assert batchnorms_as_depthwise_convs(prepared) == 0  # nothing left to rewrite
+
+
+def test_int8_graph_has_no_float_batch_norm(fp32_file, tmp_path):
+    out = tmp_path / "int8.onnx"
+    quantize_onnx(fp32_file, out, calibration=batches(1), settings=QuantSettings(calibration_size=4))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")  # the graph onnxruntime runs
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" not in ops and "QLinearConv" in ops
 
 
 def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):

@@ -17,6 +17,13 @@ random-weight resnet18 / resnext50_32x4d / densenet121 timed interleaved in one 
   at the same speed. VNNI sums in int32, so 8 bits are kept there.
 - **MinMax calibration.** Entropy was no closer and percentile slightly further on trained
   checkpoints; the fallback ladder tries percentile second.
+- **Batch norms with no convolution before them become depthwise 1x1 convolutions.** onnxruntime
+  folds a BatchNormalization into the convolution before it, but DenseNet's pre-activation order
+  (concatenation, BN, ReLU, conv) leaves 58 of them in densenet121, and there is no int8
+  BatchNormalization: each stayed float between DequantizeLinear / QuantizeLinear and layout
+  Transposes (312 DequantizeLinear and 127 Transpose nodes). The same per-channel scale and shift
+  as a depthwise 1x1 convolution is exact in float and runs as QLinearConv with its ReLU fused, so
+  the whole network runs in int8: densenet121 1.19x -> 1.47x fp32 on AVX2.
 
 Calibration streams: batches are fed to the calibrator one at a time and reduced to ranges or
 histograms at once, so memory holds one batch, never the whole calibration set. The quantizer's
@@ -47,7 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATION_TYPES", "CALIBRATION_METHODS", "FLOAT_NODE_GROUPS", "QUANT_FORMATS", "WEIGHT_TYPES",
-    "QuantSettings", "QuantSummary", "default_settings", "fallback_ladder", "first_images", "quantize_onnx",
+    "QuantSettings", "QuantSummary", "batchnorms_as_depthwise_convs", "default_settings", "fallback_ladder",
+    "first_images", "quantize_onnx",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -105,10 +113,12 @@ class QuantSummary:
     quantized: int  # weighted nodes (Conv, Gemm, MatMul) running in int8
     left_float: int  # weighted nodes left in float
     calibration_images: int
+    batchnorms_as_convs: int = 0  # batch norms with no conv before them, run as depthwise convolutions
 
     def line(self) -> str:
+        converted = f" ({self.batchnorms_as_convs} of them batch norms)" if self.batchnorms_as_convs else ""
         return (f"int8 ({self.settings.label()}): {self.quantized} of {self.quantized + self.left_float} "
-                f"conv/gemm/matmul nodes quantized, {self.left_float} left in float; "
+                f"conv/gemm/matmul nodes quantized{converted}, {self.left_float} left in float; "
                 f"calibrated on {self.calibration_images} images")  # fmt: skip
 
 
@@ -148,12 +158,13 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: I
     with tempfile.TemporaryDirectory() as tmp, _quiet():  # the system's temporary folder: never left in --out
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
+        converted = batchnorms_as_depthwise_convs(prepared)
         excluded = _resolve_float_nodes(prepared, settings.keep_float)
         cache, images = _calibrate(prepared, Path(tmp), calibration, settings, input_name)
         quantize_static(str(prepared), str(out_path), None, calibration_cache_path=str(cache),
                         **_quantizer_options(settings), nodes_to_exclude=excluded)  # fmt: skip
     quantized, left_float = _count_quantized(out_path)
-    summary = QuantSummary(settings, quantized, left_float, images)
+    summary = QuantSummary(settings, quantized, left_float, images, converted)
     log.info("%s", summary.line())
     return summary
 
@@ -221,6 +232,45 @@ def first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarr
         yield batch
         if remaining <= 0:
             return
+
+
+def batchnorms_as_depthwise_convs(path: Path) -> int:
+    """Rewrite, in place, every inference BatchNormalization of a 4-D tensor with constant
+    statistics as the depthwise 1x1 Conv that computes the same per-channel scale and shift.
+    onnxruntime has already folded those that follow a convolution; these remain. Returns how many."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {init.name: init for init in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input)}
+    nodes, converted = [], 0
+    for node in graph.node:
+        stats = node.input[1:5]
+        if node.op_type != "BatchNormalization" or len(node.output) != 1 or ranks.get(node.input[0]) != 4 \
+                or len(stats) != 4 or not all(name in constants for name in stats):  # fmt: skip
+            nodes.append(node)
+            continue
+        scale, shift, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64) for name in stats)
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        weight = scale / np.sqrt(var + epsilon)
+        names = (f"{node.name}.depthwise_weight", f"{node.name}.depthwise_bias")
+        graph.initializer.extend([numpy_helper.from_array(weight.reshape(-1, 1, 1, 1).astype(np.float32), names[0]),
+                                  numpy_helper.from_array((shift - mean * weight).astype(np.float32), names[1])])  # fmt: skip
+        nodes.append(helper.make_node("Conv", [node.input[0], *names], list(node.output), name=f"{node.name}.depthwise",
+                                      group=len(weight), kernel_shape=[1, 1]))  # fmt: skip
+        converted += 1
+    if converted:
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+        used = {name for node in nodes for name in node.input}
+        kept = [init for init in graph.initializer if init.name in used]  # the batch norms' statistics go
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept)
+        onnx.save(model, str(path))
+    return converted
 
 
 def _resolve_float_nodes(model_path: Path, names: tuple[str, ...]) -> list[str]:

@@ -103,9 +103,9 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     if precision == "int8":
         module = _quantize_int8(module, example, dynamic, calibration)
     elif precision == "fp16":
-        from edgeft.export import _Float32IO
+        from edgeft.models import Float32IO
 
-        module = _Float32IO(module.half())
+        module = Float32IO(module.half())
     program = torch.export.export(module, example, dynamic_shapes=dynamic)
     # The fake convolution picks a CPU backend (NNPACK, oneDNN) by batch size and would narrow the
     # dynamic batch range to the example's side of that threshold; no convolution runs here.

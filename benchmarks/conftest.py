@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark suites: the machine description that goes into every saved result.
+"""Shared pieces of the benchmark suites: the machine description that goes into every saved result,
+and the summary JSON a suite writes when it ends.
 
 The suites here are collected only when `benchmarks/` is named on the command line (pyproject's
 `testpaths` is `tests`), so `python -m pytest` never runs them.
@@ -7,8 +8,11 @@ The suites here are collected only when `benchmarks/` is named on the command li
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +59,35 @@ def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ARG001 
 def machine() -> dict:
     """The machine a benchmark ran on, for the summaries the suites write."""
     return describe_machine()
+
+
+def _saved_summary(path: Path, summarize: Callable[[dict], dict], *, merge: bool = False) -> Iterator[dict]:
+    """Yields a dict for the results of a suite's tests; when the suite ends, writes
+    `summarize(results)` to `path` as indented JSON. With `merge`, always, over what the file holds
+    already (a single test can be re-run); without, only when a test put something in."""
+    results: dict = {}
+    yield results
+    if results or merge:
+        saved = json.loads(path.read_text()) if merge and path.exists() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**saved, **summarize(results)}, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def saved_summary():
+    """For a suite's module fixture: `yield from saved_summary(path, summarize, merge=False)`."""
+    return _saved_summary
+
+
+# The timing loop of the plain scripts that check `edgeft bench`: p50(run) in ms, the median of 30
+# runs after 3 warm-up runs.
+P50_SCRIPT = r"""
+import statistics, time
+def p50(run):
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(30):
+        t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+"""

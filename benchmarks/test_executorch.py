@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import P50_SCRIPT
 
 pytest.importorskip("executorch.runtime")
 
@@ -37,19 +38,16 @@ BACKBONES = ("resnet18", "resnext50_32x4d", "densenet121")
 
 
 @pytest.fixture(scope="module")
-def summary(machine):
+def summary(machine, saved_summary):
     """Results of the tests that ran, merged into the saved summary (a single test can be re-run)."""
     from edgeft.cpu import cpu_features
 
-    collected = {}
-    yield collected
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    saved = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
-    SUMMARY.write_text(json.dumps({**saved, **collected, "machine": {**machine, "cpu_features": cpu_features()}}, indent=2) + "\n")
+    yield from saved_summary(SUMMARY, lambda results: {**results, "machine": {**machine, "cpu_features": cpu_features()}},
+                             merge=True)  # fmt: skip
 
 
 # A plain script, in a fresh process like each bench row: nothing from edgeft.
-INDEPENDENT = r"""
+INDEPENDENT = P50_SCRIPT + r"""
 import json, os, statistics, sys, time
 import numpy as np, onnxruntime as ort, torch, torchvision
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -79,13 +77,6 @@ onnx_path = os.path.join(folder, "independent.onnx")
 torch.onnx.export(model, (x,), onnx_path, input_names=["input"], dynamo=True, external_data=False)
 options = ort.SessionOptions(); options.intra_op_num_threads = threads
 session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-def p50(run):
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(30):
-        t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 xn = x.numpy()
 result = {"onnxruntime_fp32_p50_ms": p50(lambda: session.run(None, {"input": xn})),
           "executorch_fp32_p50_ms": p50(lambda: fp32.execute((x,))),

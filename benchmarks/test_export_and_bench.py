@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import P50_SCRIPT
 
 RESULTS = Path(__file__).parent / "results"
 SUMMARY = RESULTS / "export_bench-cpu.json"
@@ -31,13 +32,9 @@ EDGEFT = str(Path(sys.executable).with_name("edgeft"))
 
 
 @pytest.fixture(scope="module")
-def summary(machine):
+def summary(machine, saved_summary):
     """Results of the tests that ran, merged into the saved summary (a single test can be re-run)."""
-    collected = {}
-    yield collected
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    saved = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
-    SUMMARY.write_text(json.dumps({**saved, **collected, "machine": machine}, indent=2) + "\n")
+    yield from saved_summary(SUMMARY, lambda results: {**results, "machine": machine}, merge=True)
 
 
 def _timed(argv: list[str], cwd: Path) -> float:
@@ -56,7 +53,7 @@ def test_export_resnet18_digits_wall(benchmark, tmp_path, summary):
 
 
 # A plain script, in a fresh process like each bench row: torchvision's resnet18, torch.onnx, a timing loop.
-INDEPENDENT = r"""
+INDEPENDENT = P50_SCRIPT + r"""
 import json, os, statistics, sys, time
 import numpy as np, onnxruntime as ort, torch, torchvision
 threads = os.cpu_count()
@@ -64,13 +61,6 @@ torch.set_num_threads(threads)
 model = torchvision.models.resnet18().eval()
 x = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
 torch.onnx.export(model, (torch.from_numpy(x),), sys.argv[1], input_names=["input"], dynamo=True, external_data=False)
-def p50(run):
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(30):
-        t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 with torch.inference_mode():
     eager = p50(lambda: model(torch.from_numpy(x)))
 options = ort.SessionOptions(); options.intra_op_num_threads = threads

@@ -11,7 +11,6 @@ It writes benchmarks/results/gate_bounds-cpu.json (every file's gate result, mac
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -29,18 +28,17 @@ KEPT = ("reference_acc", "exported_acc", "acc_drop", "top1_agreement", "top5_agr
 
 
 @pytest.fixture(scope="module")
-def results(machine):
-    collected: dict = {}
-    yield collected
-    if collected:
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-        SUMMARY.write_text(json.dumps({
+def results(machine, saved_summary):
+    def summarize(files: dict) -> dict:
+        return {
             "machine": {**machine, **cpu_description()},
             "training": "digits at 64 px, 2 epochs from scratch, default recipe, seed 0",
-            "files": collected,
+            "files": files,
             "command": "python -m pytest benchmarks/test_gate_bounds.py --benchmark-only "
                        "--benchmark-json benchmarks/results/gate_bounds-cpu.pytest-benchmark.json",
-        }, indent=2) + "\n")  # fmt: skip
+        }  # fmt: skip
+
+    yield from saved_summary(SUMMARY, summarize)
 
 
 @pytest.mark.parametrize("arch", BACKBONES)

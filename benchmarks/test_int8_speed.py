@@ -14,7 +14,6 @@ threads (default: all cores), EDGEFT_BENCH_ROUNDS the interleaved rounds (defaul
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -38,23 +37,22 @@ CALIBRATION = 32  # random images: the ranges do not change the speed
 
 
 @pytest.fixture(scope="module")
-def summary(machine):
+def summary(machine, saved_summary):
     import onnxruntime
 
-    collected: dict = {}
-    yield collected
-    if collected:
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-        SUMMARY.write_text(json.dumps({
+    def summarize(models: dict) -> dict:
+        return {
             "machine": {**machine, **cpu_description(), "vnni": has_vnni(), "onnxruntime": onnxruntime.__version__},
             "setup": f"random weights, 224 px, batch 1, CPUExecutionProvider, {THREADS} intra-op threads, "
                      f"{ROUNDS} interleaved rounds x 3 runs per contender; p50 over all runs",
             "int8_settings": {name: replace(settings, calibration_size=CALIBRATION).label() for name, settings in CONTENDERS},
             "goals_on_vnni": GOALS,
-            "models": collected,
+            "models": models,
             "command": "python -m pytest benchmarks/test_int8_speed.py --benchmark-only "
                        "--benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json",
-        }, indent=2) + "\n")  # fmt: skip
+        }  # fmt: skip
+
+    yield from saved_summary(SUMMARY, summarize)
 
 
 def _files(arch: str, folder: Path) -> dict[str, Path]:

@@ -138,6 +138,19 @@ def test_refuses_files_that_are_not_programs(tmp_path):
         read_pte_metadata(tmp_path / "missing.pte")
 
 
+@needs_executorch
+def test_the_runtime_keeps_its_native_log_off_stderr(tmp_path, capfd):
+    """ExecuTorch's native code writes to file descriptor 2 when its thread pool starts or is
+    resized and when a program fails to load."""
+    cut = tmp_path / "cut.pte"  # a program header that promises 7,568 bytes, and nothing after it
+    sizes = b"".join(n.to_bytes(8, "little") for n in (0x948, 0x980, 0x1410))  # program, segment base, segments
+    cut.write_bytes(b"\x3c\x00\x00\x00ET12eh00\x20\x00\x00\x00" + sizes + bytes(24))
+    for threads in (1, 2):
+        with pytest.raises(InputError, match="ExecuTorch cannot load it"):
+            load_pte_runner(cut, threads=threads)
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.slow  # lowers a model (seconds each)
 @needs_executorch
 def test_fp16_keeps_float32_io(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import warnings
 
 import numpy as np
 import onnx
@@ -163,6 +165,24 @@ def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):
     records = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert [r.name for r in records] == ["edgeft.quantize"], [r.getMessage() for r in records]
     assert "conv/gemm/matmul nodes quantized" in records[0].getMessage()
+
+
+def test_other_threads_keep_their_prints_and_warnings_while_quantizing(fp32_file, tmp_path, capsys):
+    def speak():
+        print("another thread")
+        warnings.warn("another thread's warning", UserWarning)
+
+    def calibration():  # another thread speaks while each batch is read, inside quantize_onnx
+        for batch in batches(2):
+            thread = threading.Thread(target=speak)
+            thread.start()
+            thread.join()
+            yield batch
+
+    with pytest.warns(UserWarning, match="another thread's warning"):
+        quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=calibration(),
+                      settings=QuantSettings(calibrate_method="entropy", calibration_size=8))  # fmt: skip
+    assert capsys.readouterr().out == "another thread\n" * 2  # and none of the calibrator's prints
 
 
 def test_no_calibration_images_is_an_input_error(fp32_file, tmp_path):

@@ -28,7 +28,7 @@ from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
-from edgeft.models import model_from_checkpoint
+from edgeft.models import Float32IO, model_from_checkpoint
 from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
 from edgeft.pte import write_pte
 from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, first_images, quantize_onnx
@@ -331,17 +331,6 @@ def _attempt_line(a: Attempt) -> str:
     return f"{accuracy}, p50 {a.p50_ms:.2f} ms at batch 1, {verdict}"
 
 
-class _Float32IO(nn.Module):
-    """Runs a half-precision model behind float32 inputs and outputs."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.half()).float()
-
-
 def _example_input(spec: Preprocess, batch: int = 2, device: str = "cpu") -> torch.Tensor:
     return torch.randn(batch, spec.channels, spec.size, spec.size, device=device)
 
@@ -419,7 +408,7 @@ def write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precisi
     """Traced and frozen for inference; fp16 (CUDA) keeps float32 inputs and outputs."""
     module = copy.deepcopy(model).to(device).eval()
     if precision == "fp16":
-        module = _Float32IO(module.half())
+        module = Float32IO(module.half())
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.freeze(torch.jit.trace(module, (_example_input(spec, device=device),)))

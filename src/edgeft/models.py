@@ -19,6 +19,7 @@ from edgeft.errors import InputError
 
 __all__ = [
     "STEMS",
+    "Float32IO",
     "ModelInfo",
     "backbone_bn_eval",
     "freeze_backbone",
@@ -266,3 +267,14 @@ def backbone_bn_eval(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+class Float32IO(nn.Module):
+    """Runs a half-precision model behind float32 inputs and outputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()

@@ -20,9 +20,9 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import io
 import logging
 import os
-import sys
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -103,9 +103,9 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     if precision == "int8":
         module = _quantize_int8(module, example, dynamic, calibration)
     elif precision == "fp16":
-        from edgeft.export import _Float32IO
+        from edgeft.models import Float32IO
 
-        module = _Float32IO(module.half())
+        module = Float32IO(module.half())
     program = torch.export.export(module, example, dynamic_shapes=dynamic)
     # The fake convolution picks a CPU backend (NNPACK, oneDNN) by batch size and would narrow the
     # dynamic batch range to the example's side of that threshold; no convolution runs here.
@@ -200,22 +200,6 @@ def set_threads(threads: int) -> None:
         portable_lib._unsafe_reset_threadpool(threads)
 
 
-@contextlib.contextmanager
-def _quiet_native_start():
-    """Silence what ExecuTorch's native code logs on stderr while it starts (CPU probing, thread
-    pool size, load failures that are re-raised as one line) and torch's import-time notices."""
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def load_pte_runner(
     path: str | os.PathLike, *, threads: int = 0, input_shape: tuple[int, int, int] | None = None
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
@@ -225,12 +209,17 @@ def load_pte_runner(
     require_executorch()
     path = Path(path)
     _split(path)  # a readable .pte, or a one-line error
-    with _quiet_native_start():
-        import torch
-        from executorch.runtime import Runtime
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # an import-time deprecation notice
+    import torch
+    from executorch.runtime import Runtime
 
+    runtime = Runtime.get()
+    # ExecuTorch's bindings write its native log to sys.stderr, with no switch to turn it off: CPU
+    # probing and the thread count when its thread pool starts or is resized, and why a program
+    # fails to load (re-raised below as one line). Swapping sys.stderr is process-wide, so it is
+    # held only around these calls.
+    with contextlib.redirect_stderr(io.StringIO()):
         set_threads(threads)
-        runtime = Runtime.get()
         try:
             method = runtime.load_program(path).load_method("forward")
         except (RuntimeError, ValueError) as exc:

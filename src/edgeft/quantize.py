@@ -27,20 +27,19 @@ random-weight resnet18 / resnext50_32x4d / densenet121 timed interleaved in one 
 
 Calibration streams: batches are fed to the calibrator one at a time and reduced to ranges or
 histograms at once, so memory holds one batch, never the whole calibration set. The quantizer's
-per-tensor log lines and prints are kept out of the console; `quantize_onnx` returns a one-line
-summary instead.
+per-tensor log lines and prints are kept out of the console (in the quantizing thread only);
+`quantize_onnx` returns a one-line summary instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import os
 import platform
 import tempfile
-import warnings
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,38 +306,53 @@ def _count_quantized(path: Path) -> tuple[int, int]:
 
 
 class _DropOnnxruntimeRecords(logging.Filter):
-    """Drops records that onnxruntime's Python quantization code logs on the root logger."""
+    """Sends the log records that onnxruntime's quantization code writes, in the thread that
+    quantizes, to this module's debug log instead of the console."""
 
     def __init__(self):
         super().__init__()
+        self.thread = threading.get_ident()
         self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if f"{os.sep}onnxruntime{os.sep}" in record.pathname:
+        if record.thread == self.thread and f"{os.sep}onnxruntime{os.sep}" in record.pathname:
             self.dropped += 1
             log.debug("quantizer: %s", record.getMessage())
             return False
         return True
 
 
+_quantizing = threading.local()  # .active: this thread is inside quantize_onnx
+
+
+def _calibrator_print(*args, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+    """`print` as onnxruntime's calibrate module sees it: the histogram calibrators' progress lines
+    (entropy, percentile; no option turns them off) go to the debug log while this thread
+    quantizes; everything else is printed as usual."""
+    if getattr(_quantizing, "active", False) and file is None:
+        log.debug("quantizer: %s", (" " if sep is None else sep).join(map(str, args)))
+    else:
+        print(*args, sep=sep, end=end, file=file, flush=flush)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Keep the quantizer's per-tensor lines off the console: its root-logger records ('Axis 1 is
-    out-of-range ...'), the calibrators' prints, Python warnings and onnxruntime's own log."""
-    import onnxruntime
+    """Keep the quantizer's per-tensor lines off the console, in this thread only: its root-logger
+    records ('Axis 1 is out-of-range ...'), its shape-inference record and the calibrators' prints.
+    onnxruntime 1.31 raises no Python warnings here and its native log stays silent at its default
+    severity, so other threads keep their prints, warnings and log records."""
+    from onnxruntime.quantization import calibrate
 
+    calibrate.print = _calibrator_print  # a module global shadows the builtin for that module only
     dropped = _DropOnnxruntimeRecords()
-    root, named = logging.getLogger(), logging.getLogger("onnxruntime")  # named: its shape-inference lines
-    level = named.level
-    root.addFilter(dropped)
-    named.setLevel(logging.ERROR)
-    onnxruntime.set_default_logger_severity(3)
+    loggers = (logging.getLogger(), logging.getLogger("onnxruntime.quantization.shape_inference"))
+    for logger in loggers:
+        logger.addFilter(dropped)
+    _quantizing.active = True
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
-        root.removeFilter(dropped)
-        named.setLevel(level)
-        onnxruntime.set_default_logger_severity(2)
+        _quantizing.active = False
+        for logger in loggers:
+            logger.removeFilter(dropped)
         log.debug("quantizer: %d log lines kept off the console", dropped.dropped)

@@ -45,13 +45,11 @@ print(json.dumps({"p50_ms": 1000 * statistics.median(times)}))
 
 
 @pytest.fixture(scope="module")
-def results(machine):
-    collected: dict = {}
-    yield collected
-    if collected:
-        SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-        SUMMARY.write_text(json.dumps({"machine": {**machine, **cpu_description()}, "agreement_bound": AGREEMENT,
-                                       "runs": collected}, indent=2) + "\n")  # fmt: skip
+def results(machine, saved_summary):
+    def summarize(runs: dict) -> dict:
+        return {"machine": {**machine, **cpu_description()}, "agreement_bound": AGREEMENT, "runs": runs}
+
+    yield from saved_summary(SUMMARY, summarize)
 
 
 def _independent_p50(path: str) -> float:

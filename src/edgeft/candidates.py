@@ -19,7 +19,7 @@ from edgeft.validate import ValidationResult
 
 __all__ = ["Attempt", "attempts_table", "choose_fastest", "time_files"]
 
-_ROUNDS = 3  # each round times every file once, in its own process
+_ROUNDS = 3  # when files are compared, each round times every file once, in its own process
 _BUDGET_S = 1.0  # timed seconds per file, batch size and round (at least 5 runs)
 _RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torchscript", "executorch": "executorch"}
 
@@ -51,10 +51,10 @@ class Attempt:
 
 def time_files(paths: list[Path], *, batch_sizes: tuple[int, ...], device: str = "cpu") -> list[dict[int, float]]:
     """p50 latency in ms of each file at each batch size: the median of its rounds' p50s, each
-    round timing every file in turn in a fresh process."""
+    round timing every file in turn in a fresh process (one round for a single file)."""
     specs = [_timing_spec(Path(path), batch_sizes, device) for path in paths]
     rounds: list[list[dict[int, float]]] = [[] for _ in specs]
-    for _ in range(_ROUNDS):
+    for _ in range(_ROUNDS if len(specs) > 1 else 1):
         for spec, measured in zip(specs, rounds):
             result = run_measurement(spec, timeout=120 + 4 * _BUDGET_S * len(batch_sizes))
             if isinstance(result, str):

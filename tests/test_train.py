@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -154,6 +155,14 @@ def test_run_folders_are_numbered_not_overwritten(tmp_path):
     second = Path(train(config).run_dir)
     assert first.name == "same" and second.name == "same-2"
     assert (first / "best.pt").is_file() and (second / "best.pt").is_file()
+
+
+def test_a_finished_run_leaves_no_data_workers(tmp_path, image_folder):
+    """The processes that read a folder live as long as the run: several runs in one process
+    (as `edgeft compare` trains) do not pile them up."""
+    before = set(multiprocessing.active_children())
+    train(tiny_config(tmp_path, data=str(image_folder), epochs=1, batch_size=8, workers=2))
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 # --- folders: 1 and 3 channels ------------------------------------------------------------------

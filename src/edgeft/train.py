@@ -193,28 +193,14 @@ class _Run:
 # --- entry points -------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
-    """Train `config.model` on `config.data` into a new run folder. With `resume` (a run folder
-    or its last.pt), continue that run instead, with its own config: an option of `config` set
-    away from its default must equal the run's (`epochs` excepted: a larger one extends the run)."""
-    if resume is None:
-        return _fit(config, checkpoint=None, run_dir=None, progress=progress)
-    saved = _read_last(resume)[1]["config"]
-    given = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if getattr(config, f.name) != f.default}
-    differ = [name for name, value in given.items() if name != "epochs" and not _same_option(name, value, saved.get(name))]
-    if differ:
-        raise InputError(f"{resume} was trained with other {', '.join(differ)}; resuming continues a run with its "
-                         f"own config (only epochs may change)")  # fmt: skip
-    return _resume(resume, epochs=given.get("epochs"), progress=progress)
+def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """Train `config.model` on `config.data` into a new run folder."""
+    return _fit(config, checkpoint=None, run_dir=None, progress=progress)
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = False) -> TrainResult:
     """Continue the run in `run_dir` (or the run of a last.pt) where it stopped, with its own
     config; `epochs` above the run's own extends it (also a finished or early-stopped run)."""
-    return _resume(run_dir, epochs=epochs, progress=progress)
-
-
-def _resume(run_dir: str | Path, *, epochs: int | None, progress: bool) -> TrainResult:
     last, checkpoint = _read_last(run_dir)
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
@@ -226,13 +212,6 @@ def _resume(run_dir: str | Path, *, epochs: int | None, progress: bool) -> Train
         checkpoint["resume"].update(stopped_early=False, stale_epochs=0)
         log.warning("extending %s to %d epochs", last.parent, epochs)
     return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
-
-
-def _same_option(name: str, given: Any, saved: Any) -> bool:
-    """Whether a given option equals the saved one (paths compared resolved)."""
-    if name in ("data", "weights", "data_root") and isinstance(given, str) and Path(given).exists():
-        return str(Path(given).resolve()) == saved
-    return given == saved
 
 
 def check_inputs(config: TrainConfig) -> None:

@@ -3,9 +3,11 @@ and the batches training and evaluation read."""
 
 from __future__ import annotations
 
+import multiprocessing
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from PIL import Image
 from conftest import class_image, make_image_folder
 from edgeft.data import (
     FolderImages,
+    FolderLoaders,
     TensorImages,
     _stratified_split,
     augment_batch,
@@ -361,10 +364,10 @@ def test_decode_failures_past_the_limit_abort_as_bad_input(tmp_path):
     assert "not readable images" in str(info.value)
 
 
-def augmented(bundle, *, seed: int, workers: int) -> torch.Tensor:
+def augmented(bundle, *, seed: int, workers: int, loaders: FolderLoaders | None = None) -> torch.Tensor:
     return torch.cat([x for x, _ in iterate_batches(bundle.train, batch_size=4, preprocess=bundle.preprocess, device=CPU,
                                                     shuffle=True, augment="standard", flips=True, seed=seed,
-                                                    workers=workers)])  # fmt: skip
+                                                    workers=workers, loaders=loaders)])  # fmt: skip
 
 
 def test_folder_augmentation_depends_on_the_epoch_seed_not_on_workers(tmp_path):
@@ -372,12 +375,39 @@ def test_folder_augmentation_depends_on_the_epoch_seed_not_on_workers(tmp_path):
     of a resumed process equals epoch 1 of an uninterrupted one, with any number of workers."""
     root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=24)
     bundle = load_data(str(root), img_size=16, val_split=0.25)
-    first, second = augmented(bundle, seed=1, workers=2), augmented(bundle, seed=2, workers=2)
-    assert not torch.equal(first, second)
-    fresh = load_data(str(root), img_size=16, val_split=0.25)  # a new process's loader, started at epoch 2
-    assert torch.equal(augmented(fresh, seed=2, workers=2), second)
-    assert torch.equal(augmented(fresh, seed=1, workers=0), first)
-    assert torch.equal(augmented(bundle, seed=1, workers=2), first)
+    with FolderLoaders() as loaders:
+        first, second = (augmented(bundle, seed=seed, workers=2, loaders=loaders) for seed in (1, 2))
+        assert not torch.equal(first, second)
+        fresh = load_data(str(root), img_size=16, val_split=0.25)  # a new process's loader, started at epoch 2
+        assert torch.equal(augmented(fresh, seed=2, workers=2, loaders=FolderLoaders()), second)
+        assert torch.equal(augmented(fresh, seed=1, workers=0), first)
+        assert torch.equal(augmented(bundle, seed=1, workers=2, loaders=loaders), first)
+
+
+def test_folder_loaders_keep_their_workers_until_closed(tmp_path):
+    """One set of worker processes serves every pass over a split until `close` ends them, also
+    with a pass left half-read; without FolderLoaders a pass starts and ends its own."""
+    root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=24)
+    bundle = load_data(str(root), img_size=16, val_split=0.25)
+    before = set(multiprocessing.active_children())
+
+    def passes(loaders: FolderLoaders | None) -> Iterator:
+        return iterate_batches(bundle.train, batch_size=2, preprocess=bundle.preprocess, device=CPU, workers=2,
+                               loaders=loaders)  # fmt: skip
+
+    def workers() -> set:
+        return set(multiprocessing.active_children()) - before
+
+    with FolderLoaders() as loaders:
+        list(passes(loaders))
+        first = workers()
+        list(passes(loaders))
+        assert len(first) == 2 and workers() == first  # the next pass reuses them
+        half_read = passes(loaders)
+        next(half_read)
+    assert workers() == set()
+    list(passes(None))
+    assert workers() == set()
 
 
 @pytest.mark.parametrize(("sides", "size"), [([25] * 5, 32), ([20, 30, 70, 500, 500], 96), ([600, 700], 224),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +27,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "DataBundle",
     "FolderImages",
+    "FolderLoaders",
     "TensorImages",
     "augment_batch",
     "iterate_batches",
@@ -424,10 +424,13 @@ def iterate_batches(
     rank: int = 0,
     world: int = 1,
     pad: bool = True,
+    loaders: FolderLoaders | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalized float batches (and int64 labels) on `device`, from this rank's shard of the
     split; order and augmentation depend on `seed` (and the rank) only, so a resumed run sees
-    the same epochs. In-memory images may already live on `device` (then nothing is copied)."""
+    the same epochs. In-memory images may already live on `device` (then nothing is copied).
+    A folder is read by `workers` processes: those of `loaders`, kept for the next pass, or
+    else started for this pass only."""
     if isinstance(split, TensorImages):
         indices = shard_indices(len(split), shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
         generator = torch.Generator().manual_seed(seed * 7919 + rank + 1)  # augmentation draws differ per rank
@@ -441,8 +444,9 @@ def iterate_batches(
                 x = augment_batch(x, augment, flips=flips, generator=generator)
             yield (x - mean) / std, split.labels[index].to(device, non_blocking=True)
         return
-    loader = _folder_loader(split, batch_size=batch_size, preprocess=preprocess, augment=augment, flips=flips,
-                            workers=workers, rank=rank, world=world, pad=pad, shuffle=shuffle, device=device)  # fmt: skip
+    settings = dict(batch_size=batch_size, preprocess=preprocess, augment=augment, flips=flips, workers=workers,
+                    rank=rank, world=world, pad=pad, shuffle=shuffle, device=device)  # fmt: skip
+    loader = loaders.get(split, **settings) if loaders is not None else _folder_loader(split, persistent=False, **settings)
     loader.sampler.seed = seed
     for x, y, failed in loader:
         if failed and split.unreadable is None:
@@ -453,25 +457,51 @@ def iterate_batches(
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def _folder_loader(split: FolderImages, *, batch_size: int, preprocess: Preprocess, augment: str, flips: bool,
-                   workers: int, rank: int, world: int, pad: bool, shuffle: bool, device: torch.device):  # fmt: skip
-    """One DataLoader per split and setting, kept: its workers persist across epochs (each
-    image's augmentation is seeded by the epoch's seed and its index, not by the worker)."""
-    key = (batch_size, augment, flips, workers, rank, world, pad, shuffle, device.type, preprocess)
-    loaders = _FOLDER_LOADERS.setdefault(split, {})
-    if key not in loaders:
-        dataset = FolderImages(split.files, preprocess, augment, flips) if augment != "none" else split
-        loaders[key] = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=_ShardSampler(len(split), shuffle=shuffle, rank=rank, world=world, pad=pad),
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=_collate_readable,
-            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
-            pin_memory=device.type == "cuda",
-        )
-    return loaders[key]
+class FolderLoaders:
+    """The DataLoaders of one run over its folder splits, one per split and setting, kept so
+    that their worker processes persist from epoch to epoch (each image's augmentation is
+    seeded by the epoch's seed and its index, not by the worker); `close`, or the end of a
+    `with` block, ends the workers."""
+
+    def __init__(self) -> None:
+        self._loaders: dict[tuple, torch.utils.data.DataLoader] = {}
+
+    def __enter__(self) -> FolderLoaders:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def get(self, split: FolderImages, **settings) -> torch.utils.data.DataLoader:
+        """The kept loader of `split` with these `iterate_batches` settings (made on first use)."""
+        key = (split, *sorted(settings.items()))
+        if key not in self._loaders:
+            self._loaders[key] = _folder_loader(split, persistent=True, **settings)
+        return self._loaders[key]
+
+    def close(self) -> None:
+        """End every worker process now, also those of a pass left half-read."""
+        for loader in self._loaders.values():
+            if loader._iterator is not None:  # torch has no public call that ends persistent workers
+                loader._iterator._shutdown_workers()
+        self._loaders.clear()
+
+
+def _folder_loader(split: FolderImages, *, persistent: bool, batch_size: int, preprocess: Preprocess, augment: str,
+                   flips: bool, workers: int, rank: int, world: int, pad: bool, shuffle: bool,
+                   device: torch.device) -> torch.utils.data.DataLoader:  # fmt: skip
+    """A DataLoader of (index, seed) items of `split`; `persistent` keeps its workers between passes."""
+    dataset = FolderImages(split.files, preprocess, augment, flips) if augment != "none" else split
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_ShardSampler(len(split), shuffle=shuffle, rank=rank, world=world, pad=pad),
+        num_workers=workers,
+        persistent_workers=persistent and workers > 0,
+        collate_fn=_collate_readable,
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _collate_readable(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str, str]]]:
@@ -481,9 +511,6 @@ def _collate_readable(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Te
     if not good:
         return None, None, failed
     return torch.stack([x for x, _ in good]), torch.tensor([label for _, label in good]), failed
-
-
-_FOLDER_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _ShardSampler(torch.utils.data.Sampler):

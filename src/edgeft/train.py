@@ -23,7 +23,7 @@ from edgeft import __version__
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import TrainConfig
 from edgeft.cpu import has_bf16
-from edgeft.data import BUILTIN_DATASETS, DataBundle, TensorImages, iterate_batches, load_data
+from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImages, iterate_batches, load_data
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
@@ -182,6 +182,7 @@ class _Run:
     autocast: torch.dtype | None
     channels_last: bool
     started: float
+    loaders: FolderLoaders = field(default_factory=FolderLoaders)  # folder data: workers kept until the run ends
     net: nn.Module | None = None  # the model as trained now (DDP-wrapped, compiled)
     frozen: bool | None = None  # the phase `net` was built for
 
@@ -192,28 +193,14 @@ class _Run:
 # --- entry points -------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
-    """Train `config.model` on `config.data` into a new run folder. With `resume` (a run folder
-    or its last.pt), continue that run instead, with its own config: an option of `config` set
-    away from its default must equal the run's (`epochs` excepted: a larger one extends the run)."""
-    if resume is None:
-        return _fit(config, checkpoint=None, run_dir=None, progress=progress)
-    saved = _read_last(resume)[1]["config"]
-    given = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if getattr(config, f.name) != f.default}
-    differ = [name for name, value in given.items() if name != "epochs" and not _same_option(name, value, saved.get(name))]
-    if differ:
-        raise InputError(f"{resume} was trained with other {', '.join(differ)}; resuming continues a run with its "
-                         f"own config (only epochs may change)")  # fmt: skip
-    return _resume(resume, epochs=given.get("epochs"), progress=progress)
+def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """Train `config.model` on `config.data` into a new run folder."""
+    return _fit(config, checkpoint=None, run_dir=None, progress=progress)
 
 
 def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = False) -> TrainResult:
     """Continue the run in `run_dir` (or the run of a last.pt) where it stopped, with its own
     config; `epochs` above the run's own extends it (also a finished or early-stopped run)."""
-    return _resume(run_dir, epochs=epochs, progress=progress)
-
-
-def _resume(run_dir: str | Path, *, epochs: int | None, progress: bool) -> TrainResult:
     last, checkpoint = _read_last(run_dir)
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
@@ -225,13 +212,6 @@ def _resume(run_dir: str | Path, *, epochs: int | None, progress: bool) -> Train
         checkpoint["resume"].update(stopped_early=False, stale_epochs=0)
         log.warning("extending %s to %d epochs", last.parent, epochs)
     return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
-
-
-def _same_option(name: str, given: Any, saved: Any) -> bool:
-    """Whether a given option equals the saved one (paths compared resolved)."""
-    if name in ("data", "weights", "data_root") and isinstance(given, str) and Path(given).exists():
-        return str(Path(given).resolve()) == saved
-    return given == saved
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -254,14 +234,15 @@ def _read_last(source: str | Path) -> tuple[Path, dict]:
 
 def _fit(config: TrainConfig, *, checkpoint: dict | None, run_dir: Path | None, progress: bool) -> TrainResult:
     run = _build(config, checkpoint, run_dir)
-    with _progress(progress and run.ctx.is_main) as bar:
+    with run.loaders, _progress(progress and run.ctx.is_main) as bar:
         for epoch in range(run.state.epoch, config.epochs):
             if run.state.stopped_early:
                 break
             _enter_phase(run, epoch)
             train_metrics = _one_epoch(run, epoch, bar)
             val_loss, val_acc = evaluate(run.state.model, run.bundle, device=run.device, autocast_dtype=run.autocast,
-                                         channels_last=run.channels_last, dist=run.ctx, workers=config.workers)  # fmt: skip
+                                         channels_last=run.channels_last, dist=run.ctx, workers=config.workers,
+                                         loaders=run.loaders)  # fmt: skip
             row = _end_epoch(run, epoch, train_metrics, val_loss, val_acc)
             bar.update(bar.task_ids[-1], metrics=f"{bar.tasks[-1].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
             _checkpoint(run, row, improved=run.state.best["epoch"] == epoch + 1)
@@ -416,7 +397,8 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
     losses, seen, rate = [], 0, s.lr.at(epoch * run.steps_per_epoch)
     batches = iterate_batches(run.bundle.train, batch_size=run.batch_size, preprocess=run.bundle.preprocess,
                               device=device, shuffle=True, augment=c.augment, flips=run.bundle.flips,
-                              seed=c.seed * 100_003 + epoch, workers=c.workers, rank=run.ctx.rank, world=run.ctx.world)  # fmt: skip
+                              seed=c.seed * 100_003 + epoch, workers=c.workers, rank=run.ctx.rank, world=run.ctx.world,
+                              loaders=run.loaders)  # fmt: skip
     for step, (x, y) in enumerate(batches):
         rate = s.lr.apply(s.optimizer, epoch * run.steps_per_epoch + step)
         x = x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
@@ -446,10 +428,11 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
 
 def evaluate(
     model: nn.Module, bundle: DataBundle, *, device: torch.device, batch_size: int = 256, autocast_dtype=None,
-    channels_last: bool = False, dist: Dist = Dist(), workers: int = 0,
+    channels_last: bool = False, dist: Dist = Dist(), workers: int = 0, loaders: FolderLoaders | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy on the validation split (each rank takes a share;
-    folder images are decoded by `workers` processes; unreadable ones are left out and counted)."""
+    folder images are decoded by `workers` processes, those of `loaders` if given; unreadable
+    ones are left out and counted)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -457,7 +440,7 @@ def evaluate(
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with torch.inference_mode(), autocast:
         batches = iterate_batches(bundle.val, batch_size=batch_size, preprocess=bundle.preprocess, device=device,
-                                  rank=dist.rank, world=dist.world, pad=False, workers=workers)  # fmt: skip
+                                  rank=dist.rank, world=dist.world, pad=False, workers=workers, loaders=loaders)  # fmt: skip
         for x, y in batches:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -31,6 +31,7 @@ def bench_command(
     checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoints", "--checkpoint", help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Accuracy data for --checkpoints (default: each checkpoint's validation split).")] = None,
     out: Annotated[str, typer.Option(help="Report folder.")] = C.out,
+    keep_files: Annotated[bool, typer.Option(help="Keep the files it timed in bench-<stamp>-files/ beside the report (each row names its file; up to ~800 MB for the default backbones).")] = C.keep_files,
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
     from rich.console import Console
@@ -44,7 +45,8 @@ def bench_command(
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     config = C(models=_split(models), runtimes=_split(runtimes), precisions=_split(precisions), batch_sizes=sizes,
                img_size=img_size, device=device, threads=threads, warmup=warmup, iterations=iterations,
-               budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out)  # fmt: skip
+               budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out,
+               keep_files=keep_files)  # fmt: skip
     report = run_bench(config, progress=True)
     console = Console()
     print_report(report, console)
@@ -77,3 +79,5 @@ def print_report(report, console) -> None:
             console.print(f"[yellow]{escape(model)} {escape(r[0])} {escape(r[1])}: {escape(r[2])}[/]")
     console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of {cell(peak, '.0f')} GFLOP/s fp32 matmul")
     console.print(f"report: {escape(report.files['md'])} (+ .json, .png; every column there)")
+    if "timed" in report.files:
+        console.print(f"timed files: {escape(report.files['timed'])}")

@@ -1,15 +1,25 @@
 """edgeft bench: rows measured in fresh processes, reports written, unavailable rows explained,
-speed-ups and GFLOP/s against a measured peak, a console table that fits 80 columns."""
+speed-ups and GFLOP/s against a measured peak, a console table that fits 80 columns, a table and
+baseline per checkpoint, the timed files kept on request, a CUDA device's index kept."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import run_edgeft
 from PIL import Image
 
-from edgeft.bench import BenchRow, add_speed_columns, markdown_table, run_bench
+from edgeft.bench import (
+    BenchRow,
+    _plan,
+    _sources,
+    add_speed_columns,
+    markdown_table,
+    run_bench,
+)
 from edgeft.config import BenchConfig
 from edgeft.errors import InputError
 
@@ -18,7 +28,7 @@ from edgeft.errors import InputError
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     config = BenchConfig(models=("resnet18",), runtimes=("eager", "torchscript", "onnxruntime"),
-                         batch_sizes=(1, 3), img_size=32, device="cpu", quick=True, out=str(out))  # fmt: skip
+                         batch_sizes=(1, 3), img_size=32, device="cpu", quick=True, out=str(out), keep_files=True)  # fmt: skip
     return run_bench(config)
 
 
@@ -63,6 +73,27 @@ def test_report_files_hold_the_rows_and_the_machine(report):
     assert peak["method"] in markdown and "x fp32" in markdown
     with Image.open(report.files["png"]) as png:
         assert png.size[0] > 400
+
+
+@pytest.mark.slow
+def test_kept_files_are_the_files_each_row_timed(report):
+    import onnx
+
+    folder = Path(report.files["md"]).parent
+    ok = [r for r in report.rows if r.status == "ok"]
+    for row in ok:
+        assert row.file.startswith(Path(report.files["md"]).stem + "-files/"), row.file
+        assert (folder / row.file).stat().st_size / 2**20 == pytest.approx(row.file_mb)
+    assert len({r.file for r in ok}) == 4  # eager, torchscript, onnxruntime fp32 and int8: a file each
+    rows = {(r.runtime, r.precision): r for r in ok}
+
+    def operators(row: BenchRow) -> set[str]:
+        return {node.op_type for node in onnx.load(str(folder / row.file)).graph.node}
+
+    assert "DequantizeLinear" in operators(rows[("onnxruntime", "int8")])
+    assert "DequantizeLinear" not in operators(rows[("onnxruntime", "fp32")])
+    assert [r["file"] for r in json.loads(Path(report.files["json"]).read_text())["rows"]] == [r.file for r in report.rows]
+    assert f"| {rows[('onnxruntime', 'int8')].file} |" in Path(report.files["md"]).read_text()
 
 
 @pytest.mark.slow
@@ -116,6 +147,52 @@ def test_accuracy_column_from_a_checkpoint(digits_checkpoint, tmp_path):
     rows = {r.runtime: r for r in run_bench(config).rows}
     assert rows["eager"].accuracy is not None and rows["eager"].accuracy > 0.5
     assert rows["onnxruntime"].accuracy == pytest.approx(rows["eager"].accuracy)  # fp32 export keeps accuracy
+
+
+@pytest.mark.slow
+def test_checkpoints_of_one_architecture_get_a_table_and_baseline_each(digits_checkpoint, tmp_path):
+    from rich.console import Console
+
+    from edgeft.cli.bench import print_report
+
+    checkpoints = (str(digits_checkpoint), str(digits_checkpoint.with_name("last.pt")))
+    config = BenchConfig(runtimes=("onnxruntime",), precisions=("fp32", "int8"), batch_sizes=(1,), device="cpu",
+                         quick=True, checkpoints=checkpoints, out=str(tmp_path))  # fmt: skip
+    report = run_bench(config)
+    run = digits_checkpoint.parent.name
+    labels = [f"resnet18 ({run}/best.pt)", f"resnet18 ({run}/last.pt)"]
+    assert list(dict.fromkeys(r.model for r in report.rows)) == labels
+    assert {r.arch for r in report.rows} == {"resnet18"} and all(r.gflops > 0 for r in report.rows)
+    for label in labels:
+        fp32, int8 = (next(r for r in report.rows if r.model == label and r.precision == p) for p in ("fp32", "int8"))
+        assert fp32.status == int8.status == "ok"
+        assert fp32.vs_fp32 == 1 and int8.vs_fp32 == pytest.approx(fp32.p50_ms / int8.p50_ms)
+    console = Console(width=80, record=True)
+    print_report(report, console)
+    titles = [line.strip() for line in console.export_text().splitlines()]
+    assert all(titles.count(label) == 1 for label in labels)
+    markdown = Path(report.files["md"]).read_text()
+    assert all(markdown.count(f"| {label} | onnxruntime |") == 2 for label in labels)
+    assert all(r.file is None for r in report.rows) and list(tmp_path.glob("bench-*-files")) == []  # nothing kept
+
+
+@pytest.mark.slow
+def test_labels_of_checkpoints_with_the_same_run_and_file_are_their_paths(digits_checkpoint, tmp_path):
+    copies = [tmp_path / where / "runs" / "twin" / "best.pt" for where in ("a", "b")]
+    for copy in copies:
+        copy.parent.mkdir(parents=True)
+        shutil.copy(digits_checkpoint, copy)
+    config = BenchConfig(checkpoints=(str(copies[0]), str(digits_checkpoint), str(copies[1]), str(copies[0])))
+    labels = [source.label for source in _sources(config)]  # the same file twice: timed once
+    mine = f"resnet18 ({digits_checkpoint.parent.name}/best.pt)"
+    assert labels == [f"resnet18 ({copies[0].resolve()})", mine, f"resnet18 ({copies[1].resolve()})"]
+
+
+def test_a_cuda_device_with_an_index_plans_cuda_rows():
+    config = BenchConfig(runtimes=("eager", "onnxruntime", "executorch"), device="cuda:1")
+    on_cuda = "ExecuTorch runs on the CPU (XNNPACK); use --device cpu"
+    assert _plan(config, "cuda:1") == [("eager", "fp32", None), ("eager", "fp16", None), ("onnxruntime", "fp32", None),
+                                       ("onnxruntime", "fp16", None), ("executorch", "fp32", on_cuda), ("executorch", "fp16", on_cuda)]  # fmt: skip
 
 
 @pytest.mark.slow

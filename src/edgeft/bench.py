@@ -3,13 +3,18 @@ process, written as a Markdown, JSON and PNG report."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
 import platform
+import re
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
 from edgeft.cpu import cpu_description
 from edgeft.data import default_preprocess
-from edgeft.devices import torch_device
+from edgeft.devices import cuda_index, torch_device
 from edgeft.errors import InputError
 from edgeft.export import export, write_onnx, write_torchscript
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
@@ -36,12 +41,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BenchRow:
-    model: str
+    model: str  # the source's label: its architecture, or "arch (run/file)" where checkpoints share one
     runtime: str
     precision: str
     batch: int
-    device: str
+    device: str  # cpu, cuda or cuda:N
     status: str = "ok"  # ok, or why the row did not run
+    arch: str | None = None  # the architecture (torchvision's name)
+    file: str | None = None  # with --keep-files: the file timed, relative to the report's folder
     provider: str = ""  # what actually ran it
     p50_ms: float | None = None
     p90_ms: float | None = None
@@ -56,7 +63,7 @@ class BenchRow:
     params_m: float | None = None
     gflops: float | None = None  # G multiply-adds at this image size (torchvision's "GFLOPS" count, scaled)
     accuracy: float | None = None  # with --checkpoints: the export's validation accuracy
-    vs_fp32: float | None = None  # speed-up: p50 of this runtime's fp32 row (same batch) / this p50
+    vs_fp32: float | None = None  # speed-up: p50 of this model's and runtime's fp32 row (same batch) / this p50
     gflop_per_s: float | None = None  # achieved: 2 x multiply-adds x batch / p50
     pct_of_peak: float | None = None  # gflop_per_s against the machine's measured fp32 matmul peak
 
@@ -66,11 +73,33 @@ class BenchReport:
     machine: dict
     settings: dict
     rows: list[BenchRow] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # md, json, png; timed: the kept files' folder
+
+
+@dataclass
+class _Source:
+    """One model to time: random weights of `arch`, or a checkpoint."""
+
+    label: str  # how rows and tables name it, unique within a report
+    arch: str
+    checkpoint: str | None = None
+
+
+@dataclass
+class _Run:
+    """What every row of one bench shares."""
+
+    config: BenchConfig
+    device: str  # cpu, cuda or cuda:N
+    threads: int
+    warmup: int
+    iterations: int
+    budget_s: float
 
 
 def machine_info(device: str) -> dict:
-    """CPU model and cores, GPU and driver, library versions: what a reader needs to compare."""
+    """CPU model and cores, GPU (the one `device` names) and driver, library versions: what a
+    reader needs to compare."""
     import onnxruntime
     import torchvision
 
@@ -88,21 +117,26 @@ def machine_info(device: str) -> dict:
         "gpu": None,
         "driver": None,
     }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)  # fmt: skip
-            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-        except (OSError, subprocess.TimeoutExpired, IndexError):
-            pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(cuda_index(device))
+        info["driver"] = _nvidia_driver()
         info["cuda"] = torch.version.cuda
     return info
 
 
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version (one driver serves every GPU of a machine), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
 def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]:
     """(runtime, precision, reason to skip or None) for each requested combination."""
-    precisions = config.precisions or (("fp32", "fp16") if device == "cuda" else ("fp32", "int8"))
+    precisions = config.precisions or (("fp32", "fp16") if device.startswith("cuda") else ("fp32", "int8"))
     plan = []
     for runtime in config.runtimes:
         for precision in precisions:
@@ -131,118 +165,187 @@ def _executorch_unavailable(device: str) -> str | None:
     return None
 
 
-def _write_executorch(model, spec, path: Path, precision: str) -> str:
-    """A .pte of random-weight `model` for timing (int8: calibrated on random images)."""
-    calibration = np.random.default_rng(0).standard_normal((16, spec.channels, spec.size, spec.size), dtype=np.float32)
-    write_pte(model, spec, path, precision=precision, calibration=calibration)
-    return str(path)
+def _sources(config: BenchConfig) -> list[_Source]:
+    """The models to time, each once, labelled by its architecture; checkpoints that share one
+    by their run folder and file (by their whole path where even those are the same)."""
+    if not config.checkpoints:
+        sources = [_Source(name, name) for name in dict.fromkeys(config.models)]
+    else:
+        paths = list(dict.fromkeys(Path(c).resolve() for c in config.checkpoints))
+        archs = [load_checkpoint(path)["arch"] for path in paths]
+        sources = [_Source(arch if archs.count(arch) == 1 else f"{arch} ({path.parent.name}/{path.name})", arch, str(path))
+                   for arch, path in zip(archs, paths)]  # fmt: skip
+        labels = [s.label for s in sources]
+        sources = [replace(s, label=f"{s.arch} ({s.checkpoint})") if labels.count(s.label) > 1 else s for s in sources]
+    for source in sources:
+        if source.arch not in list_models():
+            get_model(source.arch, num_classes=2)  # the unknown-model error, with the list
+    return sources
 
 
-def _artifacts(model_name: str, checkpoint: str | None, config: BenchConfig, device: str, folder: Path, needed) -> dict:
-    """The files each (runtime, precision) loads, their sizes, and accuracies with a checkpoint."""
-    files: dict[tuple[str, str], str] = {}
-    accuracy: dict[tuple[str, str], float] = {}
-    if checkpoint is None:
-        checkpoint = str(folder / f"{model_name}.pt")
-        model = get_model(model_name, num_classes=1000, in_chans=3)
-        spec = default_preprocess(size=config.img_size, channels=3)
-        save_checkpoint(checkpoint, {"arch": model_name, "num_classes": 1000, "in_chans": 3, "classes": [str(i) for i in range(1000)],
-                                     "preprocess": spec.to_dict(), "state_dict": model.state_dict()})  # fmt: skip
+def _folder_name(label: str) -> str:
+    """A folder name for a source's files: its label with anything but letters, digits, '.',
+    '_' and '-' replaced by '-'."""
+    return re.sub(r"[^\w.-]+", "-", label).strip("-")
+
+
+def _artifacts(source: _Source, run: _Run, folder: Path, needed) -> dict:
+    """The files each (runtime, precision) loads, written into `folder`, their sizes, and
+    accuracies with a checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = source.checkpoint or _random_weights_checkpoint(source.arch, run.config.img_size, folder)
     content = load_checkpoint(checkpoint)
     model = model_from_checkpoint(content)
     spec = default_preprocess(size=content["preprocess"]["size"], channels=content["in_chans"])
+    eager_file = checkpoint
+    if source.checkpoint and run.config.keep_files and any(runtime == "eager" for runtime, _ in needed):
+        eager_file = str(shutil.copy2(checkpoint, folder / Path(checkpoint).name))  # kept with the others
+    files: dict[tuple[str, str], str] = {}
+    accuracy: dict[tuple[str, str], float] = {}
     for runtime, precision in needed:
         key = (runtime, precision)
         if runtime == "eager":
-            files[key] = checkpoint
-            continue
-        if runtime == "executorch" and not config.checkpoints:
-            files[key] = _write_executorch(model, spec, folder / f"{model_name}-{precision}.pte", precision)
-            continue
-        fmt = {"onnxruntime": "onnx", "executorch": "executorch"}.get(runtime, "torchscript")
-        if config.checkpoints:  # a real export, with its validation
-            result = export(ExportConfig(checkpoint=checkpoint, format=fmt, precision=precision, out=str(folder), data=config.data,
-                                         name=f"{model_name}-{runtime}-{precision}", device=device, force=True))  # fmt: skip
-            files[key] = result.files[0].path
-            accuracy[key] = result.files[0].validation.exported_acc
-            accuracy[("eager", "fp32")] = result.files[0].validation.reference_acc
-            continue
-        path = folder / f"{model_name}-{precision}{'.onnx' if fmt == 'onnx' else '.ts'}"
-        if fmt == "onnx":
-            _write_random_weights_onnx(model, spec, path, precision)
+            files[key] = eager_file
+        elif source.checkpoint:  # a real export, with its validation
+            exported = _export_checkpoint(source, runtime, precision, run, folder)
+            files[key] = exported.path
+            accuracy[key] = exported.validation.exported_acc
+            accuracy[("eager", "fp32")] = exported.validation.reference_acc
         else:
-            write_torchscript(model, spec, path, precision=precision, device=device)
-        files[key] = str(path)
+            files[key] = _write_random_weights(model, spec, runtime, precision, run.device, folder / f"{source.arch}-{precision}")
     return {"files": files, "accuracy": accuracy, "size": spec.size, "channels": content["in_chans"],
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}  # fmt: skip
 
 
-def _write_random_weights_onnx(model, spec, path: Path, precision: str) -> None:
-    """The ONNX file of a row without a checkpoint; int8 with this CPU's default settings,
-    calibrated on random images (the weights are random too: only speed is measured)."""
+def _random_weights_checkpoint(arch: str, img_size: int, folder: Path) -> str:
+    """A checkpoint of `arch` with random weights, 1000 classes and RGB `img_size` input."""
+    path = folder / f"{arch}.pt"
+    model = get_model(arch, num_classes=1000, in_chans=3)
+    spec = default_preprocess(size=img_size, channels=3)
+    save_checkpoint(path, {"arch": arch, "num_classes": 1000, "in_chans": 3, "classes": [str(i) for i in range(1000)],
+                           "preprocess": spec.to_dict(), "state_dict": model.state_dict()})  # fmt: skip
+    return str(path)
+
+
+def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run, folder: Path):
+    """The validated export of `source`'s checkpoint that `runtime` loads."""
+    fmt = {"onnxruntime": "onnx", "executorch": "executorch"}.get(runtime, "torchscript")
+    result = export(ExportConfig(checkpoint=source.checkpoint, format=fmt, precision=precision, out=str(folder),
+                                 data=run.config.data, name=f"{source.arch}-{runtime}", device=run.device, force=True))  # fmt: skip
+    return result.files[0]
+
+
+def _write_random_weights(model, spec, runtime: str, precision: str, device: str, stem: Path) -> str:
+    """The file `runtime` loads for a model without a checkpoint (only speed is measured); int8
+    calibrated on random images (ONNX: with this CPU's default settings)."""
+    path = stem.with_name(stem.name + {"onnxruntime": ".onnx", "executorch": ".pte"}.get(runtime, ".ts"))
     rng = np.random.default_rng(0)
-    batches = (rng.standard_normal((8, spec.channels, spec.size, spec.size), dtype=np.float32) for _ in range(2))
-    write_onnx(model, spec, path, opset=18, precision=precision, calibration=batches,
-               settings=replace(default_settings(), calibration_size=16))  # fmt: skip
+    if runtime == "executorch":
+        calibration = rng.standard_normal((16, spec.channels, spec.size, spec.size), dtype=np.float32)
+        write_pte(model, spec, path, precision=precision, calibration=calibration)
+    elif runtime == "onnxruntime":
+        batches = (rng.standard_normal((8, spec.channels, spec.size, spec.size), dtype=np.float32) for _ in range(2))
+        write_onnx(model, spec, path, opset=18, precision=precision, calibration=batches,
+                   settings=replace(default_settings(), calibration_size=16))  # fmt: skip
+    else:
+        write_torchscript(model, spec, path, precision=precision, device=device)
+    return str(path)
+
+
+def _resolve(config: BenchConfig) -> _Run:
+    """The device (its index kept: cuda:1 stays cuda:1), threads and timing counts of a bench."""
+    quick = config.quick
+    return _Run(config, device=str(torch_device(config.device)),  # CUDA that is not usable here: InputError
+                threads=config.threads or os.cpu_count() or 1, warmup=1 if quick else config.warmup,
+                iterations=min(config.iterations, 10) if quick else config.iterations,
+                budget_s=min(config.budget_s, 2.0) if quick else config.budget_s)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _files_folder(config: BenchConfig, stamp: str) -> Iterator[Path]:
+    """Where the timed files are written: bench-<stamp>-files/ beside the report with
+    `keep_files`, else a temporary folder removed afterwards."""
+    if not config.keep_files:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+        return
+    folder = Path(config.out) / f"bench-{stamp}-files"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
 
 
 def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
-    """Measure every row; rows that cannot run say why. Writes the report files to `config.out`."""
-    if config.quick:
-        warmup, iterations, budget = 1, min(config.iterations, 10), min(config.budget_s, 2.0)
-    else:
-        warmup, iterations, budget = config.warmup, config.iterations, config.budget_s
-    device = torch_device(config.device).type  # CUDA that is not usable here: InputError
-    threads = config.threads or os.cpu_count() or 1
-    sources = [(load_checkpoint(c)["arch"], c) for c in config.checkpoints] or [(m, None) for m in config.models]
-    for name, _ in sources:
-        if name not in list_models():
-            get_model(name, num_classes=2)  # the unknown-model error, with the list
-    plan = _plan(config, device)
+    """Measure every row; rows that cannot run say why. Writes the report files to `config.out`
+    (with `config.keep_files`, the files it timed too)."""
+    run = _resolve(config)
+    sources = _sources(config)
+    plan = _plan(config, run.device)
     report = BenchReport(
-        machine={**machine_info(device), "matmul_peak": _matmul_peak(device, threads)},
-        settings={**asdict(config), "device": device, "threads": threads, "warmup": warmup, "iterations": iterations,
-                  "budget_s": budget, "int8": default_settings().label()},  # fmt: skip
+        machine={**machine_info(run.device), "matmul_peak": _matmul_peak(run.device, run.threads)},
+        settings={**asdict(config), "device": run.device, "threads": run.threads, "warmup": run.warmup,
+                  "iterations": run.iterations, "budget_s": run.budget_s, "int8": default_settings().label()},  # fmt: skip
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
-        task = bar.add_task("bench", total=len(sources) * len(plan))
-        for model_name, checkpoint in sources:
-            runnable = [(r, p) for r, p, reason in plan if reason is None]
-            bar.update(task, description=f"{model_name}: exporting")
-            art = _artifacts(model_name, checkpoint, config, device, Path(tmp), runnable) if runnable else None
-            info = model_info(model_name)
-            for runtime, precision, reason in plan:
-                bar.update(task, description=f"{model_name} {runtime} {precision}")
-                rows = [BenchRow(model_name, runtime, precision, b, device) for b in config.batch_sizes]
-                if reason is None:
-                    measured = run_measurement({"runtime": runtime, "precision": precision, "device": device, "threads": threads,
-                                         "file": art["files"][(runtime, precision)], "batches": list(config.batch_sizes),
-                                         "size": art["size"], "channels": art["channels"], "warmup": warmup,
-                                         "iterations": iterations, "budget_s": budget},
-                                        timeout=120 + budget * 4 * len(config.batch_sizes))  # fmt: skip
-                    reason = measured if isinstance(measured, str) else None
-                for i, row in enumerate(rows):
-                    if reason is not None:
-                        row.status = f"skipped: {reason}"
-                        continue
-                    for key, value in measured[i].items():
-                        if key != "batch":
-                            setattr(row, key, value)
-                    row.file_mb = Path(art["files"][(runtime, precision)]).stat().st_size / 2**20
-                    row.params_m = art["params_m"]
-                    row.gflops = info.gflops * (art["size"] / 224) ** 2
-                    row.accuracy = art["accuracy"].get((runtime, precision))
-                if reason is not None:
-                    log.warning("%s %s %s: %s", model_name, runtime, precision, reason)
-                report.rows += rows
-                bar.advance(task)
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, _files_folder(config, stamp) as folder:
+        update = functools.partial(bar.update, bar.add_task("bench", total=len(sources) * len(plan)))
+        for source in sources:
+            report.rows += _bench_source(source, plan, run, folder / _folder_name(source.label), update)
+        if config.keep_files:
+            report.files["timed"] = str(folder)
     add_speed_columns(report.rows, report.machine["matmul_peak"]["gflop_per_s"])
-    _write_reports(report, Path(config.out))
+    _write_reports(report, Path(config.out), stamp)
     return report
+
+
+def _bench_source(source: _Source, plan, run: _Run, folder: Path, update) -> list[BenchRow]:
+    """The rows of one model: its files written (exported, for a checkpoint) into `folder`, then
+    each (runtime, precision) timed in a fresh process."""
+    runnable = [(r, p) for r, p, reason in plan if reason is None]
+    update(description=f"{source.label}: exporting")
+    art = _artifacts(source, run, folder, runnable) if runnable else None
+    rows = []
+    for runtime, precision, reason in plan:
+        update(description=f"{source.label} {runtime} {precision}")
+        group = [BenchRow(source.label, runtime, precision, b, run.device, arch=source.arch) for b in run.config.batch_sizes]
+        measured = reason if reason is not None else _time_file(art["files"][(runtime, precision)], runtime, precision, art, run)
+        if isinstance(measured, str):
+            log.warning("%s %s %s: %s", source.label, runtime, precision, measured)
+            for row in group:
+                row.status = f"skipped: {measured}"
+        else:
+            _fill_measured(group, measured, art, (runtime, precision), source.arch, run.config)
+        rows += group
+        update(advance=1)
+    return rows
+
+
+def _time_file(file: str, runtime: str, precision: str, art: dict, run: _Run) -> list[dict] | str:
+    """One result per batch size from a fresh process, or why it failed."""
+    batches = list(run.config.batch_sizes)
+    spec = {"runtime": runtime, "precision": precision, "device": run.device, "threads": run.threads, "file": file,
+            "batches": batches, "size": art["size"], "channels": art["channels"], "warmup": run.warmup,
+            "iterations": run.iterations, "budget_s": run.budget_s}  # fmt: skip
+    return run_measurement(spec, timeout=120 + run.budget_s * 4 * len(batches))
+
+
+def _fill_measured(rows: list[BenchRow], measured: list[dict], art: dict, key: tuple[str, str], arch: str, config: BenchConfig) -> None:
+    """Copy the measurements into `rows` (one per batch size) with the file's size, the model's
+    size and cost, the export's accuracy, and with `keep_files` the file's path."""
+    file = art["files"][key]
+    gflops = model_info(arch).gflops * (art["size"] / 224) ** 2
+    for row, result in zip(rows, measured, strict=True):
+        for name, value in result.items():
+            if name != "batch":
+                setattr(row, name, value)
+        row.file_mb = Path(file).stat().st_size / 2**20
+        row.params_m = art["params_m"]
+        row.gflops = gflops
+        row.accuracy = art["accuracy"].get(key)
+        row.file = os.path.relpath(file, config.out) if config.keep_files else None
 
 
 def _matmul_peak(device: str, threads: int) -> dict:
@@ -256,8 +359,8 @@ def _matmul_peak(device: str, threads: int) -> dict:
 
 
 def add_speed_columns(rows: list[BenchRow], peak_gflop_per_s: float | None) -> None:
-    """Fill each measured row's speed-up against the fp32 row of its model, runtime and batch,
-    and its achieved GFLOP/s (2 FLOP per multiply-add) against the matmul peak."""
+    """Fill each measured row's speed-up against the fp32 row of its model (label), runtime and
+    batch, and its achieved GFLOP/s (2 FLOP per multiply-add) against the matmul peak."""
     fp32 = {(r.model, r.runtime, r.batch): r.p50_ms for r in rows if r.precision == "fp32" and r.status == "ok"}
     for row in rows:
         if row.status != "ok":
@@ -269,11 +372,10 @@ def add_speed_columns(rows: list[BenchRow], peak_gflop_per_s: float | None) -> N
             row.pct_of_peak = None if not peak_gflop_per_s else 100 * row.gflop_per_s / peak_gflop_per_s
 
 
-def _write_reports(report: BenchReport, out: Path) -> None:
+def _write_reports(report: BenchReport, out: Path, stamp: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = out / f"bench-{stamp}"
-    report.files = {"md": f"{base}.md", "json": f"{base}.json", "png": f"{base}.png"}
+    report.files.update(md=f"{base}.md", json=f"{base}.json", png=f"{base}.png")
     Path(report.files["json"]).write_text(json.dumps({"machine": report.machine, "settings": report.settings,
                                                       "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n")  # fmt: skip
     Path(report.files["md"]).write_text(markdown_report(report))
@@ -284,20 +386,26 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+_COLUMNS = ("model", "runtime", "precision", "batch", "p50 ms", "x fp32", "p90 ms", "p99 ms", "mean ms", "img/s", "GFLOP/s",
+            "% peak", "load s", "first ms", "peak MB", "file MB", "params M", "GMACs", "accuracy", "provider")  # fmt: skip
+
+
 def markdown_table(rows: list[BenchRow]) -> str:
-    """The results as one Markdown table (rows that did not run say why)."""
-    head = ("| model | runtime | precision | batch | p50 ms | x fp32 | p90 ms | p99 ms | mean ms | img/s | GFLOP/s "
-            "| % peak | load s | first ms | peak MB | file MB | params M | GMACs | accuracy | provider |")  # fmt: skip
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    """The results as one Markdown table (rows that did not run say why; kept files: a file column)."""
+    with_file = any(r.file for r in rows)
+    columns = _COLUMNS + (("file",) if with_file else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
+        cells = [r.model, r.runtime, r.precision, str(r.batch)]
         if r.status != "ok":
-            lines.append(f"| {r.model} | {r.runtime} | {r.precision} | {r.batch} | {r.status} |" + " |" * 15)
-            continue
-        cells = [r.model, r.runtime, r.precision, str(r.batch), _fmt(r.p50_ms, ".2f"), _fmt(r.vs_fp32, ".2f"), _fmt(r.p90_ms, ".2f"),
-                 _fmt(r.p99_ms, ".2f"), _fmt(r.mean_ms, ".2f"), _fmt(r.images_per_s, ".1f"), _fmt(r.gflop_per_s, ".1f"),
-                 _fmt(r.pct_of_peak, ".0f"), _fmt(r.load_s, ".2f"),
-                 _fmt(r.first_ms, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.file_mb, ".1f"), _fmt(r.params_m, ".1f"),
-                 _fmt(r.gflops, ".2f"), _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), r.provider]  # fmt: skip
+            cells += [r.status] + [""] * (len(_COLUMNS) - 5)
+        else:
+            cells += [_fmt(r.p50_ms, ".2f"), _fmt(r.vs_fp32, ".2f"), _fmt(r.p90_ms, ".2f"), _fmt(r.p99_ms, ".2f"), _fmt(r.mean_ms, ".2f"),
+                      _fmt(r.images_per_s, ".1f"), _fmt(r.gflop_per_s, ".1f"), _fmt(r.pct_of_peak, ".0f"), _fmt(r.load_s, ".2f"),
+                      _fmt(r.first_ms, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.file_mb, ".1f"), _fmt(r.params_m, ".1f"),
+                      _fmt(r.gflops, ".2f"), _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), r.provider]  # fmt: skip
+        if with_file:
+            cells.append(r.file or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -317,5 +425,7 @@ def markdown_report(report: BenchReport) -> str:
         f"- int8 rows: onnxruntime static quantization, {s['int8']}; executorch: PT2E with the XNNPACK quantizer\n"
         f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 FLOP per "
         f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
-        f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n\n" + markdown_table(report.rows)
+        f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n"
+        + ("- file: the file each row timed, kept, relative to this report's folder\n" if s["keep_files"] else "")
+        + "\n" + markdown_table(report.rows)
     )

@@ -197,6 +197,7 @@ class BenchConfig:
     checkpoints: tuple[str, ...] = ()  # edgeft checkpoints: their models, with an accuracy column
     data: str | None = None  # accuracy data for `checkpoints`; None: each one's validation split
     out: str = "reports"  # where bench-<timestamp>.md/.json/.png go
+    keep_files: bool = False  # keep the timed files in bench-<timestamp>-files/ beside the report
 
     def __post_init__(self) -> None:
         """Every value checked before any work (model names are checked against the registry by

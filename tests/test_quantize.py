@@ -150,6 +150,8 @@ def test_int8_graph_has_no_float_batch_norm(fp32_file, tmp_path):
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert "BatchNormalization" not in ops and "Conv" not in ops and "QLinearConv" in ops
+    quantize_onnx(fp32_file, out, calibration=batches(1), settings=QuantSettings(calibration_size=4, batchnorms_as_convs=False))
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(out)).graph.node}  # asked for: left in float
 
 
 def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):

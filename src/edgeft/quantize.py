@@ -81,6 +81,7 @@ class QuantSettings:
     calibration_size: int = 256  # calibration images
     keep_float: tuple[str, ...] = ()  # node names, or "first_conv" / "classifier", left in float
     op_types: tuple[str, ...] = ()  # operator types to quantize; empty: every type onnxruntime can
+    batchnorms_as_convs: bool = True  # batch norms with no conv before them run as int8 depthwise convs
 
     def __post_init__(self):
         for name, value, allowed in (("activation type", self.activation_type, ACTIVATION_TYPES),
@@ -101,6 +102,8 @@ class QuantSettings:
             parts.append("float:" + "+".join(self.keep_float))
         if self.op_types:
             parts.append("ops:" + "+".join(self.op_types))
+        if not self.batchnorms_as_convs:
+            parts.append("float-bn")
         return " ".join(parts)
 
 
@@ -157,7 +160,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: I
     with tempfile.TemporaryDirectory() as tmp, _quiet():  # the system's temporary folder: never left in --out
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        converted = batchnorms_as_depthwise_convs(prepared)
+        converted = batchnorms_as_depthwise_convs(prepared) if settings.batchnorms_as_convs else 0
         excluded = _resolve_float_nodes(prepared, settings.keep_float)
         cache, images = _calibrate(prepared, Path(tmp), calibration, settings, input_name)
         quantize_static(str(prepared), str(out_path), None, calibration_cache_path=str(cache),

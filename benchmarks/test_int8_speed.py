@@ -6,6 +6,10 @@ settings (QDQ with int8 activations, per-channel int8 weights, batch norms in fl
 timed in interleaved rounds in one process with the same thread count, so every contender
 sees the same load; the headline is the ratio of p50 latencies, fp32 / int8.
 
+`edgeft bench` is checked the way a user would check it: its onnxruntime fp32 and int8 rows for
+the three backbones (batch 1, `--keep-files`), each kept file timed again by a plain onnxruntime
+script in a fresh process; the two p50s must agree within 15 %, and int8 must be the faster row.
+
 Run: python -m pytest benchmarks/test_int8_speed.py --benchmark-only \
          --benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json
 It writes benchmarks/results/int8_speed-cpu.json (p50 per contender, ratios, the int8 settings,
@@ -15,14 +19,18 @@ threads (default: all cores), EDGEFT_BENCH_ROUNDS the interleaved rounds (defaul
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import independent_onnxruntime_p50
 
 from edgeft.cpu import cpu_description, has_vnni
 from edgeft.quantize import QuantSettings, default_settings, quantize_onnx
@@ -42,14 +50,15 @@ CALIBRATION = 32  # random images: the ranges do not change the speed
 def summary(machine, saved_summary):
     import onnxruntime
 
-    def summarize(models: dict) -> dict:
+    def summarize(results: dict) -> dict:
         return {
             "machine": {**machine, **cpu_description(), "vnni": has_vnni(), "onnxruntime": onnxruntime.__version__},
             "setup": f"random weights, 224 px, batch 1, CPUExecutionProvider, {THREADS} intra-op threads, "
                      f"{ROUNDS} interleaved rounds x 3 runs per contender; p50 over all runs",
             "int8_settings": {name: replace(settings, calibration_size=CALIBRATION).label() for name, settings in CONTENDERS},
             "goals_on_vnni": GOALS,
-            "models": models,
+            "models": {name: results[name] for name in BACKBONES if name in results},
+            "bench_against_independent": results.get(BENCH_CHECK),
             "command": "python -m pytest benchmarks/test_int8_speed.py --benchmark-only "
                        "--benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json",
         }  # fmt: skip
@@ -116,3 +125,21 @@ def test_int8_against_fp32(benchmark, tmp_path, summary, arch):
     }
     benchmark.extra_info.update(summary[arch])
     assert p50["int8"] < p50["fp32"], p50  # int8 pays on every CPU with AVX2 or better
+
+
+AGREEMENT = 0.15  # edgeft bench's p50 against the independent one, relative
+BENCH_CHECK = "edgeft bench against an independent timing"
+
+
+def test_bench_int8_rows_agree_with_an_independent_timing(benchmark, tmp_path, summary):
+    argv = [str(Path(sys.executable).with_name("edgeft")), "bench", "--runtimes", "onnxruntime", "--precisions", "fp32,int8",
+            "--batch-sizes", "1", "--keep-files", "--out", str(tmp_path)]  # fmt: skip
+    benchmark.pedantic(lambda: subprocess.run(argv, check=True, capture_output=True), rounds=1, iterations=1)
+    rows = json.loads(next(tmp_path.glob("bench-*.json")).read_text())["rows"]
+    checked = {f"{r['model']} {r['precision']}": {"bench_p50_ms": r["p50_ms"], "independent_p50_ms": independent_onnxruntime_p50(tmp_path / r["file"])}
+               for r in rows}  # fmt: skip
+    for entry in checked.values():
+        entry["relative_difference"] = entry["bench_p50_ms"] / entry["independent_p50_ms"] - 1
+    summary[BENCH_CHECK] = checked
+    assert all(abs(e["relative_difference"]) <= AGREEMENT for e in checked.values()), checked
+    assert all(checked[f"{m} int8"]["bench_p50_ms"] < checked[f"{m} fp32"]["bench_p50_ms"] for m in BACKBONES), checked

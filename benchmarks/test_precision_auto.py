@@ -14,12 +14,12 @@ and CPU flags).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import independent_onnxruntime_p50
 
 from edgeft.artifact import read_metadata
 from edgeft.cpu import cpu_description
@@ -29,32 +29,12 @@ SUMMARY = Path(__file__).parent / "results" / "precision_auto-cpu.json"
 EDGEFT = str(Path(sys.executable).with_name("edgeft"))
 AGREEMENT = 0.15  # the decision table's p50 against the independent one, relative
 
-INDEPENDENT = r"""
-import json, statistics, sys, time
-import numpy as np, onnxruntime as ort
-session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-feed = session.get_inputs()[0]
-x = np.random.default_rng(1).standard_normal([1, *feed.shape[1:]], dtype=np.float32)
-for _ in range(10):
-    session.run(None, {feed.name: x})
-times = []
-for _ in range(300):
-    t = time.perf_counter(); session.run(None, {feed.name: x}); times.append(time.perf_counter() - t)
-print(json.dumps({"p50_ms": 1000 * statistics.median(times)}))
-"""
-
-
 @pytest.fixture(scope="module")
 def results(machine, saved_summary):
     def summarize(runs: dict) -> dict:
         return {"machine": {**machine, **cpu_description()}, "agreement_bound": AGREEMENT, "runs": runs}
 
     yield from saved_summary(SUMMARY, summarize)
-
-
-def _independent_p50(path: str) -> float:
-    out = subprocess.run([sys.executable, "-c", INDEPENDENT, path], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"]
 
 
 @pytest.mark.parametrize("img_size", [None, 64], ids=["size-from-data", "64px"])
@@ -69,7 +49,7 @@ def test_auto_keeps_a_file_whose_timing_holds(benchmark, tmp_path, results, img_
     (kept,) = (tmp_path / "exported").glob("*.onnx")
     decision = read_metadata(kept)["precision_auto"]
     chosen = next(c for c in decision["candidates"] if c["chosen"])
-    independent = [_independent_p50(str(kept)) for _ in range(3)]
+    independent = [independent_onnxruntime_p50(kept) for _ in range(3)]
     median = sorted(independent)[1]
     results[f"resnet18 digits {read_metadata(kept)['preprocess']['size']} px"] = {
         "kept": kept.name, "decision": decision, "independent_p50_ms": independent,

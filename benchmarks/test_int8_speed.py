@@ -8,7 +8,8 @@ sees the same load; the headline is the ratio of p50 latencies, fp32 / int8.
 
 `edgeft bench` is checked the way a user would check it: its onnxruntime fp32 and int8 rows for
 the three backbones (batch 1, `--keep-files`), each kept file timed again by a plain onnxruntime
-script in a fresh process; the two p50s must agree within 15 %, and int8 must be the faster row.
+script in three fresh processes (their median); the two p50s must agree within 15 %, and int8
+must be the faster row.
 
 Run: python -m pytest benchmarks/test_int8_speed.py --benchmark-only \
          --benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json
@@ -50,20 +51,21 @@ CALIBRATION = 32  # random images: the ranges do not change the speed
 def summary(machine, saved_summary):
     import onnxruntime
 
-    def summarize(results: dict) -> dict:
+    def summarize(results: dict) -> dict:  # merged over the saved file: a single test can be re-run
+        measured = {"models": {name: results[name] for name in BACKBONES if name in results},
+                    "bench_against_independent": results.get(BENCH_CHECK)}  # fmt: skip
         return {
+            **{key: value for key, value in measured.items() if value},
             "machine": {**machine, **cpu_description(), "vnni": has_vnni(), "onnxruntime": onnxruntime.__version__},
             "setup": f"random weights, 224 px, batch 1, CPUExecutionProvider, {THREADS} intra-op threads, "
                      f"{ROUNDS} interleaved rounds x 3 runs per contender; p50 over all runs",
             "int8_settings": {name: replace(settings, calibration_size=CALIBRATION).label() for name, settings in CONTENDERS},
             "goals_on_vnni": GOALS,
-            "models": {name: results[name] for name in BACKBONES if name in results},
-            "bench_against_independent": results.get(BENCH_CHECK),
             "command": "python -m pytest benchmarks/test_int8_speed.py --benchmark-only "
                        "--benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json",
         }  # fmt: skip
 
-    yield from saved_summary(SUMMARY, summarize)
+    yield from saved_summary(SUMMARY, summarize, merge=True)
 
 
 def _files(arch: str, folder: Path) -> dict[str, Path]:
@@ -136,10 +138,11 @@ def test_bench_int8_rows_agree_with_an_independent_timing(benchmark, tmp_path, s
             "--batch-sizes", "1", "--keep-files", "--out", str(tmp_path)]  # fmt: skip
     benchmark.pedantic(lambda: subprocess.run(argv, check=True, capture_output=True), rounds=1, iterations=1)
     rows = json.loads(next(tmp_path.glob("bench-*.json")).read_text())["rows"]
-    checked = {f"{r['model']} {r['precision']}": {"bench_p50_ms": r["p50_ms"], "independent_p50_ms": independent_onnxruntime_p50(tmp_path / r["file"])}
-               for r in rows}  # fmt: skip
-    for entry in checked.values():
-        entry["relative_difference"] = entry["bench_p50_ms"] / entry["independent_p50_ms"] - 1
+    checked = {}
+    for row in rows:  # the independent p50: the median of 3 fresh processes
+        independent = statistics.median(independent_onnxruntime_p50(tmp_path / row["file"]) for _ in range(3))
+        checked[f"{row['model']} {row['precision']}"] = {"bench_p50_ms": row["p50_ms"], "independent_p50_ms": independent,
+                                                          "relative_difference": row["p50_ms"] / independent - 1}  # fmt: skip
     summary[BENCH_CHECK] = checked
     assert all(abs(e["relative_difference"]) <= AGREEMENT for e in checked.values()), checked
     assert all(checked[f"{m} int8"]["bench_p50_ms"] < checked[f"{m} fp32"]["bench_p50_ms"] for m in BACKBONES), checked

@@ -25,9 +25,10 @@ def bench_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).")] = C.device,
     threads: Annotated[int, typer.Option(help="Intra-op threads for every runtime (0: all cores).")] = C.threads,
     warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = C.warmup,
-    iterations: Annotated[int, typer.Option(help="Timed runs per row, at most.")] = C.iterations,
-    budget_s: Annotated[float, typer.Option(help="Seconds per row, at most (after 5 runs).")] = C.budget_s,
-    quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row.")] = C.quick,
+    iterations: Annotated[int, typer.Option(help="Timed runs per row, at most, over all rounds.")] = C.iterations,
+    budget_s: Annotated[float, typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).")] = C.budget_s,
+    rounds: Annotated[int, typer.Option(help="Fresh processes per row, taking turns with the model's other rows; p50 is their median.")] = C.rounds,
+    quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row, 1 round.")] = C.quick,
     checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoints", "--checkpoint", help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Accuracy data for --checkpoints (default: each checkpoint's validation split).")] = None,
     out: Annotated[str, typer.Option(help="Report folder.")] = C.out,
@@ -45,7 +46,7 @@ def bench_command(
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     config = C(models=_split(models), runtimes=_split(runtimes), precisions=_split(precisions), batch_sizes=sizes,
                img_size=img_size, device=device, threads=threads, warmup=warmup, iterations=iterations,
-               budget_s=budget_s, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out,
+               budget_s=budget_s, rounds=rounds, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out,
                keep_files=keep_files)  # fmt: skip
     report = run_bench(config, progress=True)
     console = Console()

@@ -17,6 +17,7 @@ from edgeft.bench import (
     _plan,
     _sources,
     add_speed_columns,
+    combine_rounds,
     markdown_table,
     run_bench,
 )
@@ -222,3 +223,26 @@ def test_executorch_rows_fp32_and_int8(tmp_path):
     fp32, int8 = rows[("executorch", "fp32", 1)], rows[("executorch", "int8", 1)]
     assert int8.file_mb < 0.3 * fp32.file_mb
     assert fp32.file_mb == pytest.approx(rows[("onnxruntime", "fp32", 1)].file_mb, rel=0.1)  # the same weights
+
+
+def _round(p50: float, runs: int, mean: float) -> list[dict]:
+    return [{"batch": 1, "p50_ms": p50, "p90_ms": p50 + 1, "p99_ms": p50 + 2, "first_ms": 3 * p50, "load_s": 0.1,
+             "mean_ms": mean, "iterations": runs, "images_per_s": 1000 / mean, "peak_rss_mb": 100 + p50, "provider": "cpu"}]  # fmt: skip
+
+
+def test_rounds_combine_to_their_median_so_one_slow_process_does_not_move_the_row():
+    (row,) = combine_rounds([_round(10.0, 20, 10.0), _round(30.0, 20, 30.0), _round(11.0, 10, 11.0)])
+    assert row["p50_ms"] == 11.0 and row["p90_ms"] == 12.0 and row["first_ms"] == 33.0
+    assert row["iterations"] == 50 and row["mean_ms"] == pytest.approx((200 + 600 + 110) / 50)
+    assert row["images_per_s"] == pytest.approx(1000 / row["mean_ms"]) and row["peak_rss_mb"] == 130.0
+
+
+@pytest.mark.slow
+def test_rounds_time_each_row_in_several_processes(tmp_path):
+    config = BenchConfig(models=("resnet18",), runtimes=("onnxruntime",), precisions=("fp32",), batch_sizes=(1,), img_size=32,
+                         device="cpu", iterations=4, rounds=2, warmup=1, out=str(tmp_path))  # fmt: skip
+    (row,) = run_bench(config).rows
+    assert row.status == "ok" and row.iterations == 4  # 2 rounds of 2: --iterations counts all rounds
+    assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["settings"]["rounds"] == 2
+    with pytest.raises(InputError, match="--rounds"):
+        BenchConfig(rounds=0)

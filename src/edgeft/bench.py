@@ -34,7 +34,7 @@ from edgeft.quantize import default_settings
 from edgeft.timing import run_measurement
 from edgeft.pte import require_executorch, write_pte
 
-__all__ = ["BenchConfig", "BenchReport", "BenchRow", "machine_info", "run_bench"]
+__all__ = ["BenchConfig", "BenchReport", "BenchRow", "combine_rounds", "machine_info", "run_bench"]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ class _Run:
     device: str  # cpu, cuda or cuda:N
     threads: int
     warmup: int
-    iterations: int
-    budget_s: float
+    iterations: int  # per round
+    budget_s: float  # per round
+    rounds: int  # fresh processes per row, taking turns with the model's other rows
 
 
 def machine_info(device: str) -> dict:
@@ -255,10 +256,11 @@ def _write_random_weights(model, spec, runtime: str, precision: str, device: str
 def _resolve(config: BenchConfig) -> _Run:
     """The device (its index kept: cuda:1 stays cuda:1), threads and timing counts of a bench."""
     quick = config.quick
+    rounds = 1 if quick else config.rounds
     return _Run(config, device=str(torch_device(config.device)),  # CUDA that is not usable here: InputError
                 threads=config.threads or os.cpu_count() or 1, warmup=1 if quick else config.warmup,
-                iterations=min(config.iterations, 10) if quick else config.iterations,
-                budget_s=min(config.budget_s, 2.0) if quick else config.budget_s)  # fmt: skip
+                iterations=min(config.iterations, 10) if quick else -(-config.iterations // rounds),
+                budget_s=min(config.budget_s, 2.0) if quick else config.budget_s / rounds, rounds=rounds)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -283,7 +285,8 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     report = BenchReport(
         machine={**machine_info(run.device), "matmul_peak": _matmul_peak(run.device, run.threads)},
         settings={**asdict(config), "device": run.device, "threads": run.threads, "warmup": run.warmup,
-                  "iterations": run.iterations, "budget_s": run.budget_s, "int8": default_settings().label()},  # fmt: skip
+                  "iterations": run.iterations, "budget_s": run.budget_s, "rounds": run.rounds,
+                  "int8": default_settings().label()},  # fmt: skip
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -303,24 +306,56 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
 
 def _bench_source(source: _Source, plan, run: _Run, folder: Path, update) -> list[BenchRow]:
     """The rows of one model: its files written (exported, for a checkpoint) into `folder`, then
-    each (runtime, precision) timed in a fresh process."""
+    timed in `run.rounds` rounds, each row once per round in a fresh process."""
     runnable = [(r, p) for r, p, reason in plan if reason is None]
     update(description=f"{source.label}: exporting")
     art = _artifacts(source, run, folder, runnable) if runnable else None
+    if hasattr(os, "sync"):
+        os.sync()  # the files just written are flushed now, not by the kernel while the first row is timed
+    update(description=f"{source.label}: timing")
+    measured = {**{(r, p): reason for r, p, reason in plan if reason is not None}, **_time_rows(runnable, art, run, update)}
     rows = []
-    for runtime, precision, reason in plan:
-        update(description=f"{source.label} {runtime} {precision}")
+    for runtime, precision, _ in plan:
         group = [BenchRow(source.label, runtime, precision, b, run.device, arch=source.arch) for b in run.config.batch_sizes]
-        measured = reason if reason is not None else _time_file(art["files"][(runtime, precision)], runtime, precision, art, run)
-        if isinstance(measured, str):
-            log.warning("%s %s %s: %s", source.label, runtime, precision, measured)
+        result = measured[(runtime, precision)]
+        if isinstance(result, str):
+            log.warning("%s %s %s: %s", source.label, runtime, precision, result)
             for row in group:
-                row.status = f"skipped: {measured}"
+                row.status = f"skipped: {result}"
         else:
-            _fill_measured(group, measured, art, (runtime, precision), source.arch, run.config)
+            _fill_measured(group, result, art, (runtime, precision), source.arch, run.config)
         rows += group
-        update(advance=1)
+    update(advance=len(plan) - len(runnable))
     return rows
+
+
+def _time_rows(keys: list[tuple[str, str]], art: dict, run: _Run, update) -> dict[tuple[str, str], list[dict] | str]:
+    """Each (runtime, precision) timed once per round, the rows taking turns, so they all see the
+    same drift of a shared machine; per batch size, the rounds combined. A row that fails once
+    gets the reason instead."""
+    rounds: dict[tuple[str, str], list | str] = {key: [] for key in keys}
+    for round_ in range(run.rounds):
+        for key in keys:
+            if isinstance(rounds[key], str):
+                continue
+            result = _time_file(art["files"][key], *key, art, run)
+            rounds[key] = result if isinstance(result, str) else [*rounds[key], result]
+            if round_ == run.rounds - 1 or isinstance(result, str):
+                update(advance=1)
+    return {key: value if isinstance(value, str) else combine_rounds(value) for key, value in rounds.items()}
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One result per batch size from several processes' results: the median of their latency
+    percentiles, load and first-run times; their runs and mean together; the largest peak memory."""
+    combined = []
+    for per_batch in zip(*rounds, strict=True):
+        runs = sum(r["iterations"] for r in per_batch)
+        mean = sum(r["mean_ms"] * r["iterations"] for r in per_batch) / runs
+        medians = {k: float(np.median([r[k] for r in per_batch])) for k in ("p50_ms", "p90_ms", "p99_ms", "first_ms", "load_s")}
+        combined.append({**per_batch[0], **medians, "mean_ms": mean, "iterations": runs, "images_per_s": per_batch[0]["batch"] * 1000 / mean,
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in per_batch)})  # fmt: skip
+    return combined
 
 
 def _time_file(file: str, runtime: str, precision: str, art: dict, run: _Run) -> list[dict] | str:

@@ -191,9 +191,10 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda[:N] (a CUDA device that is not usable here: exit 2)
     threads: int = 0  # intra-op threads of every runtime (and of the matmul peak); 0: all cores
     warmup: int = 3  # untimed runs before timing
-    iterations: int = 30  # timed runs per row, at most
-    budget_s: float = 8.0  # a row stops after this many seconds (with at least 5 runs)
-    quick: bool = False  # 1 warm-up, <= 10 runs, 2 s per row
+    iterations: int = 100  # timed runs per row, at most (within budget_s), over all rounds
+    budget_s: float = 8.0  # a row stops after this many seconds (with at least 5 runs per round)
+    rounds: int = 3  # fresh processes per row, taking turns with the model's other rows; p50: their median
+    quick: bool = False  # 1 warm-up, <= 10 runs, 2 s per row, 1 round
     checkpoints: tuple[str, ...] = ()  # edgeft checkpoints: their models, with an accuracy column
     data: str | None = None  # accuracy data for `checkpoints`; None: each one's validation split
     out: str = "reports"  # where bench-<timestamp>.md/.json/.png go
@@ -213,7 +214,8 @@ class BenchConfig:
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise InputError(f"--batch-sizes must be positive integers, got {','.join(map(str, self.batch_sizes)) or 'none'}")
         for option, value, smallest in (("--img-size", self.img_size, 8), ("--threads", self.threads, 0),
-                                        ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1)):  # fmt: skip
+                                        ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1),
+                                        ("--rounds", self.rounds, 1)):  # fmt: skip
             _at_least(option, value, smallest)
         if not self.budget_s > 0:
             raise InputError(f"--budget-s must be positive, got {self.budget_s}")

@@ -120,3 +120,105 @@ def test_unusable_preprocessing_in_metadata_is_refused(files, tmp_path, change, 
     path = _with_metadata(files["onnx"], tmp_path, json.dumps(metadata))
     with pytest.raises(InputError, match=message):
         read_metadata(path)
+
+
+def _rebuilt_archive(source: Path, path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    """A TorchScript archive holding exactly `entries` (name, data), in that order."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return path
+
+
+def _weights_entries(source: Path) -> tuple[list[tuple[str, bytes]], str]:
+    """The archive's entries, and the name of its largest weights entry."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    largest = max((name for name, _ in entries if "/constants/" in name), key=lambda n: len(dict(entries)[n]))
+    return entries, largest
+
+
+@pytest.mark.parametrize("trick", ["original under another folder", "duplicate name, tampered first", "name differing in case"])
+def test_a_torchscript_archive_the_loader_reads_differently_from_the_digest_is_refused(files, tmp_path, trick):
+    entries, weights = _weights_entries(files["torchscript"])
+    original = dict(entries)[weights]
+    tampered = [(n, bytes(b ^ 0x80 for b in d[:4]) + d[4:] if n == weights else d) for n, d in entries]
+    prefix, rest = weights.split("/", 1)
+    extra = {"original under another folder": (f"zz{prefix}/{rest}", original),
+             "duplicate name, tampered first": (weights, original),
+             "name differing in case": (f"{prefix}/{rest.upper()}", original)}[trick]  # fmt: skip
+    path = _rebuilt_archive(files["torchscript"], tmp_path / "tampered.ts", [*tampered, extra])
+    with pytest.raises(InputError, match="one top-level folder|duplicate entries"):
+        read_metadata(path)
+    proc = run_edgeft(["info", str(path)], cwd=tmp_path)
+    assert proc.returncode == 2 and "(verified)" not in proc.stdout
+    one_line_error(proc.stderr)
+
+
+def test_a_zip_bomb_inside_a_torchscript_file_is_refused_before_it_is_inflated(files, tmp_path):
+    import zipfile
+
+    path = tmp_path / "bomb.ts"
+    shutil.copy(files["torchscript"], path)
+    prefix = zipfile.ZipFile(path).namelist()[0].split("/", 1)[0]
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{prefix}/constants/bomb", bytes(3 * path.stat().st_size + 2**25))
+    with pytest.raises(InputError, match="inflate to more than a model of its size holds"):
+        read_metadata(path)
+
+
+def test_no_debug_tables_and_the_metadata_rewrite_keeps_the_archive_loadable(files, tmp_path):
+    import zipfile
+
+    import torch
+
+    names = zipfile.ZipFile(files["torchscript"]).namelist()
+    assert not [n for n in names if n.endswith(".debug_pkl")] and any(n.endswith("extra/edgeft.json") for n in names)
+    extra = {"edgeft.json": ""}
+    module = torch.jit.load(str(files["torchscript"]), _extra_files=extra)
+    assert json.loads(extra["edgeft.json"]) == read_metadata(files["torchscript"])
+    assert module(torch.zeros(1, 1, 16, 16)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch"])
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 50 + "1" + "}" * 50, '{"format": NaN}'],
+                         ids=["100000 deep", "50 deep", "NaN"])
+def test_deeply_nested_or_non_finite_metadata_is_one_line(files, tmp_path, fmt, text):
+    path = tmp_path / files[fmt].name
+    shutil.copy(files[fmt], path)
+    if fmt == "onnx":
+        path = _with_metadata(files["onnx"], tmp_path, text)
+    elif fmt == "executorch":
+        from edgeft.pte import write_pte_metadata
+
+        write_pte_metadata(path, text)
+    else:
+        from edgeft.artifact import rewrite_torchscript
+
+        rewrite_torchscript(path, metadata=text.encode())
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_metadata(path)
+    for command in (["info", str(path)], ["predict", "--model", str(path), str(path)]):
+        proc = run_edgeft(command, cwd=tmp_path)
+        assert proc.returncode == 2 and "not valid JSON" in one_line_error(proc.stderr)
+
+
+def test_predict_without_model_skips_a_newest_file_with_nested_metadata(files, tmp_path):
+    import os
+    import time
+
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    good = exported / "good.onnx"
+    shutil.copy(files["onnx"], good)
+    nested = _with_metadata(files["onnx"], tmp_path, "[" * 100_000 + "]" * 100_000)
+    shutil.move(nested, exported / "newest.onnx")
+    os.utime(good, (time.time() - 60, time.time() - 60))
+    image = Path(__file__).parent.parent / "examples" / "digits" / "3.png"
+    proc = run_edgeft(["predict", str(image), "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "good.onnx" in proc.stderr and json.loads(proc.stdout.splitlines()[0])["top_k"]

@@ -28,6 +28,12 @@ def test_fastest_passing_candidate_is_chosen():
     assert choose_fastest([attempt("int8 d", 1.0, passed=False)]) is None
 
 
+def test_force_keeps_the_candidate_that_lost_least_when_none_passed():
+    fp32, int8 = attempt("fp32", 10.0, passed=False), attempt("int8 a", 3.0, passed=False)
+    fp32.drop, int8.drop = 0.5, 4.0
+    assert choose_fastest([fp32, int8], force=True) is fp32 and fp32.chosen and not int8.chosen
+
+
 def test_decision_table_names_each_candidate():
     head, *rows = attempts_table([attempt("fp32", 10.0), attempt("int8 a", 3.0, passed=False)])
     assert head[:4] == ["candidate", "accuracy", "drop", "p50 ms"] and head[-1] == "passed"
@@ -98,3 +104,14 @@ def test_auto_with_no_passing_candidate_keeps_nothing_and_reports_all(digits_che
     (f,) = export(config).files
     assert not f.kept and not f.validation.passed and [a.candidate.split()[0] for a in f.attempts] == ["fp32", "int8"]
     assert not any(a.chosen for a in f.attempts) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_auto_with_force_keeps_a_file_marked_failed_when_no_candidate_passes(digits_checkpoint, tmp_path):
+    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), max_acc_drop=-1,
+                          calib_size=16, fallback=False, force=True)  # fmt: skip
+    (f,) = export(config).files
+    assert f.kept and Path(f.path).is_file() and not f.validation.passed
+    metadata = read_metadata(f.path)
+    assert metadata["validation"]["passed"] is False
+    assert [c["candidate"] for c in metadata["precision_auto"]["candidates"] if c["chosen"]] == [metadata["precision_auto"]["chosen"]]

@@ -188,3 +188,11 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(tmp_path):
     )
     assert "Traceback" not in err
     assert load_checkpoint(best)["arch"] == "resnet18"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e309", "500", "-101"])
+def test_validate_refuses_a_gate_that_cannot_fail_or_cannot_pass(tmp_path, value):
+    (tmp_path / "model.onnx").write_bytes(b"never read")
+    proc = run_edgeft(["validate", "model.onnx", "--max-acc-drop", value, "--json"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--max-acc-drop must be a number of points between -100 and 100" in one_line_error(proc.stderr)

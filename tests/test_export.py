@@ -279,3 +279,45 @@ def test_killed_export_leaves_the_last_good_file_in_use(digits_checkpoint, tmp_p
     assert Path(used).name in ("r18.onnx", "newer.onnx")
     if Path(used).name == "r18.onnx":
         assert read_metadata(out / "r18.onnx")["content_sha256"] == good
+
+
+def _machine_paths() -> list[bytes]:
+    """Folders of this machine that an exported file must never name."""
+    import site
+    import tempfile
+
+    found = {Path.home(), Path(tempfile.gettempdir()), Path(__file__).resolve().parent.parent, *map(Path, site.getsitepackages())}
+    return sorted({str(p).encode() for p in found if len(str(p)) > 4})
+
+
+def test_exported_files_name_no_folder_of_the_exporting_machine(exported):
+    for f in exported.values():
+        data = Path(f.path).read_bytes()
+        if f.format == "torchscript":
+            import zipfile
+
+            with zipfile.ZipFile(f.path) as archive:
+                data = b"".join(archive.read(info) for info in archive.infolist())  # deflated entries too
+        assert [p for p in _machine_paths() if p in data] == [], f.path
+
+
+def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_checkpoint, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import edgeft_command, offline_env
+
+    system_tmp, out = tmp_path / "system-tmp", tmp_path / "out"
+    system_tmp.mkdir()
+    args = ["export", str(digits_checkpoint), "--precision", "int8", "--calib-size", "16", "--no-validate", "--out", str(out)]
+    proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=offline_env(tmp_path / ".th", TMPDIR=str(system_tmp)))
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".*.work")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until calibration starts
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob(".*.work")), "calibration wrote its files elsewhere"
+    assert list(system_tmp.iterdir()) == []
+    export(ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(out), calib_size=16, validate=False))
+    assert sorted(p.name for p in out.iterdir()) == ["r18-int8.onnx"]  # the dead export's temporaries removed

@@ -4,15 +4,15 @@ uses this module.
 
 The content digest is the sha256 of everything in the file except the edgeft metadata:
 for ONNX every top-level field of the ModelProto but `metadata_props`, read from the protobuf
-wire format; for TorchScript every archive entry but the extra files, the debug tables and the
-serialization id; for ExecuTorch the program bytes before the metadata trailer (`edgeft.pte`). Writing the metadata after validation therefore leaves the digest as it was,
-and any change to the graph or the weights changes it.
+wire format; for TorchScript every archive entry but `extra/edgeft.json` (an archive the loader
+could read differently from the digest is refused); for ExecuTorch the program bytes before the
+metadata trailer (`edgeft.pte`). Writing the metadata after validation therefore leaves the
+digest as it was, and any change to the graph or the weights changes it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 import zipfile
@@ -25,17 +25,17 @@ import numpy as np
 from edgeft.config import PRECISIONS
 from edgeft.errors import InputError
 from edgeft.preprocess import Preprocess
+from edgeft import jsonio
 
 __all__ = [
     "METADATA_FORMAT", "METADATA_KEY", "TorchScriptRunner", "artifact_format", "check_external_data", "content_digest",
-    "check_digest", "check_outputs", "onnx_metadata_and_digest", "open_runner", "parse_metadata", "read_metadata", "write_metadata",
+    "check_digest", "check_outputs", "onnx_metadata_and_digest", "open_runner", "rewrite_torchscript", "parse_metadata", "read_metadata", "write_metadata",
 ]  # fmt: skip
 
 METADATA_KEY = "edgeft"  # ONNX metadata_props key; TorchScript extra file "edgeft.json"
 METADATA_FORMAT = "edgeft.export/2"
-_TS_EXTRA = "edgeft.json"
+_TS_METADATA_ENTRY = "extra/edgeft.json"  # read by torch.jit.load(_extra_files={"edgeft.json": ...})
 _ONNX_METADATA_FIELD = 14  # ModelProto.metadata_props
-_TS_VOLATILE = ("extra/", ".data/serialization_id")  # rewritten by every save, not model content
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
@@ -67,8 +67,8 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
     if not text:
         raise InputError(f"{source}: has no edgeft metadata (not exported by edgeft)")
     try:
-        metadata = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        metadata = jsonio.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{source}: its edgeft metadata is not valid JSON ({exc}); export the model again") from None
     if not isinstance(metadata, dict):
         raise InputError(f"{source}: its edgeft metadata is a {type(metadata).__name__}, not an object; export again")
@@ -128,7 +128,7 @@ def write_metadata(path: str | os.PathLike, metadata: dict) -> None:
     """Embed (or replace) the metadata document in an exported file, in place, without touching
     the model content (so `content_digest` is unchanged)."""
     path = Path(path)
-    text = json.dumps(metadata, sort_keys=True)
+    text = jsonio.dumps(metadata, sort_keys=True)
     if artifact_format(path) == "onnx":
         fields = [(n, raw) for n, raw in _onnx_fields(path.read_bytes(), path) if n != _ONNX_METADATA_FIELD]
         entry = _length_delimited(1, METADATA_KEY.encode()) + _length_delimited(2, text.encode())
@@ -138,7 +138,7 @@ def write_metadata(path: str | os.PathLike, metadata: dict) -> None:
 
         write_pte_metadata(path, text)
     else:
-        _rewrite_zip(path, {_TS_EXTRA: text.encode()})
+        rewrite_torchscript(path, metadata=text.encode())
 
 
 # --- content digests ----------------------------------------------------------------------
@@ -154,8 +154,11 @@ def content_digest(path: str | os.PathLike) -> str:
 
         return pte_content_digest(path)
     digest = hashlib.sha256()
-    for name, data in _torchscript_content(path):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    for name, blocks in _torchscript_content(path):
+        entry = hashlib.sha256()
+        for block in blocks:
+            entry.update(block)
+        digest.update(name.encode() + b"\0" + entry.digest())
     return digest.hexdigest()
 
 
@@ -239,6 +242,10 @@ def _string_fields(data, source) -> Iterator[tuple[int, bytes]]:
         yield number, _payload(raw, source)
 
 
+_TS_SLACK = 16 * 2**20  # bytes a TorchScript archive may inflate to beyond twice its own size
+_MAX_METADATA = 16 * 2**20
+
+
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
@@ -246,36 +253,71 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         raise InputError(f"{path}: not a readable TorchScript file ({exc})") from None
 
 
-def _torchscript_content(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(name without the archive folder, data) of each model entry, sorted by name."""
+def _archive_entries(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The entries of a TorchScript archive by name inside its one top-level folder, refused
+    unless they are exactly what torch.jit.load reads: one folder (the loader reads only the
+    first entry's), no two entries its case-insensitive lookup could confuse, and no more bytes
+    than a model of the file's size holds (a deflated bomb is refused before it is inflated)."""
+    infos = archive.infolist()
+    prefixes = {info.filename.split("/", 1)[0] for info in infos}
+    if len(prefixes) != 1 or any("/" not in info.filename for info in infos):
+        raise InputError(f"{path}: a TorchScript archive has one top-level folder, this one has "
+                         f"{len(prefixes)}; modified after export, export the model again")  # fmt: skip
+    entries = {info.filename.split("/", 1)[1]: info for info in infos}
+    if len({name.casefold() for name in entries}) != len(infos):
+        raise InputError(f"{path}: duplicate entries in the archive; modified after export, export the model again")
+    if sum(info.file_size for info in infos) > 2 * path.stat().st_size + _TS_SLACK:
+        raise InputError(f"{path}: its entries inflate to more than a model of its size holds; refusing to read it")
+    return entries
+
+
+def _torchscript_content(path: Path) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """(name inside the archive folder, its data in blocks) of every entry but the edgeft
+    metadata, sorted by name: everything the loader can read."""
     with _open_zip(path) as archive:
-        entries = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
+        entries = _archive_entries(archive, path)
         for name in sorted(entries):
-            if not name.startswith(_TS_VOLATILE) and not name.endswith(".debug_pkl"):
-                yield name, _read_entry(archive, entries[name], path)
+            if name != _TS_METADATA_ENTRY:
+                yield name, _entry_blocks(archive, entries[name], path)
 
 
 def _torchscript_metadata_text(path: Path) -> str | None:
     with _open_zip(path) as archive:
-        names = [n for n in archive.namelist() if n.split("/", 1)[-1] == f"extra/{_TS_EXTRA}"]
-        return _read_entry(archive, names[0], path).decode("utf-8", errors="replace") if names else None
+        info = _archive_entries(archive, path).get(_TS_METADATA_ENTRY)
+        if info is None:
+            return None
+        if info.file_size > _MAX_METADATA:
+            raise InputError(f"{path}: its edgeft metadata is over {_MAX_METADATA} bytes; export the model again")
+        return b"".join(_entry_blocks(archive, info, path)).decode("utf-8", errors="replace")
 
 
-def _read_entry(archive: zipfile.ZipFile, entry, path: Path) -> bytes:
+def _entry_blocks(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Iterator[bytes]:
+    """An entry's bytes, 1 MiB at a time (never more than its recorded size)."""
     try:
-        return archive.read(entry)
-    except (zipfile.BadZipFile, zlib.error, OSError) as exc:
+        with archive.open(info) as entry:
+            yield from iter(lambda: entry.read(1 << 20), b"")
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise InputError(f"{path}: damaged or modified after export ({exc}); export the model again") from None
 
 
-def _rewrite_zip(path: Path, extra: dict[str, bytes]) -> None:
-    """Replace a TorchScript archive's extra files through torch (which keeps its own layout)."""
-    module = _load_torchscript(path, device="cpu")
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
-        torch.jit.save(module, str(path), _extra_files=extra)
+def rewrite_torchscript(path: Path, *, metadata: bytes | None) -> None:
+    """Rewrite a TorchScript archive in place without its debug tables (source ranges that name
+    files of the exporting machine; the loader does without them) and with `metadata` as its
+    edgeft extra file (None: the one it has, if any). Every other entry is copied byte for byte."""
+    tmp = path.with_name(path.name + ".rewrite")
+    try:
+        with _open_zip(path) as source, zipfile.ZipFile(tmp, "w") as target:
+            entries = _archive_entries(source, path)
+            prefix = next(iter(source.infolist())).filename.split("/", 1)[0]
+            for name, info in entries.items():
+                if name.endswith(".debug_pkl") or (metadata is not None and name == _TS_METADATA_ENTRY):
+                    continue
+                target.writestr(info, b"".join(_entry_blocks(source, info, path)), compress_type=info.compress_type)
+            if metadata is not None:
+                target.writestr(f"{prefix}/{_TS_METADATA_ENTRY}", metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- safety checks and runners ------------------------------------------------------------

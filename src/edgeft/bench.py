@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import json
 import logging
 import os
 import platform
@@ -33,6 +32,7 @@ from edgeft.plots import plot_benchmark
 from edgeft.quantize import default_settings
 from edgeft.timing import run_measurement
 from edgeft.pte import require_executorch, write_pte
+from edgeft import jsonio
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "combine_rounds", "machine_info", "run_bench"]
 
@@ -411,7 +411,7 @@ def _write_reports(report: BenchReport, out: Path, stamp: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"bench-{stamp}"
     report.files.update(md=f"{base}.md", json=f"{base}.json", png=f"{base}.png")
-    Path(report.files["json"]).write_text(json.dumps({"machine": report.machine, "settings": report.settings,
+    Path(report.files["json"]).write_text(jsonio.dumps({"machine": report.machine, "settings": report.settings,
                                                       "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n")  # fmt: skip
     Path(report.files["md"]).write_text(markdown_report(report))
     plot_benchmark([asdict(r) for r in report.rows], report.files["png"])

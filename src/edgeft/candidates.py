@@ -73,12 +73,17 @@ def _timing_spec(path: Path, batch_sizes: tuple[int, ...], device: str) -> dict:
             "budget_s": _BUDGET_S}  # fmt: skip
 
 
-def choose_fastest(attempts: list[Attempt]) -> Attempt | None:
-    """The passing attempt with the lowest batch-1 p50 (marked chosen), or None if none passed."""
-    passed = [a for a in attempts if a.passed and a.p50_ms is not None]
-    if not passed:
+def choose_fastest(attempts: list[Attempt], *, force: bool = False) -> Attempt | None:
+    """The passing attempt with the lowest batch-1 p50 (marked chosen); when none passed, with
+    `force` the one that lost the least accuracy (then the fastest), else None."""
+    timed = [a for a in attempts if a.p50_ms is not None]
+    passed = [a for a in timed if a.passed]
+    if passed:
+        best = min(passed, key=lambda a: a.p50_ms)
+    elif force and timed:
+        best = min(timed, key=lambda a: (a.drop if a.drop is not None else float("inf"), a.p50_ms))
+    else:
         return None
-    best = min(passed, key=lambda a: a.p50_ms)
     best.chosen = True
     return best
 

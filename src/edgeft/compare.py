@@ -3,7 +3,6 @@ with the backbone frozen first, and fully fine-tuned; one table and one plot of 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from edgeft.config import TrainConfig
 from edgeft.errors import InputError
 from edgeft.plots import plot_comparison
 from edgeft.train import TrainResult, check_inputs, train
+from edgeft import jsonio
 
 __all__ = ["CompareResult", "compare"]
 
@@ -47,7 +47,7 @@ def compare(config: TrainConfig, *, weights: str, freeze_epochs: int = 2, progre
     files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}
     Path(files["md"]).write_text(f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")
     summary = {name: {k: v for k, v in asdict(r).items() if k != "history"} for name, r in runs.items()}
-    Path(files["json"]).write_text(json.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n")
+    Path(files["json"]).write_text(jsonio.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n")
     plot_comparison({name: r.history for name, r in runs.items()}, files["png"], title=f"{config.model} on {config.data}")
     return CompareResult(str(folder), runs, table, files)
 

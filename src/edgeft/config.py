@@ -13,7 +13,7 @@ from edgeft.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS
 
 __all__ = [
     "AUGMENTATIONS", "FORMATS", "OPSETS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
-    "BenchConfig", "ExportConfig", "TrainConfig",
+    "BenchConfig", "ExportConfig", "TrainConfig", "check_max_acc_drop",
 ]  # fmt: skip
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -162,8 +162,13 @@ class ExportConfig:
         _plain_name(self.name)
         _at_least("--batch-size", self.batch_size, 1)
         _at_least("--calib-size", self.calib_size, 1)
-        if self.max_acc_drop is not None and not -100 <= self.max_acc_drop <= 100:
-            raise InputError(f"--max-acc-drop must be between -100 and 100 points, got {self.max_acc_drop}")
+        check_max_acc_drop(self.max_acc_drop)
+
+
+def check_max_acc_drop(value: float | None) -> None:
+    """The accuracy-drop gate a user may set: a finite number of points in [-100, 100] (None: the default)."""
+    if value is not None and not (math.isfinite(value) and -100 <= value <= 100):
+        raise InputError(f"--max-acc-drop must be a number of points between -100 and 100, got {value}")
 
 
 def _one_of(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -10,6 +10,8 @@ import datetime
 import importlib.metadata
 import logging
 import os
+import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,9 @@ import torch
 from torch import nn
 
 from edgeft import __version__
-from edgeft.artifact import METADATA_FORMAT, check_external_data, content_digest, read_metadata, write_metadata
+from edgeft.artifact import (
+    METADATA_FORMAT, check_external_data, content_digest, read_metadata, rewrite_torchscript, write_metadata,
+)
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "executorch": ".pte"}
 _SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph
-_TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp.<suffix>, beside the final file
+_TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp<suffix>[.work], beside the final file
 
 
 @dataclass
@@ -117,10 +121,13 @@ def _prepare_out(folder: Path) -> Path:
         raise InputError(f"--out {folder}: cannot create it ({exc.strerror or exc})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"--out {folder} is not writable")
-    for stale in folder.glob(f".*.{_TEMP_TAG}.*"):
-        pid = stale.name.split(".")[-3]
-        if not (pid.isdigit() and _alive(int(pid))):
-            stale.unlink(missing_ok=True)
+    for stale in folder.glob(f".*.{_TEMP_TAG}*"):
+        owner = re.search(rf"\.(\d+)\.{_TEMP_TAG}", stale.name)
+        if not (owner and _alive(int(owner.group(1)))):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
             log.info("removed %s, left by an export that did not finish", stale)
     return folder
 
@@ -230,7 +237,7 @@ class _Job:
             int8_attempts, _ = self._int8_ladder(temps["fp32"], temps["int8"])
             finalists = {**dict(zip(precisions, floats)), "int8": int8_attempts[-1]}
             self._time([temps[p] for p in finalists], list(finalists.values()))  # side by side, same load
-            chosen = choose_fastest(list(finalists.values()))
+            chosen = choose_fastest(list(finalists.values()), force=self.config.force)
             if chosen is None:  # nothing kept; the fp32 gate's reason is the failure
                 return ExportedFile(str(out / f"{stem}.onnx"), "onnx", "fp32", 0, validations["fp32"], False, floats + int8_attempts)
             final = out / f"{_stem(stem, chosen.precision)}.onnx"
@@ -257,8 +264,9 @@ class _Job:
         ladder = [first, *fallback_ladder(first)] if self.config.fallback and self.config.validate else [first]
         attempts: list[Attempt] = []
         for settings in ladder:
-            summary = quantize_onnx(source, tmp, calibration=_calibration(self.config, self.bundle, self.spec, settings.calibration_size),
-                                    settings=settings)  # fmt: skip
+            calibration = _calibration(self.config, self.bundle, self.spec, settings.calibration_size)
+            summary = quantize_onnx(source, tmp, calibration=calibration, settings=settings,
+                                    workdir=tmp.with_name(f"{tmp.name}.work"))  # fmt: skip
             _check_onnx(tmp, self.config.opset)
             validation = self._seal_and_gate(tmp, "onnx", "int8", {"quantization": {**_settings_dict(settings), "summary": summary.line()}})
             attempt = Attempt.from_validation(f"int8 {settings.label()}", "int8", validation)
@@ -353,9 +361,9 @@ def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, pr
             external_data=False, verbose=False,
         )  # fmt: skip
     program.save(str(path), external_data=False)
-    if precision == "fp16":
-        onnx.save(_to_fp16(onnx.load(str(path))), str(path))
-    elif precision == "int8":
+    model = _without_provenance(onnx.load(str(path)))
+    onnx.save(_to_fp16(model) if precision == "fp16" else model, str(path))
+    if precision == "int8":
         quantize_onnx(path, path, calibration=calibration, settings=settings or default_settings())
     _check_onnx(path, opset)
 
@@ -369,6 +377,28 @@ def _check_onnx(path: Path, opset: int) -> None:
     written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
     if written != {opset}:
         raise RunError(f"asked for opset {opset}, the exporter wrote {sorted(written)}")
+
+
+def _without_provenance(model):
+    """The model without the exporter's provenance (per-node stack traces and module paths that
+    name files of the exporting machine) and documentation strings, at every level."""
+    from google.protobuf.message import Message
+
+    pending = [model]
+    while pending:
+        message = pending.pop()
+        for descriptor, value in message.ListFields():
+            if descriptor.name == "metadata_props":
+                del value[:]
+            elif descriptor.name == "doc_string":
+                message.doc_string = ""
+            elif descriptor.message_type is None:
+                continue
+            elif isinstance(value, Message):
+                pending.append(value)
+            else:
+                pending += list(value)
+    return model
 
 
 def _to_fp16(model):
@@ -413,3 +443,4 @@ def write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precisi
         warnings.simplefilter("ignore")
         traced = torch.jit.freeze(torch.jit.trace(module, (_example_input(spec, device=device),)))
         torch.jit.save(traced, str(path))
+    rewrite_torchscript(path, metadata=None)  # without the debug tables: they name this machine's files

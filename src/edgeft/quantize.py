@@ -38,6 +38,7 @@ import dataclasses
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -149,15 +150,16 @@ def fallback_ladder(settings: QuantSettings) -> list[QuantSettings]:
 
 
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: Iterable[np.ndarray],
-                  settings: QuantSettings, input_name: str = "input") -> QuantSummary:  # fmt: skip
+                  settings: QuantSettings, input_name: str = "input", workdir: Path | None = None) -> QuantSummary:  # fmt: skip
     """Write the int8 version of the float file `fp32_path` to `out_path`, calibrated on the
     first `settings.calibration_size` images of `calibration` (float32 NCHW batches, read one
-    batch at a time)."""
+    batch at a time). Intermediate files go to `workdir`, a folder created and removed here
+    (None: one in the system's temporary folder)."""
     from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory() as tmp, _quiet():  # the system's temporary folder: never left in --out
+    with _scratch(workdir) as tmp, _quiet():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         converted = batchnorms_as_depthwise_convs(prepared) if settings.batchnorms_as_convs else 0
@@ -169,6 +171,21 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: I
     summary = QuantSummary(settings, quantized, left_float, images, converted)
     log.info("%s", summary.line())
     return summary
+
+
+@contextlib.contextmanager
+def _scratch(workdir: Path | None) -> Iterator[Path]:
+    """`workdir` (created, then removed with what is in it), or a new folder in the system's
+    temporary folder when None."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+        return
+    workdir.mkdir()
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _quantizer_options(settings: QuantSettings) -> dict:

@@ -5,7 +5,6 @@ evaluate, checkpoint, finish. `train(TrainConfig(...))` writes a run folder and 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import random
@@ -29,6 +28,7 @@ from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
+from edgeft import jsonio
 
 __all__ = [
     "LearningRate", "TrainConfig", "TrainResult", "TrainState", "autocast_dtype", "check_inputs", "evaluate",
@@ -281,7 +281,7 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
         log.warning("resuming %s at epoch %d", run_dir, state.epoch + 1)
     if ctx.is_main:
         run_dir = run_dir or _new_run_dir(config)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        (run_dir / "config.json").write_text(jsonio.dumps(asdict(config), indent=2) + "\n")
     return _Run(config, ctx, device, bundle, state, run_dir if ctx.is_main else None, _meta(config, bundle),
                 batch_size, steps_per_epoch, dtype, channels_last, started)  # fmt: skip
 
@@ -530,7 +530,7 @@ def _finish(run: _Run) -> TrainResult:
     summary: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "history"}
     summary.update(ranks_identical=ranks_identical, model=run.config.model, data=run.bundle.name,
                    classes=list(run.bundle.classes), skipped_examples=examples)  # fmt: skip
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
     return result
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from rich.markup import escape
 from edgeft.config import OPSETS, ExportConfig as C
 from edgeft.errors import GateError, InputError
 
+from edgeft import jsonio
 from . import app
 
 
@@ -123,7 +123,7 @@ def validate_command(
     result = validate_file(file, reference=reference, data=data, data_root=data_root, max_acc_drop=max_acc_drop,
                            batch_size=batch_size, device=device, workers=workers)  # fmt: skip
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(jsonio.dumps(result.to_dict(), indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
@@ -146,7 +146,7 @@ def info_command(
 
     metadata = read_metadata(file)
     if as_json:
-        typer.echo(json.dumps(metadata, indent=2))
+        typer.echo(jsonio.dumps(metadata, indent=2))
         return
     from rich.console import Console
     from rich.table import Table

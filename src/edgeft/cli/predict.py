@@ -3,13 +3,13 @@ ExecuTorch .pte (imports torch, through ExecuTorch's runtime)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from edgeft import jsonio
 from . import app, interrupt_note
 
 
@@ -50,7 +50,7 @@ def _print_json(predictions) -> int:
     failed = 0
     for p in predictions:
         failed += p.error is not None
-        print(json.dumps(p.to_dict()), flush=True)
+        print(jsonio.dumps(p.to_dict()), flush=True)
     return failed
 
 

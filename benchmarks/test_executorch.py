@@ -7,7 +7,7 @@ mission backbone runs outside the XNNPACK delegate.
   loop), and the executorch / onnxruntime fp32 ratios from both.
 - backbones: `edgeft bench` rows for onnxruntime and executorch, fp32 and int8, batch 1 and 8, for
   resnet18, resnext50_32x4d and densenet121; the report is kept as results/bench-executorch-cpu.*.
-- delegation: `edgeft.pte.write_pte` on each backbone, fp32 and int8: lowering seconds, file size,
+- delegation: `edgeft.formats.executorch.write_pte` on each backbone, fp32 and int8: lowering seconds, file size,
   the operators left outside the delegate, and from ExecuTorch's event trace (ETDump) the time a
   batch-1 run spends outside the delegate calls and in each of those operators.
 
@@ -158,7 +158,7 @@ def test_delegation_of_the_mission_backbones(benchmark, tmp_path, summary):
 
     from edgeft.data import default_preprocess
     from edgeft.models import get_model
-    from edgeft.pte import write_pte
+    from edgeft.formats.executorch import write_pte
 
     spec = default_preprocess(size=224, channels=3)
     calibration = np.random.default_rng(0).standard_normal((8, 3, 224, 224), dtype=np.float32)

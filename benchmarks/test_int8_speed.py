@@ -1,6 +1,6 @@
 """int8 against fp32 on onnxruntime's CPU provider, side by side: the three mission backbones
 (random weights, 224 px, batch 1), each exported to fp32 ONNX by edgeft and quantized with
-`edgeft.quantize.default_settings()` for this CPU; for comparison, the same settings with batch
+`edgeft.formats.onnx_int8.default_settings()` for this CPU; for comparison, the same settings with batch
 norms that follow no convolution left in float (densenet121 has 62), and the earlier int8
 settings (QDQ with int8 activations, per-channel int8 weights, batch norms in float). All files of a backbone are
 timed in interleaved rounds in one process with the same thread count, so every contender
@@ -34,7 +34,7 @@ import pytest
 from conftest import independent_onnxruntime_p50
 
 from edgeft.cpu import cpu_description, has_vnni
-from edgeft.quantize import QuantSettings, default_settings, quantize_onnx
+from edgeft.formats.onnx_int8 import QuantSettings, default_settings, quantize_onnx
 
 SUMMARY = Path(__file__).parent / "results" / "int8_speed-cpu.json"
 BACKBONES = ("resnet18", "resnext50_32x4d", "densenet121")
@@ -73,7 +73,7 @@ def _files(arch: str, folder: Path) -> dict[str, Path]:
     import torch
 
     from edgeft.data import default_preprocess
-    from edgeft.export import write_onnx
+    from edgeft.formats.onnx import write_onnx
     from edgeft.models import get_model
 
     torch.manual_seed(0)

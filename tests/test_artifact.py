@@ -193,13 +193,13 @@ def test_deeply_nested_or_non_finite_metadata_is_one_line(files, tmp_path, fmt, 
     if fmt == "onnx":
         path = _with_metadata(files["onnx"], tmp_path, text)
     elif fmt == "executorch":
-        from edgeft.pte import write_pte_metadata
+        from edgeft.formats.executorch import write_pte_metadata
 
         write_pte_metadata(path, text)
     else:
-        from edgeft.artifact import rewrite_torchscript
+        from edgeft.formats.torchscript import rewrite_archive
 
-        rewrite_torchscript(path, metadata=text.encode())
+        rewrite_archive(path, metadata=text.encode())
     with pytest.raises(InputError, match="not valid JSON"):
         read_metadata(path)
     for command in (["info", str(path)], ["predict", "--model", str(path), str(path)]):

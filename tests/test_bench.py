@@ -66,7 +66,7 @@ def test_report_files_hold_the_rows_and_the_machine(report):
     assert data["machine"]["cpu_features"] == [name for name, on in cpu_features().items() if on]
     peak = data["machine"]["matmul_peak"]
     assert peak["gflop_per_s"] > 0 and "torch.matmul fp32 2048x2048" in peak["method"]
-    assert data["settings"]["int8"].startswith("qdq u8s8 pc")  # the CPU-aware defaults of edgeft.quantize
+    assert data["settings"]["int8"]["onnxruntime"].startswith("qdq u8s8 pc")  # the CPU-aware defaults of onnx_int8
     assert data["settings"]["iterations"] == 10 and data["settings"]["warmup"] == 1
     assert len(data["rows"]) == len(report.rows)
     markdown = open(report.files["md"]).read()

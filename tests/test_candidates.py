@@ -12,7 +12,8 @@ from edgeft.artifact import read_metadata
 from edgeft.candidates import Attempt, attempts_table, choose_fastest
 from edgeft.config import ExportConfig
 from edgeft.errors import InputError
-from edgeft.export import export, quant_settings
+from edgeft.export import export
+from edgeft.formats.onnx import quant_settings
 from edgeft.predict import Predictor
 
 

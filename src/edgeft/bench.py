@@ -25,14 +25,11 @@ from edgeft.config import BenchConfig, ExportConfig
 from edgeft.cpu import cpu_description
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
-from edgeft.errors import InputError
-from edgeft.export import export, write_onnx, write_torchscript
+from edgeft.export import export
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
-from edgeft.quantize import default_settings
 from edgeft.timing import run_measurement
-from edgeft.pte import require_executorch, write_pte
-from edgeft import jsonio
+from edgeft import formats, jsonio
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "combine_rounds", "machine_info", "run_bench"]
 
@@ -101,7 +98,6 @@ class _Run:
 def machine_info(device: str) -> dict:
     """CPU model and cores, GPU (the one `device` names) and driver, library versions: what a
     reader needs to compare."""
-    import onnxruntime
     import torchvision
 
     cpu = cpu_description()
@@ -113,8 +109,7 @@ def machine_info(device: str) -> dict:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
-        "onnxruntime": onnxruntime.__version__,
-        "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "runtimes": _runtime_versions(),  # each installed format's libraries, e.g. onnxruntime
         "gpu": None,
         "driver": None,
     }
@@ -123,6 +118,21 @@ def machine_info(device: str) -> dict:
         info["driver"] = _nvidia_driver()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def _runtime_versions() -> dict:
+    """The versions (and details, such as onnxruntime's providers) of every installed format's libraries."""
+    found = {}
+    for fmt in formats.all_formats():
+        if fmt.missing() is None:
+            found.update({**fmt.versions(), **fmt.details()})
+    return found
+
+
+def _int8_settings() -> dict[str, str]:
+    """The first int8 setting of each runtime with int8 files (what bench's int8 rows use)."""
+    config = ExportConfig(checkpoint="")
+    return {f.runtime: f.int8_rungs(config)[0].label() for f in formats.all_formats() if "int8" in f.precisions}
 
 
 def _nvidia_driver() -> str | None:
@@ -136,33 +146,32 @@ def _nvidia_driver() -> str | None:
 
 
 def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]:
-    """(runtime, precision, reason to skip or None) for each requested combination."""
+    """(runtime, precision, reason to skip or None) for each requested combination; what runs
+    where is each format's own answer (eager PyTorch is the baseline, not a format)."""
     precisions = config.precisions or (("fp32", "fp16") if device.startswith("cuda") else ("fp32", "int8"))
     plan = []
     for runtime in config.runtimes:
         for precision in precisions:
-            reason = None
-            if runtime == "executorch":
-                reason = _executorch_unavailable(device)
-            elif precision == "int8" and runtime not in ("onnxruntime", "executorch"):
-                if config.precisions:  # asked for explicitly: say why not
-                    reason = "int8 runs through onnxruntime and executorch only"
-                else:
-                    continue
-            elif precision == "fp16" and device == "cpu" and runtime not in ("onnxruntime", "executorch"):
-                reason = "fp16 PyTorch on CPU is not a deployment target; use --device cuda"
+            reason = _eager_unavailable(precision, device) if runtime == "eager" else _runtime_unavailable(runtime, precision, device)
+            if reason and precision == "int8" and not config.precisions and "int8" not in _precisions(runtime):
+                continue  # int8 by default only where the runtime has int8 files
             plan.append((runtime, precision, reason))
     return plan
 
 
-def _executorch_unavailable(device: str) -> str | None:
-    """Why ExecuTorch rows cannot run here (it runs on the CPU, through XNNPACK), or None."""
-    if device != "cpu":
-        return "ExecuTorch runs on the CPU (XNNPACK); use --device cpu"
-    try:
-        require_executorch()
-    except InputError as exc:
-        return str(exc)
+def _precisions(runtime: str) -> tuple[str, ...]:
+    return ("fp32", "fp16") if runtime == "eager" else formats.by_runtime(runtime).precisions
+
+
+def _runtime_unavailable(runtime: str, precision: str, device: str) -> str | None:
+    return formats.by_runtime(runtime).unavailable(precision, device)
+
+
+def _eager_unavailable(precision: str, device: str) -> str | None:
+    if precision == "int8":
+        return f"int8 runs through {', '.join(f.runtime for f in formats.all_formats() if 'int8' in f.precisions)} only"
+    if precision == "fp16" and device == "cpu":
+        return "fp16 PyTorch on CPU is not a deployment target; use --device cuda"
     return None
 
 
@@ -230,26 +239,27 @@ def _random_weights_checkpoint(arch: str, img_size: int, folder: Path) -> str:
 
 def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run, folder: Path):
     """The validated export of `source`'s checkpoint that `runtime` loads."""
-    fmt = {"onnxruntime": "onnx", "executorch": "executorch"}.get(runtime, "torchscript")
+    fmt = formats.by_runtime(runtime).name
     result = export(ExportConfig(checkpoint=source.checkpoint, format=fmt, precision=precision, out=str(folder),
                                  data=run.config.data, name=f"{source.arch}-{runtime}", device=run.device, force=True))  # fmt: skip
     return result.files[0]
 
 
 def _write_random_weights(model, spec, runtime: str, precision: str, device: str, stem: Path) -> str:
-    """The file `runtime` loads for a model without a checkpoint (only speed is measured); int8
-    calibrated on random images (ONNX: with this CPU's default settings)."""
-    path = stem.with_name(stem.name + {"onnxruntime": ".onnx", "executorch": ".pte"}.get(runtime, ".ts"))
+    """The file `runtime` loads for a model without a checkpoint (only speed is measured), written
+    by its format; int8 with the format's first setting, calibrated on random images."""
+    fmt = formats.by_runtime(runtime)
+    path = stem.with_name(stem.name + fmt.suffixes[0])
     rng = np.random.default_rng(0)
-    if runtime == "executorch":
-        calibration = rng.standard_normal((16, spec.channels, spec.size, spec.size), dtype=np.float32)
-        write_pte(model, spec, path, precision=precision, calibration=calibration)
-    elif runtime == "onnxruntime":
-        batches = (rng.standard_normal((8, spec.channels, spec.size, spec.size), dtype=np.float32) for _ in range(2))
-        write_onnx(model, spec, path, opset=18, precision=precision, calibration=batches,
-                   settings=replace(default_settings(), calibration_size=16))  # fmt: skip
-    else:
-        write_torchscript(model, spec, path, precision=precision, device=device)
+
+    def calibration(count: int):
+        return (rng.standard_normal((min(8, count - i), spec.channels, spec.size, spec.size), dtype=np.float32)
+                for i in range(0, count, 8))  # fmt: skip
+
+    config = ExportConfig(checkpoint="", format=fmt.name, precision=precision, calib_size=16, device=device)
+    with tempfile.TemporaryDirectory(dir=stem.parent) as workdir:
+        rung = fmt.int8_rungs(config)[0] if precision == "int8" else None
+        fmt.write(formats.WriteRequest(model, spec, precision, device, config, Path(workdir), rung, calibration), path)
     return str(path)
 
 
@@ -286,7 +296,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
         machine={**machine_info(run.device), "matmul_peak": _matmul_peak(run.device, run.threads)},
         settings={**asdict(config), "device": run.device, "threads": run.threads, "warmup": run.warmup,
                   "iterations": run.iterations, "budget_s": run.budget_s, "rounds": run.rounds,
-                  "int8": default_settings().label()},  # fmt: skip
+                  "int8": _int8_settings()},  # fmt: skip
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -453,11 +463,11 @@ def markdown_report(report: BenchReport) -> str:
         f"# edgeft bench\n\n"
         f"- machine: {m['cpu']}, {m['cores']} cores, CPU flags: {', '.join(m['cpu_features']) or 'none of note'}; GPU: {gpu}\n"
         f"- software: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
-        f"onnxruntime {m['onnxruntime']}; {m['os']}\n"
+        f"{', '.join(f'{k} {v}' for k, v in m['runtimes'].items() if isinstance(v, str))}; {m['os']}\n"
         f"- settings: device {s['device']}, {s['img_size']} px, {s['threads']} threads, {s['warmup']} warm-up runs, "
         f"up to {s['iterations']} timed runs or {s['budget_s']} s per row; each (model, runtime, precision) in a fresh "
         f"process (peak MB is that process's resident peak)\n"
-        f"- int8 rows: onnxruntime static quantization, {s['int8']}; executorch: PT2E with the XNNPACK quantizer\n"
+        f"- int8 rows: {'; '.join(f'{runtime}: {label}' for runtime, label in s['int8'].items())}\n"
         f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 FLOP per "
         f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
         f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n"

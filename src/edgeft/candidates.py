@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.artifact import artifact_format, read_metadata
+from edgeft import formats
+from edgeft.artifact import read_metadata
 from edgeft.errors import RunError
 from edgeft.timing import run_measurement
 from edgeft.validate import ValidationResult
@@ -21,7 +22,6 @@ __all__ = ["Attempt", "attempts_table", "choose_fastest", "time_files"]
 
 _ROUNDS = 3  # when files are compared, each round times every file once, in its own process
 _BUDGET_S = 1.0  # timed seconds per file, batch size and round (at least 5 runs)
-_RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torchscript", "executorch": "executorch"}
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _timing_spec(path: Path, batch_sizes: tuple[int, ...], device: str) -> dict:
     """What `edgeft.timing` needs to run `path` as predict would: its runtime, input shape and
     the runtime's default number of threads."""
     preprocess = read_metadata(path)["preprocess"]
-    return {"runtime": _RUNTIMES[artifact_format(path)], "precision": "", "device": device,
+    return {"runtime": formats.for_path(path).runtime, "precision": "", "device": device,
             "threads": None, "file": str(path), "batches": list(batch_sizes),
             "size": preprocess["size"], "channels": preprocess["channels"], "warmup": 3, "iterations": 200,
             "budget_s": _BUDGET_S}  # fmt: skip

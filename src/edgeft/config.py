@@ -9,10 +9,12 @@ from pathlib import Path
 
 from edgeft.devices import parse_device
 from edgeft.errors import InputError
-from edgeft.quantize import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
+from edgeft import formats
+from edgeft.formats.onnx import DEFAULT_OPSET, OPSETS
+from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
 __all__ = [
-    "AUGMENTATIONS", "FORMATS", "OPSETS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
+    "AUGMENTATIONS", "DEFAULT_OPSET", "FORMATS", "OPSETS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
     "BenchConfig", "ExportConfig", "TrainConfig", "check_max_acc_drop",
 ]  # fmt: skip
 
@@ -116,9 +118,8 @@ def _not_a_file(option: str, path: str) -> None:
         raise InputError(f"{option} {path} is a file, not a folder")
 
 
-FORMATS = ("onnx", "torchscript", "executorch", "all")
+FORMATS = (*formats.names(), "all")
 PRECISIONS = ("fp32", "fp16", "int8")
-OPSETS = range(18, 24)  # ONNX opsets written and tested (each read back from the file)
 
 
 @dataclass
@@ -130,19 +131,19 @@ class ExportConfig:
     precision: str = "fp32"  # fp32 | fp16 | int8 | auto (int8: ONNX and ExecuTorch; auto: ONNX; TorchScript fp16: CUDA only)
     out: str = "exported"  # output folder
     name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
-    opset: int = 18  # ONNX opset
+    opset: int | None = None  # ONNX opset; None: DEFAULT_OPSET
     device: str = "cpu"  # where TorchScript is traced (cuda for an fp16 TorchScript)
     validate: bool = True  # compare with the checkpoint on real images; gate the result
     data: str | None = None  # validation data; None: the checkpoint's own validation split
     data_root: str | None = None  # None: the checkpoint's
     calib_data: str | None = None  # int8 calibration images; None: the checkpoint's training data
     calib_size: int = 256  # images used for int8 calibration
-    calib_method: str | None = None  # minmax | entropy | percentile; None: edgeft.quantize's default (minmax)
+    calib_method: str | None = None  # minmax | entropy | percentile; None: edgeft.formats.onnx_int8's (minmax)
     activation_type: str | None = None  # int8 activations: uint8 | int8; None: this CPU's (uint8 on x86)
     weight_type: str | None = None  # int8 weights: int8 | uint8; None: int8
     quant_format: str | None = None  # qdq | qoperator; None: qdq
     reduce_range: bool | None = None  # 7-bit int8 weights; None: on for x86 CPUs without VNNI
-    fallback: bool = True  # int8 that fails its gate: try the next settings of the fallback ladder
+    fallback: bool | None = None  # ONNX int8 that fails its gate: try the next settings of the ladder; None: on
     max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default (< 0 fails every file)
     batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
@@ -156,13 +157,25 @@ class ExportConfig:
                                        ("--quant-format", self.quant_format, QUANT_FORMATS)):  # fmt: skip
             if value is not None:
                 _one_of(option, value, choices)
-        if self.opset not in OPSETS:
+        if self.opset is not None and self.opset not in OPSETS:
             raise InputError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {self.opset}")
+        _refuse_unread_options(self)
         self.device = parse_device(self.device, allow_auto=False)
         _plain_name(self.name)
         _at_least("--batch-size", self.batch_size, 1)
         _at_least("--calib-size", self.calib_size, 1)
         check_max_acc_drop(self.max_acc_drop)
+
+
+def _refuse_unread_options(config: ExportConfig) -> None:
+    """An option that only some formats read, given for formats that do not read it, is refused
+    (never silently ignored)."""
+    chosen = formats.all_formats() if config.format == "all" else [formats.get(config.format)]
+    for option in sorted(set().union(*(f.options for f in formats.all_formats()))):
+        if getattr(config, option) is not None and not any(option in f.options for f in chosen):
+            readers = ", ".join(f.name for f in formats.all_formats() if option in f.options)
+            raise InputError(f"--{option.replace('_', '-')} is read by --format {readers} only, "
+                             f"not by --format {config.format}")  # fmt: skip
 
 
 def check_max_acc_drop(value: float | None) -> None:
@@ -181,7 +194,7 @@ def _at_least(option: str, value: int, smallest: int) -> None:
         raise InputError(f"{option} must be at least {smallest}, got {value}")
 
 
-RUNTIMES = ("eager", "torchscript", "onnxruntime", "executorch")
+RUNTIMES = ("eager", *(f.runtime for f in formats.all_formats()))
 
 
 @dataclass

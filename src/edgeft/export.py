@@ -1,49 +1,43 @@
-"""Checkpoint -> self-describing ONNX / TorchScript / ExecuTorch files (fp32, fp16, int8, or the
-fastest ONNX file that passes: auto), each validated against the checkpoint and kept only when it
-passes its accuracy gate. ONNX int8 that fails its gate tries the next settings of the fallback
-ladder."""
+"""Checkpoint -> self-describing exported files of any registered format (`edgeft.formats`): fp32,
+fp16, int8, or the fastest file that passes (auto), each validated against the checkpoint and
+kept only when it passes its accuracy gate. int8 that fails its gate tries the next setting of
+its format's ladder. Nothing here is specific to one format: the formats write, the job seals
+(metadata and digest), gates, times and keeps or removes."""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import datetime
-import importlib.metadata
 import logging
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 
-from edgeft import __version__
-from edgeft.artifact import (
-    METADATA_FORMAT, check_external_data, content_digest, read_metadata, rewrite_torchscript, write_metadata,
-)
+from edgeft import __version__, formats
+from edgeft.artifact import METADATA_FORMAT, content_digest, read_metadata, write_metadata
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
-from edgeft.errors import InputError, RunError
-from edgeft.models import Float32IO, model_from_checkpoint
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
-from edgeft.pte import write_pte
-from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, first_images, quantize_onnx
+from edgeft.errors import InputError
+from edgeft.models import model_from_checkpoint
+from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, first_images, preprocess_image
 from edgeft.validate import ValidationResult, file_sha256, gate
 
-__all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "write_onnx", "write_torchscript"]
+__all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "selected_formats"]
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "executorch": ".pte"}
-_SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, with room for the graph
 _TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp<suffix>[.work], beside the final file
 
 
@@ -56,7 +50,7 @@ class ExportedFile:
     validation: ValidationResult | None
     kept: bool  # False: failed its gate and was removed
     attempts: list[Attempt] = field(default_factory=list)  # int8 ladder attempts, or auto's candidates
-    delegation: dict | None = None  # ExecuTorch: what runs inside and outside the XNNPACK delegate
+    delegation: dict | None = None  # what runs inside and outside the runtime's delegate (ExecuTorch: XNNPACK)
 
 
 @dataclass
@@ -68,47 +62,24 @@ class ExportResult:
         return all(f.validation is None or f.validation.passed for f in self.files)
 
 
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torchvision
-
-    modules = {"torch": torch, "torchvision": torchvision, "onnx": onnx, "onnxruntime": onnxruntime}
-    return {"edgeft": __version__, **{name: str(module.__version__) for name, module in modules.items()}}
-
-
-def _formats(config: ExportConfig) -> list[str]:
-    """The formats to write, after refusing combinations that cannot work."""
-    if config.precision == "auto" and (config.format != "onnx" or not config.validate):
-        raise InputError("--precision auto gates and times ONNX candidates: use it with --format onnx and validation on")
-    formats = ["onnx", "torchscript", "executorch"] if config.format == "all" else [config.format]
-    if "executorch" in formats:
-        _check_executorch(config, formats)
-    on_cuda = config.device.startswith("cuda")
-    ts_unsupported = config.precision == "int8" or (config.precision == "fp16" and not on_cuda)
-    if "torchscript" in formats and ts_unsupported:
-        why = "int8 is an ONNX and ExecuTorch precision" if config.precision == "int8" else "fp16 TorchScript needs --device cuda"
-        if config.format == "torchscript":
-            raise InputError(f"--format torchscript --precision {config.precision}: {why}")
-        log.warning("skipping TorchScript: %s", why)
-        formats.remove("torchscript")
-    return formats
-
-
-def _check_executorch(config: ExportConfig, formats: list[str]) -> None:
-    """ExecuTorch needs its extra and runs on the CPU: refused when asked for by name, skipped in `all`."""
-    from edgeft.pte import require_executorch
-
-    why = "ExecuTorch files are lowered for and validated on the CPU (XNNPACK); use --device cpu"
-    try:
-        require_executorch()
-        if config.device.startswith("cuda"):
-            raise InputError(why)
-    except InputError as exc:
-        if config.format == "executorch":
-            raise InputError(f"--format executorch: {exc}") from None
-        log.warning("skipping ExecuTorch: %s", exc)
-        formats.remove("executorch")
+def selected_formats(config: ExportConfig) -> list[formats.Format]:
+    """The formats to write, after refusing combinations that cannot work: a format asked for by
+    name is refused with the reason, one that `all` cannot write here is skipped with it."""
+    chosen = list(formats.all_formats()) if config.format == "all" else [formats.get(config.format)]
+    if config.precision == "auto" and (len(chosen) > 1 or "int8" not in chosen[0].precisions or not config.validate):
+        writers = ", ".join(f.name for f in formats.all_formats() if "int8" in f.precisions)
+        raise InputError(f"--precision auto gates and times the candidates of one format: use it with --format "
+                         f"one of {writers}, and validation on")  # fmt: skip
+    kept = []
+    for fmt in chosen:
+        reason = fmt.unavailable("fp32" if config.precision == "auto" else config.precision, config.device)
+        if reason is None:
+            kept.append(fmt)
+        elif config.format != "all":
+            raise InputError(f"--format {fmt.name} --precision {config.precision}: {reason}")
+        else:
+            log.warning("skipping %s: %s", fmt.title, reason)
+    return kept
 
 
 def _prepare_out(folder: Path) -> Path:
@@ -142,6 +113,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _versions(fmt: formats.Format) -> dict[str, str]:
+    return {"edgeft": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            **fmt.versions()}  # fmt: skip
+
+
 def _metadata(checkpoint: dict, source: Path, config: ExportConfig) -> dict:
     """The metadata every file of this export carries (no path of this machine in it)."""
     spec = Preprocess.from_dict(checkpoint["preprocess"])
@@ -155,7 +131,6 @@ def _metadata(checkpoint: dict, source: Path, config: ExportConfig) -> dict:
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": ["batch", spec.channels, spec.size, spec.size]},
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", checkpoint["num_classes"]]},
         "source_checkpoint": {"file": source.name, "run": source.resolve().parent.name, "sha256": file_sha256(source)},
-        "versions": _versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 
@@ -164,7 +139,7 @@ def export(config: ExportConfig) -> ExportResult:
     """Write the requested files to `config.out`, each validated unless `config.validate` is off.
     A file that fails its gate is removed (or kept and marked failed with `config.force`); a file
     already at the destination is only replaced by one that passed or was forced."""
-    formats = _formats(config)
+    chosen = selected_formats(config)
     torch_device(config.device)  # an unusable CUDA device is refused before any work
     source = Path(config.checkpoint)
     checkpoint = load_checkpoint(source)
@@ -173,20 +148,25 @@ def export(config: ExportConfig) -> ExportResult:
     out = _prepare_out(Path(config.out))
     stem = config.name or (source.resolve().parent.name or source.stem)
     job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
-    if config.precision == "auto":
-        return ExportResult([job.write_auto(out, stem)])
-    return ExportResult([job.write(fmt, out / f"{_stem(stem, config.precision)}{_SUFFIX[fmt]}") for fmt in formats])
+    with _scratch(out / f".{stem}.{os.getpid()}.{_TEMP_TAG}.work") as job.workdir:
+        if config.precision == "auto":
+            return ExportResult([job.write_auto(chosen[0], out, stem)])
+        return ExportResult([job.write(fmt, out / f"{_stem(stem, config.precision)}{fmt.suffixes[0]}") for fmt in chosen])
+
+
+@contextlib.contextmanager
+def _scratch(folder: Path) -> Iterator[Path]:
+    """A scratch folder for the formats' intermediate files, removed when the export ends (a
+    killed export's is removed by the next one, as its other temporaries)."""
+    folder.mkdir()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stem(stem: str, precision: str) -> str:
     return stem if precision == "fp32" else f"{stem}-{precision}"
-
-
-def quant_settings(config: ExportConfig) -> QuantSettings:
-    """This CPU's default int8 settings, with the ones `config` names instead."""
-    chosen = {"activation_type": config.activation_type, "weight_type": config.weight_type, "format": config.quant_format,
-              "reduce_range": config.reduce_range, "calibrate_method": config.calib_method}  # fmt: skip
-    return replace(default_settings(), calibration_size=config.calib_size, **{k: v for k, v in chosen.items() if v is not None})
 
 
 @dataclass
@@ -198,108 +178,91 @@ class _Job:
     model: nn.Module
     bundle: DataBundle | None
     metadata: dict
+    workdir: Path = Path()
 
     @property
     def spec(self) -> Preprocess:
         return Preprocess.from_dict(self.checkpoint["preprocess"])
 
-    def write(self, fmt: str, final: Path) -> ExportedFile:
-        """Write one file beside `final`, digest it, gate it, and move it into place if kept."""
-        if fmt == "onnx" and self.config.precision == "int8":  # ExecuTorch int8: PT2E in one pass
-            return self.write_int8(final)
-        tmp = _temporary(final)
+    def write(self, fmt: formats.Format, final: Path) -> ExportedFile:
+        """Write one file beside `final` (int8: by its format's ladder), seal and gate it, and move
+        it into place if kept."""
+        precision, tmp = self.config.precision, _temporary(final)
         try:
-            extra = self._write_file(fmt, tmp, self.config.precision)
-            validation = self._seal_and_gate(tmp, fmt, self.config.precision, extra)
-            return self._place(tmp, final, self.config.precision, validation, delegation=extra.get("delegation"))
+            if precision == "int8":
+                attempts, validation, extra = self._int8_ladder(fmt, tmp)
+            else:
+                attempts, extra = [], self._write_file(fmt, tmp, precision)
+                validation = self._seal_and_gate(tmp, fmt, precision, extra)
+            return self._place(fmt, tmp, final, precision, validation, attempts, extra.get("delegation"))
         finally:
-            tmp.unlink(missing_ok=True)
+            _remove(fmt, tmp)
 
-    def write_int8(self, final: Path) -> ExportedFile:
-        """int8 from the first settings of the fallback ladder that pass the gate."""
-        tmp, source = _temporary(final), _temporary(final, "fp32-source")
+    def write_auto(self, fmt: formats.Format, out: Path, stem: str) -> ExportedFile:
+        """Every candidate of `fmt` that runs here (its float precisions the device computes,
+        int8 by its ladder), gated and timed side by side; the fastest that passes is kept, with
+        the decision table in its metadata."""
+        on_cuda = self.config.device.startswith("cuda")
+        precisions = [p for p in fmt.precisions if p == "fp32" or (p == "fp16" and on_cuda)]
+        precisions = [p for p in precisions if fmt.unavailable(p, self.config.device) is None]
+        temps = {p: _temporary(out / f"{stem}{fmt.suffixes[0]}", p) for p in (*precisions, "int8")}
         try:
-            self._write_file("onnx", source, "fp32")
-            attempts, validation = self._int8_ladder(source, tmp)
-            return self._place(tmp, final, "int8", validation, attempts)
-        finally:
-            tmp.unlink(missing_ok=True)
-            source.unlink(missing_ok=True)
-
-    def write_auto(self, out: Path, stem: str) -> ExportedFile:
-        """Every candidate that runs here (fp32, int8 by its ladder, fp16 on CUDA), gated and timed
-        side by side; the fastest that passes is kept, with the decision table in its metadata."""
-        precisions = ["fp32", "fp16"] if self.config.device.startswith("cuda") else ["fp32"]
-        temps = {p: _temporary(out / f"{stem}.onnx", p) for p in (*precisions, "int8")}
-        try:
-            validations = {p: self._write_candidate(temps[p], p) for p in precisions}
+            validations = {p: self._seal_and_gate(temps[p], fmt, p, self._write_file(fmt, temps[p], p)) for p in precisions}
             floats = [Attempt.from_validation(p, p, validations[p]) for p in precisions]
-            int8_attempts, _ = self._int8_ladder(temps["fp32"], temps["int8"])
+            int8_attempts, _, _ = self._int8_ladder(fmt, temps["int8"])
             finalists = {**dict(zip(precisions, floats)), "int8": int8_attempts[-1]}
             self._time([temps[p] for p in finalists], list(finalists.values()))  # side by side, same load
             chosen = choose_fastest(list(finalists.values()), force=self.config.force)
             if chosen is None:  # nothing kept; the fp32 gate's reason is the failure
-                return ExportedFile(str(out / f"{stem}.onnx"), "onnx", "fp32", 0, validations["fp32"], False, floats + int8_attempts)
-            final = out / f"{_stem(stem, chosen.precision)}.onnx"
-            return self._place_chosen(temps[chosen.precision], final, chosen, floats + int8_attempts)
+                path = str(out / f"{stem}{fmt.suffixes[0]}")
+                return ExportedFile(path, fmt.name, "fp32", 0, validations["fp32"], False, floats + int8_attempts)
+            final = out / f"{_stem(stem, chosen.precision)}{fmt.suffixes[0]}"
+            return self._place_chosen(fmt, temps[chosen.precision], final, chosen, floats + int8_attempts)
         finally:
             for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
+                _remove(fmt, tmp)
 
-    def _write_candidate(self, tmp: Path, precision: str) -> ValidationResult | None:
-        self._write_file("onnx", tmp, precision)
-        return self._seal_and_gate(tmp, "onnx", precision)
-
-    def _place_chosen(self, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
+    def _place_chosen(self, fmt, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
         """Move the chosen candidate into place, its metadata carrying every candidate's row."""
         meta = read_metadata(tmp)
         write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
         validation = ValidationResult(**meta["validation"])
-        return self._place(tmp, final, chosen.precision, validation, attempts)
+        return self._place(fmt, tmp, final, chosen.precision, validation, attempts, meta.get("delegation"))
 
-    def _int8_ladder(self, source: Path, tmp: Path) -> tuple[list[Attempt], ValidationResult | None]:
-        """Quantize `source` into `tmp` with each setting of the fallback ladder until one passes
-        its gate; each attempt gated, timed and logged. `tmp` holds the last attempt."""
-        first = quant_settings(self.config)
-        ladder = [first, *fallback_ladder(first)] if self.config.fallback and self.config.validate else [first]
+    def _int8_ladder(self, fmt: formats.Format, tmp: Path) -> tuple[list[Attempt], ValidationResult | None, dict]:
+        """Write `tmp` with each int8 setting of the format's ladder until one passes its gate;
+        each attempt gated, timed and logged. `tmp` holds the last attempt."""
+        rungs = fmt.int8_rungs(self.config)
         attempts: list[Attempt] = []
-        for settings in ladder:
-            calibration = _calibration(self.config, self.bundle, self.spec, settings.calibration_size)
-            summary = quantize_onnx(source, tmp, calibration=calibration, settings=settings,
-                                    workdir=tmp.with_name(f"{tmp.name}.work"))  # fmt: skip
-            _check_onnx(tmp, self.config.opset)
-            validation = self._seal_and_gate(tmp, "onnx", "int8", {"quantization": {**_settings_dict(settings), "summary": summary.line()}})
-            attempt = Attempt.from_validation(f"int8 {settings.label()}", "int8", validation)
+        for rung in rungs if self.config.validate else rungs[:1]:
+            extra = self._write_file(fmt, tmp, "int8", rung)
+            validation = self._seal_and_gate(tmp, fmt, "int8", extra)
+            attempt = Attempt.from_validation(f"int8 {rung.label()}", "int8", validation)
             self._time([tmp], [attempt])
             attempts.append(attempt)
-            log.info("int8 attempt %d (%s): %s", len(attempts), settings.label(), _attempt_line(attempt))
+            log.info("int8 attempt %d (%s): %s", len(attempts), rung.label(), _attempt_line(attempt))
             if attempt.passed:
                 break
-        return attempts, validation
+        return attempts, validation, extra
 
     def _time(self, paths: list[Path], attempts: list[Attempt]) -> None:
         batch_sizes = tuple(dict.fromkeys((1, self.config.batch_size)))
         for attempt, p50 in zip(attempts, time_files(paths, batch_sizes=batch_sizes, device=self.config.device)):
             attempt.p50_ms, attempt.batch, attempt.p50_batch_ms = p50[1], batch_sizes[-1], p50[batch_sizes[-1]]
 
-    def _write_file(self, fmt: str, tmp: Path, precision: str) -> dict:
-        """Write one float ONNX or TorchScript file, or an ExecuTorch program of any precision;
-        returns what the file's metadata adds (ExecuTorch: its delegation and version)."""
-        if fmt == "onnx":
-            write_onnx(self.model, self.spec, tmp, opset=self.config.opset, precision=precision)
-        elif fmt == "torchscript":
-            write_torchscript(self.model, self.spec, tmp, precision=precision, device=self.config.device)
-        else:
-            calibration = _calibration(self.config, self.bundle, self.spec, self.config.calib_size) if precision == "int8" else None
-            delegation = write_pte(self.model, self.spec, tmp, precision=precision, calibration=calibration)
-            versions = {**self.metadata["versions"], "executorch": importlib.metadata.version("executorch")}
-            return {"delegation": delegation, "versions": versions}
-        return {}
+    def _write_file(self, fmt: formats.Format, tmp: Path, precision: str, rung=None) -> dict:
+        """Write one file through its format; returns what its metadata adds."""
+        request = formats.WriteRequest(self.model, self.spec, precision, self.config.device, self.config, self.workdir,
+                                       rung, self._calibration)  # fmt: skip
+        return {"versions": _versions(fmt), **fmt.write(request, tmp)}
 
-    def _seal_and_gate(self, tmp: Path, fmt: str, precision: str, extra: dict | None = None) -> ValidationResult | None:
+    def _calibration(self, count: int) -> Iterator[np.ndarray]:
+        return _calibration(self.config, self.bundle, self.spec, count)
+
+    def _seal_and_gate(self, tmp: Path, fmt: formats.Format, precision: str, extra: dict) -> ValidationResult | None:
         """Write the metadata and content digest, then gate the file as `edgeft predict` reads it."""
         config = self.config
-        meta = {**self.metadata, "precision": precision, "opset": config.opset if fmt == "onnx" else None, **(extra or {}),
+        meta = {**self.metadata, "precision": precision, "opset": None, **extra,
                 "content_sha256": content_digest(tmp)}  # fmt: skip
         write_metadata(tmp, meta)
         if not config.validate:
@@ -309,14 +272,16 @@ class _Job:
         write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation
 
-    def _place(self, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
-               attempts: list[Attempt] | None = None, delegation: dict | None = None) -> ExportedFile:  # fmt: skip
+    def _place(self, fmt: formats.Format, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
+               attempts: list[Attempt], delegation: dict | None) -> ExportedFile:  # fmt: skip
+        """Move every file of the artifact into place (the one named last) when it is kept."""
         kept = validation is None or validation.passed or self.config.force
-        size = tmp.stat().st_size
+        size = sum(p.stat().st_size for p in fmt.files(tmp))
         if kept:
-            os.replace(tmp, final)
+            for source, target in zip(fmt.files(tmp), fmt.files(final)):
+                os.replace(source, target)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
-        return ExportedFile(str(final), _format_of(final), precision, size, validation, kept, attempts or [], delegation)
+        return ExportedFile(str(final), fmt.name, precision, size, validation, kept, attempts, delegation)
 
 
 def _temporary(final: Path, tag: str = "") -> Path:
@@ -325,91 +290,15 @@ def _temporary(final: Path, tag: str = "") -> Path:
     return final.with_name(f".{label}.{os.getpid()}.{_TEMP_TAG}{final.suffix}")
 
 
-def _format_of(path: Path) -> str:
-    return next(fmt for fmt, suffix in _SUFFIX.items() if suffix == path.suffix)
-
-
-def _settings_dict(settings: QuantSettings) -> dict:
-    return {**asdict(settings), "keep_float": list(settings.keep_float), "op_types": list(settings.op_types)}
+def _remove(fmt: formats.Format, tmp: Path) -> None:
+    for path in fmt.files(tmp):
+        path.unlink(missing_ok=True)
 
 
 def _attempt_line(a: Attempt) -> str:
     accuracy = "not validated" if a.accuracy is None else f"accuracy {100 * a.accuracy:.2f} % (drop {a.drop:.2f} pt)"
     verdict = "passed" if a.passed else f"failed: {a.reason}"
     return f"{accuracy}, p50 {a.p50_ms:.2f} ms at batch 1, {verdict}"
-
-
-def _example_input(spec: Preprocess, batch: int = 2, device: str = "cpu") -> torch.Tensor:
-    return torch.randn(batch, spec.channels, spec.size, spec.size, device=device)
-
-
-def write_onnx(model: nn.Module, spec: Preprocess, path: Path, *, opset: int, precision: str,
-               calibration: Iterator[np.ndarray] | None = None, settings: QuantSettings | None = None) -> None:  # fmt: skip
-    """fp32 export with a dynamic batch dimension, then fp16 conversion or int8 quantization
-    (`settings`, default: this CPU's, calibrated on the `calibration` batches); always one
-    self-contained file, checked with onnx.checker."""
-    import onnx
-
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if n_bytes > _SINGLE_FILE_LIMIT:
-        raise InputError(f"the model's {n_bytes / 2**30:.1f} GiB of weights do not fit a single-file ONNX")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model.eval(), (_example_input(spec),), input_names=["input"], output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset, dynamo=True,
-            external_data=False, verbose=False,
-        )  # fmt: skip
-    program.save(str(path), external_data=False)
-    model = _without_provenance(onnx.load(str(path)))
-    onnx.save(_to_fp16(model) if precision == "fp16" else model, str(path))
-    if precision == "int8":
-        quantize_onnx(path, path, calibration=calibration, settings=settings or default_settings())
-    _check_onnx(path, opset)
-
-
-def _check_onnx(path: Path, opset: int) -> None:
-    """One self-contained file that onnx.checker accepts, at the opset asked for."""
-    import onnx
-
-    check_external_data(path)
-    onnx.checker.check_model(str(path), full_check=True)
-    written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
-    if written != {opset}:
-        raise RunError(f"asked for opset {opset}, the exporter wrote {sorted(written)}")
-
-
-def _without_provenance(model):
-    """The model without the exporter's provenance (per-node stack traces and module paths that
-    name files of the exporting machine) and documentation strings, at every level."""
-    from google.protobuf.message import Message
-
-    pending = [model]
-    while pending:
-        message = pending.pop()
-        for descriptor, value in message.ListFields():
-            if descriptor.name == "metadata_props":
-                del value[:]
-            elif descriptor.name == "doc_string":
-                message.doc_string = ""
-            elif descriptor.message_type is None:
-                continue
-            elif isinstance(value, Message):
-                pending.append(value)
-            else:
-                pending += list(value)
-    return model
-
-
-def _to_fp16(model):
-    """fp16 weights and compute behind float32 inputs and outputs (the casts the converter adds
-    come last in the node list, so the graph is sorted again)."""
-    import onnx_ir as ir
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    converted = ir.from_proto(convert_float_to_float16(model, keep_io_types=True))
-    converted.graph.sort()
-    return ir.to_proto(converted)
 
 
 _CALIB_BATCH = 32
@@ -434,13 +323,3 @@ def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.n
             yield np.stack(list(pool.map(lambda p: preprocess_image(p, spec), chosen[start : start + _CALIB_BATCH])))
 
 
-def write_torchscript(model: nn.Module, spec: Preprocess, path: Path, *, precision: str, device: str) -> None:
-    """Traced and frozen for inference; fp16 (CUDA) keeps float32 inputs and outputs."""
-    module = copy.deepcopy(model).to(device).eval()
-    if precision == "fp16":
-        module = Float32IO(module.half())
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.freeze(torch.jit.trace(module, (_example_input(spec, device=device),)))
-        torch.jit.save(traced, str(path))
-    rewrite_torchscript(path, metadata=None)  # without the debug tables: they name this machine's files

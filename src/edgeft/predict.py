@@ -1,6 +1,6 @@
-"""`Predictor`: an exported file and its runtime. An ONNX file needs onnxruntime, numpy and Pillow,
-nothing else, and never imports torch; a .pte file runs through ExecuTorch's runtime (the
-executorch extra, which imports torch).
+"""`Predictor`: an exported file and its runtime, opened by the file's format (`edgeft.formats`),
+exactly as the gate and the bench open it. An ONNX file needs onnxruntime, numpy and Pillow,
+nothing else, and never imports torch; TorchScript and ExecuTorch files import torch.
 
     from edgeft.predict import Predictor
     for p in Predictor("exported/resnet18-digits.onnx").predict(["img.png"]):
@@ -21,16 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgeft.artifact import artifact_format, check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata, read_metadata
-from edgeft.devices import cuda_index, parse_device
+from edgeft import formats
+from edgeft.artifact import check_digest, check_outputs, parse_metadata, read_metadata
+from edgeft.devices import parse_device
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, Preprocess, preprocess_image
 
 __all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
-
-_CUDA = "CUDAExecutionProvider"
-_CPU = "CPUExecutionProvider"
-
 
 @dataclass(frozen=True)
 class Label:
@@ -55,11 +52,13 @@ class Prediction:
 
 
 def newest_model(folder: str | os.PathLike = "exported") -> Path:
-    """The most recently written usable .onnx file in `folder`: never a hidden file (export's
-    temporaries are `.<name>.<pid>.edgeft-tmp.onnx`), one without readable edgeft metadata, one
-    modified after export, or one kept with `--force` although it failed its accuracy gate."""
+    """The most recently written usable file in `folder` of a format that runs without torch
+    (ONNX): never a hidden file (export's temporaries are `.<name>.<pid>.edgeft-tmp.<suffix>`),
+    one without readable edgeft metadata, one modified after export, or one kept with `--force`
+    although it failed its accuracy gate."""
     folder = Path(folder)
-    found = {p: _mtime(p) for p in folder.glob("*.onnx") if not p.name.startswith(".")}
+    suffixes = tuple(suffix for fmt in formats.all_formats() if fmt.torch_free for suffix in fmt.suffixes)
+    found = {p: _mtime(p) for p in folder.iterdir() if p.name.lower().endswith(suffixes) and not p.name.startswith(".")} if folder.is_dir() else {}
     failed: list[Path] = []
     for path in sorted(found, key=found.__getitem__, reverse=True):
         try:
@@ -70,10 +69,11 @@ def newest_model(folder: str | os.PathLike = "exported") -> Path:
             return path
         failed.append(path)
     if failed:
-        raise InputError(f"no --model given and every .onnx file in {folder}/ failed its accuracy gate; "
+        raise InputError(f"no --model given and every {'/'.join(suffixes)} file in {folder}/ failed its accuracy gate; "
                          f"give --model {failed[0]} to use one anyway")  # fmt: skip
     skipped = f" ({len(found)} unreadable or not exported by edgeft)" if found else ""
-    raise InputError(f"no --model given and no usable .onnx file in {folder}/{skipped}; run `edgeft export` first")
+    raise InputError(f"no --model given and no usable {'/'.join(suffixes)} file in {folder}/{skipped}; "
+                     f"run `edgeft export` first")  # fmt: skip
 
 
 def _mtime(path: Path) -> float:
@@ -152,61 +152,38 @@ def _preprocess_file(path: Path, spec: Preprocess, budget: _PixelBudget) -> np.n
 
 
 class Predictor:
-    """An exported classifier: its preprocessing and classes come from the file's metadata."""
+    """An exported classifier: its preprocessing and classes come from the file's metadata, and
+    its format opens it (`threads`: the runtime's; None: its default)."""
 
     def __init__(self, model: str | os.PathLike, *, device: str = "auto", threads: int | None = None):
         path = Path(model)
         if not path.is_file():
             raise InputError(f"model {path} does not exist")
+        fmt = formats.for_path(path)
         device = parse_device(device)
-        self.path = path
-        fmt = artifact_format(path)
-        if fmt == "torchscript":
-            raise InputError(f"{path}: edgeft predict runs .onnx and .pte files; export one with `edgeft export`")
-        if fmt == "executorch":
-            self._open_executorch(device, threads)
-            return
-        import onnxruntime as ort
-
-        text, digest = onnx_metadata_and_digest(path.read_bytes(), path)
-        self._describe(text, digest)
-        self.session = _session(ort, path, device, threads)
-        self.provider = self.session.get_providers()[0]
-        if device.startswith("cuda") and self.provider != _CUDA:
-            raise InputError(f"--device {device}: onnxruntime cannot use CUDA here (providers: {ort.get_available_providers()}); use --device cpu")
-        self.input_name = self.session.get_inputs()[0].name
-        self._check_io()
-        self._infer = lambda batch: self.session.run(None, {self.input_name: batch})[0]
-
-    def _describe(self, text: str | None, digest: str) -> None:
-        """Metadata, preprocessing and classes from the file, refused when modified after export."""
-        self.metadata = parse_metadata(text, self.path)
-        check_digest(self.path, self.metadata, digest)
+        reason = fmt.unavailable("fp32", device, write=False) if device != "auto" else fmt.missing()
+        if reason:
+            raise InputError(f"{path}: {reason}")
+        self.path, self.format = path, fmt
+        text, digest = fmt.read(path)
+        self.metadata = parse_metadata(text, path)
+        check_digest(path, self.metadata, digest)
         self.gate_failure = gate_failure(self.metadata)  # set for a file kept with --force
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.classes: list[str] = list(self.metadata["classes"])
+        runner = fmt.open(path, device="cpu" if device == "auto" and not fmt.cuda else device, threads=threads)
+        self._infer, self.provider = runner.infer, runner.provider
+        self._check_io(runner)
 
-    def _open_executorch(self, device: str, threads: int | None) -> None:
-        """A .pte through ExecuTorch's runtime (XNNPACK, CPU); needs the executorch extra and torch."""
-        from edgeft.pte import load_pte_runner, pte_content_digest, read_pte_metadata, require_executorch
-
-        if device.startswith("cuda"):
-            raise InputError(f"--device {device}: ExecuTorch files run on the CPU (XNNPACK); use --device cpu")
-        require_executorch()
-        self._describe(read_pte_metadata(self.path), pte_content_digest(self.path))
-        spec = self.preprocess
-        self._infer, self.provider = load_pte_runner(self.path, threads=threads or 0,
-                                                     input_shape=(spec.channels, spec.size, spec.size))  # fmt: skip
-
-    def _check_io(self) -> None:
-        """The graph's fixed input and output sizes agree with the metadata's preprocessing and classes."""
+    def _check_io(self, runner: formats.Runner) -> None:
+        """The file's fixed input and output sizes agree with the metadata's preprocessing and classes."""
         spec = self.preprocess
         expected = {"input": [spec.channels, spec.size, spec.size], "output": [len(self.classes)]}
-        actual = {"input": self.session.get_inputs()[0].shape[1:], "output": self.session.get_outputs()[0].shape[1:]}
+        actual = {"input": runner.input_shape, "output": runner.output_shape}
         for kind in expected:
-            if any(isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])):
+            if actual[kind] is not None and any(isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])):
                 verb = "gives" if kind == "output" else "takes"
-                raise InputError(f"{self.path}: the model {verb} {actual[kind]} {kind}s but its metadata says "
+                raise InputError(f"{self.path}: the model {verb} {list(actual[kind])} {kind}s but its metadata says "
                                  f"{expected[kind]}; export it again")  # fmt: skip
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -265,28 +242,3 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _session(ort, path: Path, device: str, threads: int | None):
-    """An onnxruntime session: CUDA first when wanted, then the CPU. No CPU memory arena: it
-    would keep the largest batch's buffers for good, and measured no faster without it."""
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    if threads:
-        options.intra_op_num_threads = threads
-    wants_cuda = device.startswith("cuda") or (device == "auto" and _cuda_present(ort))
-    providers: list = [(_CUDA, {"device_id": cuda_index(device) if device != "auto" else 0}), _CPU] if wants_cuda else [_CPU]
-    if wants_cuda:
-        ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported by the caller
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise InputError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
-    finally:
-        ort.set_default_logger_severity(2)
-
-
-def _cuda_present(ort) -> bool:
-    """onnxruntime-gpu lists CUDA even where no GPU or CUDA library is; only try it when an
-    NVIDIA device exists, so a CPU-only machine does not pay for the failed attempt."""
-    return _CUDA in ort.get_available_providers() and (Path("/dev/nvidiactl").exists() or os.name == "nt")

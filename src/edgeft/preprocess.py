@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "MAX_RESIZED_PIXELS",
     "Preprocess",
     "check_size",
+    "first_images",
     "load_image",
     "normalize",
     "preprocess_image",
@@ -243,3 +245,14 @@ def normalize(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
 def preprocess_image(source: str | os.PathLike | Image.Image, spec: Preprocess) -> np.ndarray:
     """The model input for one image: float32 CHW, exactly what training's eval transform gives."""
     return normalize(to_array(load_image(source, channels=spec.channels, resize=spec.resize), spec), spec)
+
+
+def first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
+    """The batches that hold the first `count` images (the last one cut to size), as float32."""
+    remaining = count
+    for batch in batches:
+        batch = np.ascontiguousarray(batch[:remaining], dtype=np.float32)
+        remaining -= len(batch)
+        yield batch
+        if remaining <= 0:
+            return

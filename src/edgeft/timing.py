@@ -1,8 +1,9 @@
 """One benchmark row, measured in a fresh process so load time and peak memory are its own, and
 no other session's threads share the cores: `python -m edgeft.timing '<json spec>'` prints one
 JSON result (`run_measurement` starts it). `edgeft bench` times its rows and `--precision auto`
-its candidates this way. Imports torch only for the PyTorch runtimes (ExecuTorch's runtime
-imports it too)."""
+its candidates this way. An exported file is opened by its format exactly as the gate and
+`edgeft predict` open it, so a timing process imports only that runtime (torch only for the
+PyTorch runtimes and ExecuTorch's)."""
 
 from __future__ import annotations
 
@@ -13,52 +14,40 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from edgeft.devices import cuda_index
 
 __all__ = ["matmul_peak", "measure", "run_measurement"]
 
 
 def _load(spec: dict) -> Callable[[np.ndarray], object]:
-    """A function running one batch to completion (results synchronized to the host)."""
-    runtime, device, threads = spec["runtime"], spec["device"], spec["threads"]
-    if runtime == "executorch":
-        return _load_executorch(spec)
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
+    """A function running one batch to completion (results synchronized to the host): an exported
+    file opened by its format, as `edgeft predict` and the gate open it, or a checkpoint run eagerly."""
+    if spec["runtime"] != "eager":
+        from edgeft import formats
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's own default (its physical cores)
-        options.log_severity_level = 3
-        cuda = device.startswith("cuda")
-        providers = [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(spec["file"], sess_options=options, providers=providers)
-        spec["provider"] = session.get_providers()[0]
-        if cuda and spec["provider"] != "CUDAExecutionProvider":
-            raise RuntimeError("onnxruntime cannot use CUDA here")
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
+        runner = formats.by_runtime(spec["runtime"]).open(Path(spec["file"]), device=spec["device"], threads=spec["threads"])
+        spec["provider"] = runner.provider
+        return runner.infer
+    return _load_eager(spec)
+
+
+def _load_eager(spec: dict) -> Callable[[np.ndarray], object]:
+    """A checkpoint's model in PyTorch eager mode (fp16 on CUDA)."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    if runtime == "torchscript":
-        import warnings
+    from edgeft.checkpoint import load_checkpoint
+    from edgeft.models import model_from_checkpoint
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(spec["file"], map_location=device)
-    else:
-        from edgeft.checkpoint import load_checkpoint
-        from edgeft.models import model_from_checkpoint
-
-        module = model_from_checkpoint(load_checkpoint(spec["file"])).to(device)
-        if spec["precision"] == "fp16":
-            module = module.half()
+    device = spec["device"]
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    module = model_from_checkpoint(load_checkpoint(spec["file"])).to(device)
+    dtype = torch.float16 if spec["precision"] == "fp16" else torch.float32
+    module = module.to(dtype)
     spec["provider"] = f"torch-{device}"
-    dtype = torch.float16 if runtime == "eager" and spec["precision"] == "fp16" else torch.float32
 
     def run(x: np.ndarray):
         with torch.inference_mode():
@@ -67,14 +56,6 @@ def _load(spec: dict) -> Callable[[np.ndarray], object]:
                 torch.cuda.synchronize(device)
             return out
 
-    return run
-
-
-def _load_executorch(spec: dict) -> Callable[[np.ndarray], object]:
-    """A .pte through ExecuTorch's runtime (XNNPACK on `threads` CPU threads; none given: its default)."""
-    from edgeft.pte import load_pte_runner
-
-    run, spec["provider"] = load_pte_runner(spec["file"], threads=spec["threads"] or 0)
     return run
 
 

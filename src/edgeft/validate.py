@@ -2,8 +2,8 @@
 checkpoint it came from, on real images.
 
 The validation images (the files on disk for folder data, the stored uint8 images for embedded
-and torchvision data) go through the preprocessing written in the file and the file's own runner
-(`Predictor` for ONNX, `TorchScriptRunner` for TorchScript); the checkpoint sees the same images
+and torchvision data) go through the preprocessing written in the file and the `Predictor` that
+`edgeft predict` runs, whatever the format; the checkpoint sees the same images
 through training's evaluation transform. Everything is streamed: memory is O(batch).
 """
 
@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edgeft.artifact import open_runner, read_metadata
+from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import check_max_acc_drop
 from edgeft.data import DataBundle, TensorImages, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError
 from edgeft.models import model_from_checkpoint
+from edgeft.predict import Predictor
 from edgeft.preprocess import preprocess_image
 
 __all__ = ["GATES", "ValidationResult", "file_sha256", "find_reference", "gate", "gate_for", "validate_file"]
@@ -166,7 +167,7 @@ def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, model
     tallies = {b: _Tally() for b in batch_sizes}
     reference_correct, provider, skipped = 0, "not run", []
     if not mismatches:
-        runner = open_runner(path, device=device)
+        runner = Predictor(path, device=device)
         reference = (model or model_from_checkpoint(checkpoint)).eval()
         reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped)
         provider = runner.provider

@@ -10,7 +10,7 @@ import typer
 from edgeft import __version__
 from edgeft.errors import EdgeftError
 
-__all__ = ["app", "interrupt_note", "main"]
+__all__ = ["app", "format_choices", "interrupt_note", "main"]
 
 app = typer.Typer(
     name="edgeft",
@@ -22,6 +22,22 @@ app = typer.Typer(
 _verbose = False
 # what Ctrl-C says was kept; a command may say more with `interrupt_note`
 _interrupt_note = "interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
+
+
+def format_choices() -> dict[str, str]:
+    """Help texts built from the format registry (markup escaped: `[extra]` is shown as written)."""
+    from rich.markup import escape
+
+    from edgeft import formats
+
+    every = formats.all_formats()
+    extras = "; ".join(f'{f.name}: pip install "edgeft[{f.extra}]"' for f in every if f.extra)
+    return {
+        "formats": escape(" | ".join((*formats.names(), "all")) + (f" ({extras})" if extras else "")),
+        "precisions": escape("; ".join(f"{f.name} {'/'.join(f.precisions)}" for f in every)),
+        "files": ", ".join(s for f in every for s in f.suffixes[:1]),
+        "runtimes": ", ".join(("eager", *(f.runtime for f in every))),
+    }
 
 
 def interrupt_note(text: str) -> None:

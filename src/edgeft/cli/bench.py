@@ -8,7 +8,7 @@ import typer
 
 from edgeft.config import BenchConfig as C
 
-from . import app
+from . import app, format_choices
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -18,7 +18,7 @@ def _split(text: str) -> tuple[str, ...]:
 @app.command("bench")
 def bench_command(
     models: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(C.models),
-    runtimes: Annotated[str, typer.Option(help="Comma-separated: eager, torchscript, onnxruntime, executorch.")] = ",".join(C.runtimes),
+    runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {format_choices()['runtimes']}.")] = ",".join(C.runtimes),
     precisions: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, C.batch_sizes)),
     img_size: Annotated[int, typer.Option(help="Input side in pixels.")] = C.img_size,

@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from edgeft.config import OPSETS, ExportConfig as C
+from edgeft.config import DEFAULT_OPSET, OPSETS, ExportConfig as C
 from edgeft.errors import GateError, InputError
 
 from edgeft import jsonio
-from . import app
+from . import app, format_choices
+
+_CHOICES = format_choices()
 
 
 def _newest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -41,11 +43,11 @@ def _validation_rows(v) -> list[tuple[str, str]]:
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")] = None,
-    format: Annotated[str, typer.Option(help="onnx | torchscript | executorch | all (executorch: pip install \"edgeft[executorch]\").")] = C.format,
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | int8 | auto (int8: ONNX, ExecuTorch; auto: ONNX; fp16 TorchScript: CUDA). auto: the fastest candidate here that passes its gate.")] = C.precision,
+    format: Annotated[str, typer.Option(help=f"{_CHOICES['formats']}.")] = C.format,
+    precision: Annotated[str, typer.Option(help=f"fp32 | fp16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 TorchScript: CUDA). auto: the fastest candidate here that passes its gate.")] = C.precision,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
     name: Annotated[Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")] = C.name,
-    opset: Annotated[int, typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]}.")] = C.opset,
+    opset: Annotated[Optional[int], typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).", show_default=False)] = C.opset,
     device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")] = C.device,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result.")] = C.validate,
     data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = C.data,
@@ -57,12 +59,12 @@ def export_command(
     weight_type: Annotated[Optional[str], typer.Option(help="int8 weights: int8 | uint8 (default: int8).")] = C.weight_type,
     quant_format: Annotated[Optional[str], typer.Option(help="int8 graph: qdq | qoperator (default: qdq).")] = C.quant_format,
     reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit int8 weights (default: on for x86 without VNNI).", show_default=False)] = C.reduce_range,
-    fallback: Annotated[bool, typer.Option("--fallback/--no-fallback", help="int8 that fails its gate: try more calibration images, another method, first conv + classifier in float.")] = C.fallback,
+    fallback: Annotated[Optional[bool], typer.Option("--fallback/--no-fallback", show_default=False, help="int8 that fails its gate: try more calibration images, another method, first conv + classifier in float.")] = C.fallback,
     max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")] = C.max_acc_drop,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
     force: Annotated[bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")] = C.force,
 ) -> None:
-    """Write ONNX / TorchScript / ExecuTorch files that carry their classes and preprocessing, proven on real images."""
+    """Write exported files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
     from rich.console import Console
     from rich.table import Table
@@ -107,7 +109,7 @@ def _attempts_table(attempts, *, auto: bool):
 
 @app.command("validate")
 def validate_command(
-    file: Annotated[Path, typer.Argument(help="An exported .onnx, .ts or .pte file.")],
+    file: Annotated[Path, typer.Argument(help=f"An exported file ({_CHOICES['files']}).")],
     reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one it was exported from).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
@@ -138,7 +140,7 @@ def validate_command(
 
 @app.command("info")
 def info_command(
-    file: Annotated[Path, typer.Argument(help="An exported .onnx, .ts or .pte file.")],
+    file: Annotated[Path, typer.Argument(help=f"An exported file ({_CHOICES['files']}).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata JSON.")] = False,
 ) -> None:
     """Print the metadata embedded in an exported file."""

@@ -1,5 +1,5 @@
-"""`edgeft predict`: top-k labels for images, from an exported ONNX file (never imports torch) or an
-ExecuTorch .pte (imports torch, through ExecuTorch's runtime)."""
+"""`edgeft predict`: top-k labels for images, from an exported file of any format (ONNX never
+imports torch; TorchScript and ExecuTorch files do)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from . import app, interrupt_note
 @app.command("predict")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked for images).")],
-    model: Annotated[Optional[Path], typer.Option(help="An exported .onnx file (default: the newest good one in ./exported/), or a .pte with the executorch extra.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An exported file (default: the newest good .onnx in ./exported/).")] = None,
     top_k: Annotated[int, typer.Option(help="Labels shown per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per image.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (cuda never falls back silently).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 8,
 ) -> None:
-    """Classify images with onnxruntime (or ExecuTorch for a .pte); exit 2 when any input could not be read."""
+    """Classify images with an exported file's own runtime; exit 2 when any input could not be read."""
     from edgeft.devices import parse_device
     from edgeft.predict import Predictor, check_options, collect_images, newest_model
 
@@ -35,7 +35,8 @@ def predict_command(
     if predictor.gate_failure:
         print(f"edgeft: warning: {model} failed its accuracy gate at export and was kept with --force "
               f"({predictor.gate_failure}); its predictions may be wrong", file=sys.stderr)  # fmt: skip
-    note = " (a .pte runs through ExecuTorch's runtime, which imports torch: a slower start than ONNX)" if model.suffix.lower() == ".pte" else ""
+    fmt = predictor.format
+    note = "" if fmt.torch_free else f" ({fmt.title} files run through {fmt.runtime}, which imports torch: a slower start than ONNX)"
     print(f"edgeft: running on {predictor.provider}{note}", file=sys.stderr)
     interrupt_note("interrupted; the predictions printed above are complete")
     predictions = predictor.predict_iter(collect_images(inputs), top_k=top_k, batch_size=batch_size)

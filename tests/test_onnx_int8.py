@@ -1,4 +1,4 @@
-"""edgeft.quantize: settings that follow the CPU, the fallback ladder, streaming calibration, a
+"""edgeft.formats.onnx_int8: settings that follow the CPU, the fallback ladder, streaming calibration, a
 quiet quantizer, and int8 files that agree with their float source."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgeft.errors import InputError
-from edgeft.quantize import QuantSettings, batchnorms_as_depthwise_convs, default_settings, fallback_ladder, quantize_onnx
+from edgeft.formats.onnx_int8 import QuantSettings, batchnorms_as_depthwise_convs, default_settings, fallback_ladder, quantize_onnx
 
 AVX2 = {"avx2": True, "fma": True}
 VNNI = {**AVX2, "avx512f": True, "avx512bw": True, "avx512_vnni": True}
@@ -165,7 +165,7 @@ def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     records = [r for r in caplog.records if r.levelno >= logging.INFO]
-    assert [r.name for r in records] == ["edgeft.quantize"], [r.getMessage() for r in records]
+    assert [r.name for r in records] == ["edgeft.formats.onnx_int8"], [r.getMessage() for r in records]
     assert "conv/gemm/matmul nodes quantized" in records[0].getMessage()
 
 

@@ -1,5 +1,6 @@
-"""ExecuTorch programs (.pte): lowering to the XNNPACK delegate (fp32, fp16, int8 PT2E), the edgeft
-metadata carried inside the file, its content digest, and the runner.
+"""ExecuTorch programs (.pte), run by ExecuTorch's runtime on the CPU through the XNNPACK delegate:
+lowering (fp32, fp16, int8 PT2E), the edgeft metadata carried inside the file, its content
+digest, and the runner.
 
 `executorch` (an optional extra that imports torch, ~5 s) is imported only inside the functions
 that write or run a program; reading the metadata and the digest needs neither.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib.util
 import io
 import logging
 import os
@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import InputError
+from edgeft.formats.base import Format, Rung, Runner, WriteRequest
 
 __all__ = [
-    "EXTRA_HINT", "MAX_BATCH", "delegation_summary", "load_pte_runner", "pte_content_digest", "read_pte_metadata",
-    "require_executorch", "write_pte", "write_pte_metadata",
+    "FORMAT", "MAX_BATCH", "ExecuTorchFormat", "delegation_summary", "load_pte_runner", "pte_content_digest",
+    "read_pte_metadata", "write_pte", "write_pte_metadata",
 ]  # fmt: skip
 
-EXTRA_HINT = 'pip install "edgeft[executorch]"'
 MAX_BATCH = 32  # the program's batch dimension is dynamic in [1, MAX_BATCH]; the runner splits larger batches
 _MAGIC = b"EDGEFTMD"
 _TRAILER = 16  # JSON length (8 bytes) + magic (8 bytes)
@@ -46,14 +46,39 @@ _PTE_IDENTIFIER = re.compile(rb"ET[0-9a-zA-Z]{2}")  # flatbuffer file identifier
 _BOOKKEEPING_OPS = {"getitem", "sym_size"}  # graph plumbing, not computation
 
 
-def require_executorch() -> None:
-    """Raise InputError naming the extra when ExecuTorch is not installed."""
-    try:
-        found = importlib.util.find_spec("executorch.exir") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise InputError(f"ExecuTorch is not installed; install the extra: {EXTRA_HINT}")
+class ExecuTorchFormat(Format):
+    name, title, suffixes, runtime = "executorch", "ExecuTorch", (".pte",), "executorch"
+    precisions = ("fp32", "fp16", "int8")
+    extra, needs, needs_to_write, rank = "executorch", ("executorch.runtime",), ("executorch.exir",), 20
+
+    def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:
+        if device.startswith("cuda"):
+            return "ExecuTorch runs on the CPU (XNNPACK); use --device cpu"
+        return super().unavailable(precision, device, write=write)
+
+    def int8_rungs(self, config) -> list:
+        return [Rung("pt2e symmetric per-channel", config.calib_size)]  # XNNPACK's quantizer: one setting
+
+    def write(self, request: WriteRequest, path: Path) -> dict:
+        calibration = request.calibration(request.rung.calibration_size) if request.precision == "int8" else None
+        delegation = write_pte(request.model, request.spec, path, precision=request.precision, calibration=calibration)
+        return {"delegation": delegation}
+
+    def read(self, path: Path) -> tuple[str | None, str]:
+        return read_pte_metadata(path) or None, pte_content_digest(path)
+
+    def write_metadata(self, path: Path, text: str) -> None:
+        write_pte_metadata(path, text)
+
+    def open(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> Runner:
+        reason = self.unavailable("fp32", device, write=False)
+        if reason:
+            raise InputError(f"{path}: {reason}")
+        infer, provider, shape = load_pte_runner(path, threads=threads or 0)
+        return Runner(infer, provider, input_shape=shape)
+
+
+FORMAT = ExecuTorchFormat()
 
 
 def _calibration_batches(calibration: Iterable[np.ndarray] | np.ndarray, batch: int = 32) -> Iterable[np.ndarray]:
@@ -89,7 +114,6 @@ def write_pte(model, spec, path: str | os.PathLike, *, precision: str, calibrati
     dynamic batch in [1, MAX_BATCH], float32 logits). int8: PT2E quantization calibrated on
     `calibration` (an iterable of float32 NCHW batches, or one array). Returns the delegation
     summary (what runs inside and outside XNNPACK). The file has no metadata yet."""
-    require_executorch()
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # an import-time deprecation notice
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -201,12 +225,11 @@ def set_threads(threads: int) -> None:
 
 
 def load_pte_runner(
-    path: str | os.PathLike, *, threads: int = 0, input_shape: tuple[int, int, int] | None = None
-) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    path: str | os.PathLike, *, threads: int = 0
+) -> tuple[Callable[[np.ndarray], np.ndarray], str, tuple[int, ...]]:
     """A function float32 NCHW batch -> float32 logits running a .pte through ExecuTorch's runtime
     on `threads` CPU threads (0: its default), batches above the program's maximum run in slices;
-    and what runs it. `input_shape` (C, H, W), when given, must be the program's."""
-    require_executorch()
+    what runs it; and the program's input shape (C, H, W)."""
     path = Path(path)
     _split(path)  # a readable .pte, or a one-line error
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # an import-time deprecation notice
@@ -225,9 +248,6 @@ def load_pte_runner(
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"{path}: ExecuTorch cannot load it ({str(exc).splitlines()[0]})") from None
     max_batch, *program_shape = method.metadata.input_tensor_meta(0).sizes()
-    if input_shape is not None and tuple(program_shape) != tuple(input_shape):
-        raise InputError(f"{path}: the program takes {program_shape} inputs but its metadata says "
-                         f"{list(input_shape)}; export it again")  # fmt: skip
 
     def run(x: np.ndarray) -> np.ndarray:
         if list(x.shape[1:]) != program_shape:
@@ -239,4 +259,4 @@ def load_pte_runner(
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     backends = runtime.backend_registry.registered_backend_names
-    return run, "executorch:xnnpack" if "XnnpackBackend" in backends else "executorch"
+    return run, "executorch:xnnpack" if "XnnpackBackend" in backends else "executorch", tuple(program_shape)

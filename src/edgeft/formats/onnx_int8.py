@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from edgeft.cpu import has_vnni
 from edgeft.errors import InputError
+from edgeft.preprocess import first_images
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATION_TYPES", "CALIBRATION_METHODS", "FLOAT_NODE_GROUPS", "QUANT_FORMATS", "WEIGHT_TYPES",
     "QuantSettings", "QuantSummary", "batchnorms_as_depthwise_convs", "default_settings", "fallback_ladder",
-    "first_images", "quantize_onnx",
+    "quantize_onnx", "settings_dict",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,11 @@ class QuantSummary:
         return (f"int8 ({self.settings.label()}): {self.quantized} of {self.quantized + self.left_float} "
                 f"conv/gemm/matmul nodes quantized{converted}, {self.left_float} left in float; "
                 f"calibrated on {self.calibration_images} images")  # fmt: skip
+
+
+def settings_dict(settings: QuantSettings) -> dict:
+    """The settings as plain JSON values (for the metadata)."""
+    return {**dataclasses.asdict(settings), "keep_float": list(settings.keep_float), "op_types": list(settings.op_types)}
 
 
 def _is_x86() -> bool:
@@ -238,19 +244,6 @@ def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], set
     cache = tmp / "calibration.json"
     save_tensors_data(calibrator.compute_data(), cache)
     return cache, images
-
-
-def first_images(batches: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
-    """The batches that hold the first `count` images (the last one cut to size), as float32."""
-    import numpy as np
-
-    remaining = count
-    for batch in batches:
-        batch = np.ascontiguousarray(batch[:remaining], dtype=np.float32)
-        remaining -= len(batch)
-        yield batch
-        if remaining <= 0:
-            return
 
 
 def batchnorms_as_depthwise_convs(path: Path) -> int:

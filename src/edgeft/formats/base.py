@@ -1,0 +1,156 @@
+"""What every exported format implements: the one protocol the rest of edgeft uses.
+
+A format is a module of `edgeft.formats` that assigns an instance of a `Format` subclass to
+`FORMAT`. It says what it is (name, suffixes, runtime, the extra it needs, the precisions it
+writes, the export options it reads), whether a precision can be written and run on a device,
+how to write a file from a model (int8 calibration included), how to read and write the
+metadata document it carries and the digest of its model content, and how to open a runner.
+Everything else (the gate, sealing, keeping or removing, timing, prediction) is edgeft's and
+the same for every format. Heavy libraries are imported inside the methods that need them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from edgeft.config import ExportConfig
+    from edgeft.preprocess import Preprocess
+
+__all__ = ["Format", "Rung", "Runner", "WriteRequest"]
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One setting of an int8 ladder: what a failed gate tries next. Formats with richer
+    settings (ONNX's `QuantSettings`) provide the same three members."""
+
+    name: str = "default"
+    calibration_size: int = 256
+
+    def label(self) -> str:
+        return self.name
+
+    def to_dict(self) -> dict:
+        return {"label": self.name, "calibration_size": self.calibration_size}
+
+
+@dataclass
+class WriteRequest:
+    """What a format is given to write one file."""
+
+    model: Any  # a torch.nn.Module in eval mode, float32
+    spec: Preprocess  # the input the file takes: channels, size (NCHW, float32)
+    precision: str
+    device: str  # cpu or cuda[:N]: where the model is traced (fp16 TorchScript: cuda)
+    config: ExportConfig  # the options; a format reads only its own (`Format.options`)
+    workdir: Path  # a scratch folder of this export, removed when it ends
+    rung: Any = None  # int8: the ladder's setting (a `Rung`, or the format's own kind)
+    calibration: Callable[[int], Iterator[np.ndarray]] | None = None  # int8: count -> float32 NCHW batches
+
+
+@dataclass
+class Runner:
+    """An opened file: float32 NCHW batch in, float32 logits out. Shapes are (C, H, W) and
+    (classes,) where the runtime reports them (None where it does not)."""
+
+    infer: Callable[[np.ndarray], np.ndarray]
+    provider: str  # what runs it, e.g. CPUExecutionProvider, executorch:xnnpack
+    input_shape: tuple | None = None
+    output_shape: tuple | None = None
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+class Format:
+    """One exported format. Subclasses set the class attributes and implement the methods
+    that raise NotImplementedError; the others have defaults that fit one-file formats."""
+
+    name: ClassVar[str]  # --format value and the metadata's "exported_format"
+    title: ClassVar[str]  # how people write it: ONNX, TorchScript, ExecuTorch
+    suffixes: ClassVar[tuple[str, ...]]  # the first is what export writes
+    runtime: ClassVar[str]  # what runs it: edgeft bench's --runtimes value
+    precisions: ClassVar[tuple[str, ...]]  # what it can write
+    options: ClassVar[frozenset[str]] = frozenset()  # ExportConfig fields only this format reads
+    extra: ClassVar[str | None] = None  # the pip extra that installs it (None: edgeft's own dependencies)
+    needs: ClassVar[tuple[str, ...]] = ()  # modules needed to run a file (a missing one: install `extra`)
+    needs_to_write: ClassVar[tuple[str, ...]] = ()  # modules needed to write one, besides `needs`
+    cuda: ClassVar[bool] = False  # its runner can use a CUDA device
+    torch_free: ClassVar[bool] = False  # opening and running a file imports no torch
+    rank: ClassVar[int] = 50  # place in listings and in `--format all`
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+    # --- what runs where -------------------------------------------------------------------
+
+    def missing(self, *, write: bool = False) -> str | None:
+        """Why this format cannot be used here (its extra is not installed), or None."""
+        modules = (*self.needs, *(self.needs_to_write if write else ()))
+        absent = [m for m in modules if not _importable(m)]
+        if not absent:
+            return None
+        extra = f'pip install "edgeft[{self.extra}]"' if self.extra else 'pip install "edgeft"'
+        return f"{self.title} needs {', '.join(absent)}, not installed here; install it: {extra}"
+
+    def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:
+        """Why `precision` on `device` cannot be written (or only run, without `write`) here, in
+        one line; None when it can."""
+        if precision not in self.precisions:
+            return f"{self.title} files are {', '.join(self.precisions)}, not {precision}"
+        if device.startswith("cuda") and not self.cuda:
+            return f"{self.title} files run on the CPU here; use --device cpu"
+        return self.missing(write=write)
+
+    def int8_rungs(self, config: ExportConfig) -> list:
+        """The int8 settings to try in order, each when the one before failed its gate."""
+        return [Rung(calibration_size=config.calib_size)]
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries that write and run its files (recorded in the metadata)."""
+        distributions = importlib.metadata.packages_distributions()  # module -> the package that installs it
+        found = {}
+        for module in dict.fromkeys(m.split(".")[0] for m in (*self.needs, *self.needs_to_write)):
+            for package in distributions.get(module, [])[:1]:
+                found[module] = importlib.metadata.version(package)
+        return found
+
+    def details(self) -> dict:
+        """What a benchmark report records about its runtime here, besides the versions."""
+        return {}
+
+    # --- files ------------------------------------------------------------------------------
+
+    def files(self, path: Path) -> list[Path]:
+        """Every file the artifact at `path` consists of (moved, kept or removed together)."""
+        return [path]
+
+    def write(self, request: WriteRequest, path: Path) -> dict:
+        """Write the model to `path` (no metadata yet); returns what the metadata adds."""
+        raise NotImplementedError
+
+    def read(self, path: Path) -> tuple[str | None, str]:
+        """(the metadata text, or None; the sha256 of the model content) of the file at `path`.
+        The digest covers everything the runtime reads except the metadata."""
+        raise NotImplementedError
+
+    def write_metadata(self, path: Path, text: str) -> None:
+        """Embed (or replace) the metadata text, in place, leaving the content digest as it was."""
+        raise NotImplementedError
+
+    def open(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> Runner:
+        """The file opened for inference on `device` with `threads` (None: the runtime's default)."""
+        raise NotImplementedError
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

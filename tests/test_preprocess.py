@@ -395,3 +395,24 @@ def test_exif_orientation_in_strips_equals_exif_transpose(tmp_path, monkeypatch,
     rgb = tmp_path / "oriented.jpg"
     noise_image(37, 30, seed=orientation).save(rgb, exif=exif, quality=90)
     np.testing.assert_array_equal(np.asarray(load_image(rgb)), np.asarray(ImageOps.exif_transpose(Image.open(rgb))))
+
+
+def test_file_scan_lists_each_file_once_and_follows_no_folder_link(tmp_path, caplog):
+    root = tmp_path / "root"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    for name in ("a/1.png", "a/deep/2.jpg", "b/3.png", "a/notes.txt", "a/.hidden.png"):
+        (root / name).write_bytes(b"x")
+    (root / "a" / "loop").symlink_to(".")  # os.walk(followlinks=True) and some Path.rglob never end here
+    (root / "a" / "up").symlink_to("..")
+    (root / "b" / "link.png").symlink_to(root / "a" / "1.png")
+    (root / "link-b").symlink_to("b")
+    scan = pp.FileScan()
+    assert [p.name for p in scan.folders(root)] == ["a", "b"]
+    assert [p.relative_to(root).as_posix() for p in scan.files(root / "a")] == ["a/1.png", "a/deep/2.jpg", "a/notes.txt"]
+    assert [p.relative_to(root).as_posix() for p in scan.images(root / "b")] == ["b/3.png"]  # link.png: a/1.png again
+    assert scan.files(root / "a") == []  # all listed already
+    assert (scan.skipped_links, scan.duplicates) == (3 + 2, 4)
+    with caplog.at_level("INFO", logger="edgeft.preprocess"):
+        assert [p.name for p in pp.image_files(root)] == ["1.png", "2.jpg", "3.png"]
+    assert [r.getMessage() for r in caplog.records] == [f"{root}: skipped 3 symlinked folders (never followed) and 1 files listed twice"]

@@ -24,7 +24,7 @@ from PIL import Image
 from edgeft.artifact import artifact_format, check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata, read_metadata
 from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
-from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, Preprocess, preprocess_image
+from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, FileScan, Preprocess, preprocess_image
 
 __all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
 
@@ -102,14 +102,14 @@ def check_options(*, top_k: int, batch_size: int) -> None:
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the image files under each directory (sorted, recursively). A
-    directory without image files is kept as itself, so that it gets its own error."""
+    """Files as given, and the image files under each directory (sorted, recursively; by the
+    rules of `FileScan`: no symlinked folder followed, no file twice). A directory without image
+    files is kept as itself, so that it gets its own error."""
     files: list[Path] = []
+    scan = FileScan()
     for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) or [item]
-        else:
-            files.append(item)
+        files += (scan.images(item) or [item]) if item.is_dir() else [item]
+    scan.log_skipped("inputs")
     return files
 
 

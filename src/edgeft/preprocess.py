@@ -3,6 +3,7 @@ prediction. Pillow and numpy only: the predictor imports this without torch."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -20,14 +21,18 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
     "MAX_RESIZED_PIXELS",
+    "FileScan",
     "Preprocess",
     "check_size",
+    "image_files",
     "load_image",
     "normalize",
     "preprocess_image",
     "resized_size",
     "to_array",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused before they are opened
@@ -87,6 +92,79 @@ class Preprocess:
     @classmethod
     def from_dict(cls, values: dict) -> Preprocess:
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
+class FileScan:
+    """The one way edgeft lists files under folders (datasets, calibration images, prediction
+    inputs). Symlinked folders are never followed (`s -> .` would loop, `up -> ..` would mix
+    classes), and a file reached twice (through a file link, or a folder given twice) is listed
+    once: the first time. `log_skipped` reports the links left out, once per scan."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()  # real paths of the files listed so far
+        self.skipped_links = 0  # symlinked folders not followed
+        self.duplicates = 0  # files already listed
+
+    def folders(self, parent: Path) -> list[Path]:
+        """The visible sub-folders of `parent` that are not symlinks, sorted."""
+        found = []
+        for entry in _entries(parent):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            if entry.is_symlink():
+                self.skipped_links += 1
+            else:
+                found.append(Path(entry.path))
+        return sorted(found)
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every file under `folder` whose name does not start with a dot, sorted."""
+        found: list[tuple[Path, str]] = []  # (path, real path)
+        stack = [(str(folder), os.path.realpath(folder))]
+        while stack:
+            path, real = stack.pop()
+            for entry in _entries(path):
+                if entry.is_symlink() and entry.is_dir():
+                    self.skipped_links += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, os.path.join(real, entry.name)))
+                elif not entry.name.startswith("."):
+                    target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                    found.append((Path(entry.path), target))
+        return [path for path, real in sorted(found) if self._first(real)]
+
+    def images(self, folder: Path) -> list[Path]:
+        """The files under `folder` with an image extension, sorted."""
+        return [path for path in self.files(folder) if path.suffix.lower() in IMAGE_EXTENSIONS]
+
+    def _first(self, real: str) -> bool:
+        if real in self.seen:
+            self.duplicates += 1
+            return False
+        self.seen.add(real)
+        return True
+
+    def log_skipped(self, what: str | os.PathLike) -> None:
+        if self.skipped_links or self.duplicates:
+            log.info("%s: skipped %d symlinked folders (never followed) and %d files listed twice",
+                     what, self.skipped_links, self.duplicates)  # fmt: skip
+
+
+def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of `folder`; none when it cannot be read (as os.walk)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda entry: entry.name)
+    except OSError:
+        return []
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under `folder` (by extension), sorted, by the rules of `FileScan`."""
+    scan = FileScan()
+    found = scan.images(Path(folder))
+    scan.log_skipped(folder)
+    return found
 
 
 def load_image(

@@ -91,6 +91,30 @@ def test_spec_validation_and_round_trip():
         Preprocess(size=16, resize=16, mean=MEAN3, std=STD3, interpolation="lanczos3")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"mean": (1e39,)}, "fit float32"),  # finite in Python, inf in float32: predictions were NaN
+    ({"mean": (-1e39,)}, "fit float32"),
+    ({"std": (1e-45,)}, "fit float32"),  # 0 in float32
+    ({"std": (1e-39,)}, "fit float32"),  # normalized pixels overflow float32
+    ({"mean": (3e38,), "std": (0.5,)}, "fit float32"),
+    ({"std": (0.0,)}, "std must be positive"),
+    ({"std": (-0.2,)}, "std must be positive"),
+    ({"mean": (float("nan"),)}, "finite numbers"),
+    ({"std": (float("inf"),)}, "finite numbers"),
+    ({"mean": (True,)}, "finite numbers"),
+    ({"mean": (0.5, 0.5)}, "needs that many"),
+    ({"std": ()}, "needs that many"),
+    ({"size": 32, "resize": 1}, r"resize .* must be between size \(32\)"),
+    ({"size": 1, "resize": 10**6}, "resize .* must be between"),  # used to read "1x1 is too long and thin"
+    ({"size": 10**6, "resize": 10**6}, "size must be between 1 and"),
+    ({"size": 0, "resize": 8}, "size must be between 1 and"),
+])  # fmt: skip
+def test_spec_refuses_values_that_cannot_give_a_finite_input(change, message):
+    values = {"size": 16, "resize": 16, "mean": MEAN1, "std": STD1, "channels": 1, **change}
+    with pytest.raises(InputError, match=message):
+        Preprocess(**values)
+
+
 # --- decoding rules ---------------------------------------------------------------------------
 
 

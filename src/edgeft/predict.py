@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from edgeft.artifact import artifact_format, check_digest, check_outputs, onnx_metadata_and_digest, parse_metadata, read_metadata
+from edgeft.config import MAX_BATCH, check_range
 from edgeft.devices import cuda_index, parse_device
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, FileScan, Preprocess, preprocess_image
@@ -95,10 +96,8 @@ def gate_failure(metadata: dict) -> str | None:
 
 def check_options(*, top_k: int, batch_size: int) -> None:
     """Refuse prediction options that cannot work, before any work starts."""
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    check_range("--top-k", top_k, 1, 2**31)  # more than the classes: all of them
+    check_range("--batch-size", batch_size, 1, MAX_BATCH)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -433,10 +433,12 @@ def test_file_scan_lists_each_file_once_and_follows_no_folder_link(tmp_path, cap
     (root / "link-b").symlink_to("b")
     scan = pp.FileScan()
     assert [p.name for p in scan.folders(root)] == ["a", "b"]
-    assert [p.relative_to(root).as_posix() for p in scan.files(root / "a")] == ["a/1.png", "a/deep/2.jpg", "a/notes.txt"]
+    listed = [p.relative_to(root).as_posix() for p in scan.files(root / "a")]
+    assert listed == ["a/1.png", "a/deep/2.jpg", "a/notes.txt"]
     assert [p.relative_to(root).as_posix() for p in scan.images(root / "b")] == ["b/3.png"]  # link.png: a/1.png again
     assert scan.files(root / "a") == []  # all listed already
     assert (scan.skipped_links, scan.duplicates) == (3 + 2, 4)
     with caplog.at_level("INFO", logger="edgeft.preprocess"):
         assert [p.name for p in pp.image_files(root)] == ["1.png", "2.jpg", "3.png"]
-    assert [r.getMessage() for r in caplog.records] == [f"{root}: skipped 3 symlinked folders (never followed) and 1 files listed twice"]
+    expected = f"{root}: skipped 3 symlinked folders (never followed) and 1 files listed twice"
+    assert [r.getMessage() for r in caplog.records] == [expected]

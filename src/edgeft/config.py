@@ -122,8 +122,9 @@ def _plain_name(name: str | None) -> None:
         return
     if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
         raise InputError(f"--name must be a plain name (no '/', not starting with '.'), got {name!r}")
-    if len(name.encode("utf-8", errors="surrogateescape")) > MAX_NAME_BYTES:
-        raise InputError(f"--name must be at most {MAX_NAME_BYTES} bytes long, got {len(name.encode('utf-8', 'surrogateescape'))}")
+    size = len(name.encode("utf-8", errors="surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise InputError(f"--name must be at most {MAX_NAME_BYTES} bytes long (UTF-8), got {size}")
 
 
 def _existing_folder(option: str, path: str) -> None:
@@ -242,9 +243,12 @@ class BenchConfig:
         if not self.runtimes:
             raise InputError("--runtimes: give at least one runtime")
         if not self.batch_sizes or any(not isinstance(b, int) or not 1 <= b <= MAX_BATCH for b in self.batch_sizes):
-            raise InputError(f"--batch-sizes must be positive integers up to {MAX_BATCH}, got {','.join(map(str, self.batch_sizes)) or 'none'}")
-        for option, value, smallest, largest in (("--img-size", self.img_size, 8, 1024), ("--threads", self.threads, 0, 1024),
-                                                 ("--warmup", self.warmup, 0, 10_000), ("--iterations", self.iterations, 1, 10**6),
+            given = ",".join(map(str, self.batch_sizes)) or "none"
+            raise InputError(f"--batch-sizes must be positive integers up to {MAX_BATCH}, got {given}")
+        for option, value, smallest, largest in (("--img-size", self.img_size, 8, 1024),
+                                                 ("--threads", self.threads, 0, 1024),
+                                                 ("--warmup", self.warmup, 0, 10_000),
+                                                 ("--iterations", self.iterations, 1, 10**6),
                                                  ("--rounds", self.rounds, 1, 1000)):  # fmt: skip
             check_range(option, value, smallest, largest)
         if not 0 < self.budget_s <= 86_400:

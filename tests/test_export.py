@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import one_line_error, run_edgeft
 from onnx import numpy_helper
+from PIL import Image
 
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint
@@ -325,3 +326,19 @@ def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_ch
     assert set(system_tmp.iterdir()) == baseline
     export(ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(out), calib_size=16, validate=False))
     assert sorted(p.name for p in out.iterdir()) == ["r18-int8.onnx"]  # the dead export's temporaries removed
+
+
+def test_calibration_folder_follows_no_folder_link_and_reads_a_file_once(tmp_path):
+    from edgeft.export import _folder_batches
+    from edgeft.preprocess import Preprocess
+
+    (tmp_path / "calib").mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "calib" / f"{i}.png")
+    Image.new("L", (8, 8)).save(tmp_path / "outside.png")
+    (tmp_path / "calib" / "s").symlink_to(".")  # used to loop
+    (tmp_path / "calib" / "up").symlink_to("..")
+    (tmp_path / "calib" / "twin.png").symlink_to("0.png")
+    spec = Preprocess(size=8, resize=8, mean=(0.5,), std=(0.25,), channels=1)
+    batches = list(_folder_batches(tmp_path / "calib", 100, spec))
+    assert [b.shape for b in batches] == [(3, 1, 8, 8)]

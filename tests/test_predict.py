@@ -344,3 +344,18 @@ def test_a_folder_of_large_photos_needs_the_memory_of_one(model_224, tmp_path):
     assert code == 0
     assert len((tmp_path / "stdout.txt").read_text().splitlines()) == 4
     assert peak < 600, f"{peak:.0f} MB"
+
+
+def test_collect_images_follows_no_folder_link_and_lists_a_file_once(tmp_path):
+    from edgeft.predict import collect_images
+
+    (tmp_path / "photos" / "deep").mkdir(parents=True)
+    for name in ("photos/a.png", "photos/deep/b.jpg", "outside.png"):
+        Image.new("L", (4, 4)).save(tmp_path / name)
+    (tmp_path / "photos" / "s").symlink_to(".")  # used to loop (Path.rglob follows links on some Pythons)
+    (tmp_path / "photos" / "up").symlink_to("..")
+    (tmp_path / "photos" / "twin.png").symlink_to("a.png")
+    (tmp_path / "empty").mkdir()
+    found = collect_images([tmp_path / "photos", tmp_path / "outside.png", tmp_path / "photos", tmp_path / "empty"])
+    photos = tmp_path / "photos"
+    assert found == [photos / "a.png", photos / "deep" / "b.jpg", tmp_path / "outside.png", photos, tmp_path / "empty"]

@@ -48,10 +48,22 @@ def artifact_format(path: str | os.PathLike) -> str:
         return "executorch"
     if suffix in (".ts", ".torchscript"):
         return "torchscript"
-    if suffix in _CHECKPOINT_SUFFIXES:
+    if suffix in _CHECKPOINT_SUFFIXES and _looks_like_torch_save(path):
         raise InputError(f"{path}: a PyTorch checkpoint or weights file, not an exported model; "
                          f"turn it into one with `edgeft export {path}`")  # fmt: skip
     raise InputError(f"{path}: not an exported model (expected .onnx, .ts or .pte)")
+
+
+def _looks_like_torch_save(path: str | os.PathLike) -> bool:
+    """The file starts as torch.save writes: a zip archive, or a pickle (protocol 2+)."""
+    if not Path(path).is_file():  # never opened: a FIFO would block
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 # --- the metadata document ----------------------------------------------------------------
@@ -72,7 +84,8 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
         raise InputError(f"{source}: its edgeft metadata is not valid JSON ({exc}); export the model again") from None
     if not isinstance(metadata, dict):
         raise InputError(f"{source}: its edgeft metadata is a {type(metadata).__name__}, not an object; export again")
-    wrong = [key for key, kind in _REQUIRED.items() if not isinstance(metadata.get(key), kind)]
+    wrong = [key for key, kind in _REQUIRED.items()
+             if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool)]  # bool is an int
     if wrong:
         raise InputError(f"{source}: its edgeft metadata lacks or mistypes {', '.join(wrong)}; export the model again")
     if metadata["format"] != METADATA_FORMAT:

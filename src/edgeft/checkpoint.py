@@ -4,6 +4,7 @@ read back with `weights_only=True`."""
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,26 @@ def _unpickling_reason(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse a path that is not a regular file, saying what it is (never opening it: a FIFO
+    would block)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path} is a folder, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path} is not a regular file (a pipe, socket or device), not a checkpoint file")
+
+
 def load_weights_only(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load(weights_only=True)`; a missing file, a pickle that would run code, a truncated
     or foreign file raise InputError."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
+    _regular_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickles with code, truncated files, non-PyTorch files

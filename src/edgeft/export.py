@@ -33,7 +33,7 @@ from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
 from edgeft.models import Float32IO, model_from_checkpoint
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, preprocess_image
+from edgeft.preprocess import Preprocess, image_files, preprocess_image
 from edgeft.pte import write_pte
 from edgeft.quantize import QuantSettings, default_settings, fallback_ladder, first_images, quantize_onnx
 from edgeft.validate import ValidationResult, file_sha256, gate
@@ -425,7 +425,7 @@ def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preproce
 
 
 def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.ndarray]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(folder)
     if not files:
         raise InputError(f"--calib-data {folder}: no images found")
     chosen = [files[i] for i in sorted(np.random.default_rng(0).permutation(len(files))[:count])]

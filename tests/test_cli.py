@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import edgeft
-from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
 
 REQUIRED_MODELS = [
     "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d",
@@ -176,12 +176,12 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(tmp_path):
     proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     best = tmp_path / "runs" / "stopped" / "best.pt"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + time_limit(240)
     while not best.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert best.exists() and proc.poll() is None
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=time_limit(120))
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == (
         "edgeft: interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"

@@ -166,7 +166,8 @@ def test_readme_chain_train_export_predict_on_the_sample_pngs(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_says_what_was_kept(tmp_path):
-    """Ctrl-C during training, after the first checkpoint: one line, exit 130, the checkpoint intact."""
+    """Ctrl-C during training, right after best.pt appears: one line, exit 130, best.pt and the
+    last.pt of its epoch intact, and `--resume` continues."""
     import signal
     import time
 
@@ -182,12 +183,16 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(tmp_path):
     assert best.exists() and proc.poll() is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=time_limit(120))
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
         "edgeft: interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
     )
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "unexpected" not in err
     assert load_checkpoint(best)["arch"] == "resnet18"
+    done = load_checkpoint(best.parent / "last.pt")["resume"]["epoch"]  # best.pt's epoch has its last.pt
+    assert done >= load_checkpoint(best)["metrics"]["epoch"]
+    resumed = run_edgeft(["train", "--resume", str(best.parent), "--epochs", str(done + 1)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e309", "500", "-101"])

@@ -76,10 +76,11 @@ def _release(previous: dict[int, Callable | int]) -> None:
 
 def install_handlers() -> None:
     """The CLI's handlers: SIGINT raises KeyboardInterrupt and SIGTERM `Terminated`, each noted
-    for `received` (main thread only; elsewhere nothing changes)."""
+    for `received` (main thread only; a signal ignored when the process started stays ignored)."""
     if _in_main_thread():
         for signum in _SIGNALS:
-            signal.signal(signum, _raise_for_signal)
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # ignored (nohup, `&`): stays ignored
+                signal.signal(signum, _raise_for_signal)
 
 
 def _raise_for_signal(signum: int, frame) -> None:

@@ -306,13 +306,13 @@ def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_ch
     import subprocess
     import time
 
-    from conftest import edgeft_command, offline_env
+    from conftest import edgeft_command, offline_env, time_limit
 
     system_tmp, out = tmp_path / "system-tmp", tmp_path / "out"
     system_tmp.mkdir()
     args = ["export", str(digits_checkpoint), "--precision", "int8", "--calib-size", "16", "--no-validate", "--out", str(out)]
     proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=offline_env(tmp_path / ".th", TMPDIR=str(system_tmp)))
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + time_limit(300)
     while not list(out.glob(".*.work")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # until calibration starts
     proc.send_signal(signal.SIGKILL)

@@ -259,14 +259,14 @@ def test_killed_export_leaves_the_last_good_file_in_use(digits_checkpoint, tmp_p
     import subprocess
     import time
 
-    from conftest import edgeft_command, offline_env
+    from conftest import edgeft_command, offline_env, time_limit
 
     out = tmp_path / "exported"
     assert run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--no-validate"], cwd=tmp_path).returncode == 0
     good = read_metadata(out / "r18.onnx")["content_sha256"]
     proc = subprocess.Popen([*edgeft_command(), "export", str(digits_checkpoint), "--out", str(out), "--name", "newer"],
                             cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"))  # fmt: skip
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + time_limit(120)
     while not list(out.glob(".newer.*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # until the temporary appears
     time.sleep(delay)
@@ -308,7 +308,7 @@ def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_ch
     import sys
     import time
 
-    from conftest import edgeft_command, offline_env
+    from conftest import edgeft_command, offline_env, time_limit
 
     system_tmp, out = tmp_path / "system-tmp", tmp_path / "out"
     system_tmp.mkdir()
@@ -317,7 +317,7 @@ def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_ch
     baseline = set(system_tmp.iterdir())
     args = ["export", str(digits_checkpoint), "--precision", "int8", "--calib-size", "16", "--no-validate", "--out", str(out)]
     proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=env)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + time_limit(300)
     while not list(out.glob(".*.work")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # until calibration starts
     proc.send_signal(signal.SIGKILL)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import edgeft.train as train_module
-from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.data import iterate_batches, load_data
 from edgeft.errors import InputError
@@ -321,7 +321,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
     proc = subprocess.Popen([*launcher, *args, "--name", "killed"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + time_limit(300)
         while time.monotonic() < deadline and proc.poll() is None:
             if (run_dir / "history.csv").is_file() and read_history(run_dir):
                 break
@@ -329,7 +329,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.3 * float(read_history(run_dir)[0]["seconds"]))  # inside epoch 2
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=time_limit(30))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -337,7 +337,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
     assert not (run_dir / "summary.json").exists(), "the kill came after the run ended"
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     resumed = subprocess.run([*launcher, "train", "--resume", str(run_dir)], cwd=cwd, env=env, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+                             text=True, timeout=time_limit(600))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return run_dir
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgeft.errors import InputError
+from edgeft.interrupts import atomic_write
 
 __all__ = ["FORMAT", "load_checkpoint", "load_weights_only", "save_checkpoint"]
 
@@ -20,23 +20,14 @@ _REQUIRED = ("arch", "num_classes", "in_chans", "classes", "preprocess", "state_
 
 
 def save_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
-    """Write `content` (plus the format tag) to `path` through a temporary file in the same
-    folder and `os.replace`, so `path` is always either the old or the new complete file."""
+    """Write `content` (plus the format tag) to `path` with `atomic_write`: `path` is always
+    either the old or the new complete file, also when SIGINT or SIGTERM arrives meanwhile."""
     path = Path(path)
     missing = [key for key in _REQUIRED if key not in content]
     if missing:
         raise ValueError(f"checkpoint content lacks {missing}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **content}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save({"format": FORMAT, **content}, f)
     return path
 
 

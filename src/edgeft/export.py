@@ -32,6 +32,7 @@ from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
+from edgeft.interrupts import deferred_interrupts
 from edgeft.models import Float32IO, model_from_checkpoint
 from edgeft.preprocess import Preprocess, image_files, preprocess_image
 from edgeft.pte import write_pte
@@ -253,7 +254,7 @@ class _Job:
     def _place_chosen(self, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
         """Move the chosen candidate into place, its metadata carrying every candidate's row."""
         meta = read_metadata(tmp)
-        write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
+        _write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
         validation = ValidationResult(**meta["validation"])
         return self._place(tmp, final, chosen.precision, validation, attempts)
 
@@ -301,12 +302,12 @@ class _Job:
         config = self.config
         meta = {**self.metadata, "precision": precision, "opset": config.opset if fmt == "onnx" else None, **(extra or {}),
                 "content_sha256": content_digest(tmp)}  # fmt: skip
-        write_metadata(tmp, meta)
+        _write_metadata(tmp, meta)
         if not config.validate:
             return None
         validation = gate(tmp, self.checkpoint, self.bundle, model=self.model, device=config.device,
                           batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
-        write_metadata(tmp, {**meta, "validation": validation.to_dict()})
+        _write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation
 
     def _place(self, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
@@ -314,9 +315,17 @@ class _Job:
         kept = validation is None or validation.passed or self.config.force
         size = tmp.stat().st_size
         if kept:
-            os.replace(tmp, final)
+            with deferred_interrupts():
+                os.replace(tmp, final)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
         return ExportedFile(str(final), _format_of(final), precision, size, validation, kept, attempts or [], delegation)
+
+
+def _write_metadata(tmp: Path, metadata: dict) -> None:
+    """Rewrite a temporary's metadata in one piece (a C++ writer meeting SIGINT halfway would
+    turn it into an error): the interrupt is delivered after the write."""
+    with deferred_interrupts():
+        write_metadata(tmp, metadata)
 
 
 def _temporary(final: Path, tag: str = "") -> Path:

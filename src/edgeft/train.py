@@ -5,6 +5,7 @@ evaluate, checkpoint, finish. `train(TrainConfig(...))` writes a run folder and 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import random
@@ -27,6 +28,7 @@ from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImage
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
+from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 from edgeft import jsonio
@@ -330,7 +332,7 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
         log.warning("resuming %s at epoch %d", run_dir, state.epoch + 1)
     if ctx.is_main:
         run_dir = run_dir or _new_run_dir(config)
-        (run_dir / "config.json").write_text(jsonio.dumps(asdict(config), indent=2) + "\n")
+        atomic_write_text(run_dir / "config.json", jsonio.dumps(asdict(config), indent=2) + "\n")
     run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex
     return _Run(config, ctx, device, bundle, state, run_dir if ctx.is_main else None, _meta(config, bundle, run_id),
                 batch_size, steps_per_epoch, dtype, channels_last, started)  # fmt: skip
@@ -538,17 +540,18 @@ def _end_epoch(run: _Run, epoch: int, metrics: dict, val_loss: float, val_acc: f
 
 def _checkpoint(run: _Run, row: dict, *, improved: bool) -> None:
     """best.pt when the epoch improved, last.pt with the whole TrainState, history and curves
-    (rank 0 only)."""
+    (rank 0 only): one critical section, so an interrupt leaves all four of the same epoch."""
     if not run.ctx.is_main:
         return
     s, weights = run.state, run.state.model.state_dict()
-    if improved:
-        save_checkpoint(run.run_dir / "best.pt", {**run.meta, "metrics": s.best, "state_dict": weights})
-    save_checkpoint(run.run_dir / "last.pt",
-                    {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())})  # fmt: skip
-    _write_history(run.run_dir / "history.csv", s.history)
-    plot_training_curves(s.history, s.step_losses, run.run_dir / "curves.png",
-                         title=f"{run.config.model} on {run.bundle.name}")  # fmt: skip
+    with deferred_interrupts():
+        if improved:
+            save_checkpoint(run.run_dir / "best.pt", {**run.meta, "metrics": s.best, "state_dict": weights})
+        save_checkpoint(run.run_dir / "last.pt",
+                        {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())})  # fmt: skip
+        _write_history(run.run_dir / "history.csv", s.history)
+        with atomic_write(run.run_dir / "curves.png") as f:
+            plot_training_curves(s.history, s.step_losses, f, title=f"{run.config.model} on {run.bundle.name}")
 
 
 def _finish(run: _Run) -> TrainResult:
@@ -581,7 +584,7 @@ def _finish(run: _Run) -> TrainResult:
     summary: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "history"}
     summary.update(ranks_identical=ranks_identical, model=run.config.model, data=run.bundle.name,
                    classes=list(run.bundle.classes), skipped_examples=examples)  # fmt: skip
-    (run.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run.run_dir / "summary.json", jsonio.dumps(summary, indent=2) + "\n")
     return result
 
 
@@ -601,7 +604,8 @@ def _progress(enabled: bool):
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, text.getvalue())

@@ -222,3 +222,39 @@ def test_predict_without_model_skips_a_newest_file_with_nested_metadata(files, t
     proc = run_edgeft(["predict", str(image), "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "good.onnx" in proc.stderr and json.loads(proc.stdout.splitlines()[0])["top_k"]
+
+
+def test_only_bytes_that_look_like_torch_save_are_called_a_checkpoint(tmp_path):
+    from edgeft.artifact import artifact_format
+
+    (tmp_path / "noise.pt").write_bytes(bytes(range(7, 200)))
+    torch_save = tmp_path / "weights.pt"
+    torch_save.write_bytes(b"PK\x03\x04 rest of a zip")
+    (tmp_path / "legacy.pth").write_bytes(b"\x80\x02 a pickle")
+    with pytest.raises(InputError) as info:
+        artifact_format(tmp_path / "noise.pt")
+    assert "not an exported model" in str(info.value) and "PyTorch" not in str(info.value)
+    for path in (torch_save, tmp_path / "legacy.pth"):
+        with pytest.raises(InputError, match="a PyTorch checkpoint or weights file"):
+            artifact_format(path)
+
+
+def _metadata(**change) -> str:
+    values = {"format": "edgeft.export/2", "arch": "resnet18", "num_classes": 2, "classes": ["a", "b"],
+              "preprocess": {"size": 8, "resize": 8, "mean": [0.5], "std": [0.25], "channels": 1},
+              "precision": "fp32", "input": {}, "output": {}, "content_sha256": "0" * 64,
+              "source_checkpoint": {"sha256": "1" * 64}}  # fmt: skip
+    return json.dumps({**values, **change})
+
+
+@pytest.mark.parametrize("change", [{"num_classes": True}, {"num_classes": False}, {"num_classes": 2.0}])
+def test_a_bool_is_not_a_class_count(change):
+    assert parse_metadata(_metadata(), "m.onnx")["num_classes"] == 2
+    with pytest.raises(InputError, match="m.onnx: its edgeft metadata lacks or mistypes num_classes"):
+        parse_metadata(_metadata(**change), "m.onnx")
+
+
+def test_metadata_preprocessing_that_gives_no_finite_input_is_refused():
+    bad = {"size": 8, "resize": 8, "mean": [1e39], "std": [0.25], "channels": 1}  # predictions were NaN
+    with pytest.raises(InputError, match="m.onnx: preprocess: mean and std must fit float32"):
+        parse_metadata(_metadata(preprocess=bad), "m.onnx")

@@ -171,3 +171,16 @@ def test_empty_and_text_files(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint\n")
     message = assert_refused(tmp_path / "notes.pt")
     assert "()" not in message  # a reason is given
+
+
+def test_a_folder_or_a_fifo_is_named_for_what_it_is(tmp_path):
+    import os
+
+    (tmp_path / "runs.pt").mkdir()
+    os.mkfifo(tmp_path / "pipe.pt")  # opening it would block: it must never be opened
+    with pytest.raises(InputError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path / "runs.pt")
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_checkpoint(tmp_path / "pipe.pt")
+    with pytest.raises(InputError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -120,6 +120,42 @@ def test_folder_with_train_and_val(tmp_path):
     assert Counter(label for _, label in bundle.val.files) == {0: 2, 1: 3}
 
 
+def _linked_folder(tmp_path: Path) -> Path:
+    """cat/ and dog/ of 4 images each, with links a folder scan must not follow: a loop to
+    itself (`s -> .`), one to the dataset root (`up -> ..`), a class folder linking to another
+    (`kitten -> cat`), and a file link to an image of the same class."""
+    root = make_image_folder(tmp_path / "data", {"cat": 4, "dog": 4}, size=10)
+    (root / "cat" / "s").symlink_to(".")
+    (root / "cat" / "up").symlink_to("..")
+    (root / "kitten").symlink_to("cat")
+    (root / "dog" / "again.png").symlink_to("000.png")
+    return root
+
+
+def test_folder_scan_never_follows_symlinked_folders_nor_lists_a_file_twice(tmp_path, caplog):
+    root = _linked_folder(tmp_path)
+    with caplog.at_level("INFO", logger="edgeft.preprocess"):
+        bundle = load_data(str(root), img_size=16, val_split=0.25)  # used to hang on `s -> .`
+    assert bundle.classes == ["cat", "dog"]
+    files = bundle.train.files + bundle.val.files
+    assert len(files) == 8 and len({p.resolve() for p, _ in files}) == 8
+    for path, label in files:  # never a dog labelled cat through `up -> ..`
+        assert path.resolve().parent.name == bundle.classes[label]
+    assert not {p.resolve() for p, _ in bundle.train.files} & {p.resolve() for p, _ in bundle.val.files}
+    assert [r.getMessage() for r in caplog.records if "symlinked" in r.getMessage()] == [
+        f"{root}: skipped 3 symlinked folders (never followed) and 1 files listed twice"
+    ]
+
+
+def test_train_and_val_folders_share_no_file(tmp_path):
+    make_image_folder(tmp_path / "data" / "train", {"a": 4, "b": 4}, size=10)
+    make_image_folder(tmp_path / "data" / "val", {"a": 2, "b": 2}, size=10, seed=1)
+    (tmp_path / "data" / "val" / "a" / "from-train.png").symlink_to(tmp_path / "data" / "train" / "a" / "000.png")
+    bundle = load_data(str(tmp_path / "data"), img_size=16)
+    assert len(bundle.train) == 8 and len(bundle.val) == 4
+    assert "from-train.png" not in file_names(bundle.val.files) | file_names(bundle.train.files)
+
+
 def test_folder_train_and_val_with_different_classes(tmp_path):
     make_image_folder(tmp_path / "data" / "train", {"a": 2, "b": 2}, size=10)
     make_image_folder(tmp_path / "data" / "val", {"a": 2, "c": 2}, size=10)
@@ -229,6 +265,7 @@ def test_too_few_images_for_a_validation_split(tmp_path):
     with pytest.raises(InputError) as info:
         load_data(str(tmp_path / "tiny"), img_size=16)
     assert "validation" in str(info.value)
+    assert "at least 2 images" in str(info.value) and "--val-split" not in str(info.value)  # no split would help
 
 
 @pytest.mark.parametrize("val_split", [0.0, 1.0, -0.2, 1.5])

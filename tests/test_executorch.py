@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import offline_env, one_line_error, run_edgeft
+from conftest import offline_env, one_line_error, run_edgeft, time_limit
 from torch import nn
 
 from edgeft.artifact import read_metadata
@@ -251,6 +251,6 @@ def test_help_and_onnx_predict_never_import_executorch(digits_checkpoint, tmp_pa
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('executorch', 'torch', 'torchao')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(EXAMPLES / "3.png"), onnx_file.files[0].path],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, cwd=tmp_path, timeout=time_limit(120))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"

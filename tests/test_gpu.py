@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder, offline_env
+from conftest import make_image_folder, offline_env, time_limit
 from edgeft.checkpoint import load_checkpoint
 from edgeft.data import TensorImages, iterate_batches, load_data
 from edgeft.train import TrainConfig, autocast_dtype, train
@@ -107,7 +107,7 @@ def test_one_process_nccl_run(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "edgeft",
                "train", "--device", "cuda", "--img-size", "32", "--epochs", "2", "--name", "nccl"]  # fmt: skip
     proc = subprocess.run(command, cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=time_limit(600))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "runs" / "nccl" / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["ranks_identical"] is True and summary["device"].startswith("cuda")

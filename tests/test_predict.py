@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import edgeft_command, offline_env, one_line_error, run_edgeft
+from conftest import edgeft_command, offline_env, one_line_error, run_edgeft, time_limit
 from PIL import Image
 
 from edgeft.checkpoint import load_checkpoint
@@ -136,7 +136,7 @@ def test_predict_never_imports_torch(onnx_model, tmp_path):
         "from edgeft.cli import main\n"
         "main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=time_limit(60))
     assert proc.returncode == 0, proc.stderr
     first, second = proc.stdout.splitlines()
     assert json.loads(second)["top_k"][0]["label"] == first
@@ -283,7 +283,7 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(onnx_model, tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert json.loads(proc.stdout.readline())["top_k"]  # running
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=time_limit(60))
     assert proc.returncode == 130
     assert len(out.splitlines()) < 4999  # it stopped
     assert err.strip().splitlines()[-1] == "edgeft: interrupted; the predictions printed above are complete"
@@ -315,7 +315,7 @@ def _peak_rss_mb(args: list[str], cwd) -> tuple[float, int]:
     """Peak resident memory (MB) and exit code of one `edgeft` run; its stdout in cwd/stdout.txt."""
     with open(cwd / "stdout.txt", "w") as out:
         measured = subprocess.run([sys.executable, "-c", _MEASURE, *edgeft_command(), *args], cwd=cwd,
-                                  env=offline_env(cwd), stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+                                  env=offline_env(cwd), stdout=out, stderr=subprocess.PIPE, text=True, timeout=time_limit(120))  # fmt: skip
     peak_kb, code = measured.stderr.split()[-2:]
     return int(peak_kb) / 1024, int(code)
 
@@ -344,3 +344,18 @@ def test_a_folder_of_large_photos_needs_the_memory_of_one(model_224, tmp_path):
     assert code == 0
     assert len((tmp_path / "stdout.txt").read_text().splitlines()) == 4
     assert peak < 600, f"{peak:.0f} MB"
+
+
+def test_collect_images_follows_no_folder_link_and_lists_a_file_once(tmp_path):
+    from edgeft.predict import collect_images
+
+    (tmp_path / "photos" / "deep").mkdir(parents=True)
+    for name in ("photos/a.png", "photos/deep/b.jpg", "outside.png"):
+        Image.new("L", (4, 4)).save(tmp_path / name)
+    (tmp_path / "photos" / "s").symlink_to(".")  # used to loop (Path.rglob follows links on some Pythons)
+    (tmp_path / "photos" / "up").symlink_to("..")
+    (tmp_path / "photos" / "twin.png").symlink_to("a.png")
+    (tmp_path / "empty").mkdir()
+    found = collect_images([tmp_path / "photos", tmp_path / "outside.png", tmp_path / "photos", tmp_path / "empty"])
+    photos = tmp_path / "photos"
+    assert found == [photos / "a.png", photos / "deep" / "b.jpg", tmp_path / "outside.png", photos, tmp_path / "empty"]

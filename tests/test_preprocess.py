@@ -91,6 +91,30 @@ def test_spec_validation_and_round_trip():
         Preprocess(size=16, resize=16, mean=MEAN3, std=STD3, interpolation="lanczos3")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"mean": (1e39,)}, "fit float32"),  # finite in Python, inf in float32: predictions were NaN
+    ({"mean": (-1e39,)}, "fit float32"),
+    ({"std": (1e-45,)}, "fit float32"),  # 0 in float32
+    ({"std": (1e-39,)}, "fit float32"),  # normalized pixels overflow float32
+    ({"mean": (3e38,), "std": (0.5,)}, "fit float32"),
+    ({"std": (0.0,)}, "std must be positive"),
+    ({"std": (-0.2,)}, "std must be positive"),
+    ({"mean": (float("nan"),)}, "finite numbers"),
+    ({"std": (float("inf"),)}, "finite numbers"),
+    ({"mean": (True,)}, "finite numbers"),
+    ({"mean": (0.5, 0.5)}, "needs that many"),
+    ({"std": ()}, "needs that many"),
+    ({"size": 32, "resize": 1}, r"resize .* must be between size \(32\)"),
+    ({"size": 1, "resize": 10**6}, "resize .* must be between"),  # used to read "1x1 is too long and thin"
+    ({"size": 10**6, "resize": 10**6}, "size must be between 1 and"),
+    ({"size": 0, "resize": 8}, "size must be between 1 and"),
+])  # fmt: skip
+def test_spec_refuses_values_that_cannot_give_a_finite_input(change, message):
+    values = {"size": 16, "resize": 16, "mean": MEAN1, "std": STD1, "channels": 1, **change}
+    with pytest.raises(InputError, match=message):
+        Preprocess(**values)
+
+
 # --- decoding rules ---------------------------------------------------------------------------
 
 
@@ -395,3 +419,26 @@ def test_exif_orientation_in_strips_equals_exif_transpose(tmp_path, monkeypatch,
     rgb = tmp_path / "oriented.jpg"
     noise_image(37, 30, seed=orientation).save(rgb, exif=exif, quality=90)
     np.testing.assert_array_equal(np.asarray(load_image(rgb)), np.asarray(ImageOps.exif_transpose(Image.open(rgb))))
+
+
+def test_file_scan_lists_each_file_once_and_follows_no_folder_link(tmp_path, caplog):
+    root = tmp_path / "root"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    for name in ("a/1.png", "a/deep/2.jpg", "b/3.png", "a/notes.txt", "a/.hidden.png"):
+        (root / name).write_bytes(b"x")
+    (root / "a" / "loop").symlink_to(".")  # os.walk(followlinks=True) and some Path.rglob never end here
+    (root / "a" / "up").symlink_to("..")
+    (root / "b" / "link.png").symlink_to(root / "a" / "1.png")
+    (root / "link-b").symlink_to("b")
+    scan = pp.FileScan()
+    assert [p.name for p in scan.folders(root)] == ["a", "b"]
+    listed = [p.relative_to(root).as_posix() for p in scan.files(root / "a")]
+    assert listed == ["a/1.png", "a/deep/2.jpg", "a/notes.txt"]
+    assert [p.relative_to(root).as_posix() for p in scan.images(root / "b")] == ["b/3.png"]  # link.png: a/1.png again
+    assert scan.files(root / "a") == []  # all listed already
+    assert (scan.skipped_links, scan.duplicates) == (3 + 2, 4)
+    with caplog.at_level("INFO", logger="edgeft.preprocess"):
+        assert [p.name for p in pp.image_files(root)] == ["1.png", "2.jpg", "3.png"]
+    expected = f"{root}: skipped 3 symlinked folders (never followed) and 1 files listed twice"
+    assert [r.getMessage() for r in caplog.records] == [expected]

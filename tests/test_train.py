@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 import edgeft.train as train_module
-from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft
-from edgeft.checkpoint import load_checkpoint
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
+from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.data import iterate_batches, load_data
 from edgeft.errors import InputError
 from edgeft.models import get_model
@@ -321,7 +321,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
     proc = subprocess.Popen([*launcher, *args, "--name", "killed"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + time_limit(300)
         while time.monotonic() < deadline and proc.poll() is None:
             if (run_dir / "history.csv").is_file() and read_history(run_dir):
                 break
@@ -329,7 +329,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.3 * float(read_history(run_dir)[0]["seconds"]))  # inside epoch 2
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=time_limit(30))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -337,7 +337,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
     assert not (run_dir / "summary.json").exists(), "the kill came after the run ended"
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     resumed = subprocess.run([*launcher, "train", "--resume", str(run_dir)], cwd=cwd, env=env, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+                             text=True, timeout=time_limit(600))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return run_dir
 
@@ -483,6 +483,48 @@ def test_resume_extends_a_finished_run(tmp_path, tiny_run):
     assert [int(row["epoch"]) for row in read_history(run_dir)] == [1, 2, 3] and result.epochs == 3
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
     assert resume(run_dir).epochs == 3  # finished: nothing more to do
+
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory) -> Path:
+    """A second, shorter run (another name): its last.pt is foreign to `tiny_run`'s folder."""
+    return Path(train(tiny_config(tmp_path_factory.mktemp("other"), epochs=1, name="other")).run_dir)
+
+
+def _old_format(path: Path) -> None:
+    """Rewrite a checkpoint as edgeft wrote it before run ids."""
+    content = load_checkpoint(path)
+    del content["run_id"]
+    save_checkpoint(path, content)
+
+
+@pytest.mark.parametrize("case", ["foreign", "foreign, no config.json", "foreign and old, alone in a folder"])
+def test_resume_refuses_the_last_checkpoint_of_another_run(tmp_path, tiny_run, other_run, case):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run[2], run_dir)
+    shutil.copy(other_run / "last.pt", run_dir / "last.pt")  # used to resume, rewriting config.json and summary.json
+    if case != "foreign":
+        (run_dir / "config.json").unlink()
+    if case == "foreign and old, alone in a folder":
+        (run_dir / "best.pt").unlink()
+        _old_format(run_dir / "last.pt")
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    for source in (run_dir, run_dir / "last.pt"):
+        with pytest.raises(InputError, match="does not belong to the run in"):
+            resume(source, epochs=3)
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+
+
+def test_resume_accepts_its_own_checkpoints_of_before_run_ids(tmp_path, tiny_run):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run[2], run_dir)
+    for name in ("last.pt", "best.pt"):
+        _old_format(run_dir / name)
+    assert resume(run_dir).epochs == 2
+    renamed = run_dir.rename(tmp_path / "renamed")  # and an old last.pt is judged by its folder name too
+    with pytest.raises(InputError, match="trained in a folder named 'tiny'"):
+        resume(renamed)
+    assert load_checkpoint(tiny_run[2] / "best.pt")["run_id"] == load_checkpoint(tiny_run[2] / "last.pt")["run_id"]
 
 
 def test_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):

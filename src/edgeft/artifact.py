@@ -49,7 +49,8 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
         raise InputError(f"{source}: its edgeft metadata is not valid JSON ({exc}); export the model again") from None
     if not isinstance(metadata, dict):
         raise InputError(f"{source}: its edgeft metadata is a {type(metadata).__name__}, not an object; export again")
-    wrong = [key for key, kind in _REQUIRED.items() if not isinstance(metadata.get(key), kind)]
+    wrong = [key for key, kind in _REQUIRED.items()
+             if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool)]  # bool is an int
     if wrong:
         raise InputError(f"{source}: its edgeft metadata lacks or mistypes {', '.join(wrong)}; export the model again")
     if metadata["format"] != METADATA_FORMAT:

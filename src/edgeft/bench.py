@@ -26,6 +26,7 @@ from edgeft.cpu import cpu_description
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
+from edgeft.interrupts import atomic_write_text
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.timing import run_measurement
@@ -421,9 +422,9 @@ def _write_reports(report: BenchReport, out: Path, stamp: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"bench-{stamp}"
     report.files.update(md=f"{base}.md", json=f"{base}.json", png=f"{base}.png")
-    Path(report.files["json"]).write_text(jsonio.dumps({"machine": report.machine, "settings": report.settings,
-                                                      "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n")  # fmt: skip
-    Path(report.files["md"]).write_text(markdown_report(report))
+    atomic_write_text(report.files["json"], jsonio.dumps({"machine": report.machine, "settings": report.settings,
+                                                          "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n")  # fmt: skip
+    atomic_write_text(report.files["md"], markdown_report(report))
     plot_benchmark([asdict(r) for r in report.rows], report.files["png"])
 
 

@@ -4,13 +4,14 @@ read back with `weights_only=True`."""
 from __future__ import annotations
 
 import os
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgeft.errors import InputError
+from edgeft.interrupts import atomic_write
 
 __all__ = ["FORMAT", "load_checkpoint", "load_weights_only", "save_checkpoint"]
 
@@ -19,23 +20,14 @@ _REQUIRED = ("arch", "num_classes", "in_chans", "classes", "preprocess", "state_
 
 
 def save_checkpoint(path: str | os.PathLike, content: dict[str, Any]) -> Path:
-    """Write `content` (plus the format tag) to `path` through a temporary file in the same
-    folder and `os.replace`, so `path` is always either the old or the new complete file."""
+    """Write `content` (plus the format tag) to `path` with `atomic_write`: `path` is always
+    either the old or the new complete file, also when SIGINT or SIGTERM arrives meanwhile."""
     path = Path(path)
     missing = [key for key in _REQUIRED if key not in content]
     if missing:
         raise ValueError(f"checkpoint content lacks {missing}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **content}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save({"format": FORMAT, **content}, f)
     return path
 
 
@@ -49,12 +41,26 @@ def _unpickling_reason(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse a path that is not a regular file, saying what it is (never opening it: a FIFO
+    would block)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path} is a folder, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path} is not a regular file (a pipe, socket or device), not a checkpoint file")
+
+
 def load_weights_only(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load(weights_only=True)`; a missing file, a pickle that would run code, a truncated
     or foreign file raise InputError."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
+    _regular_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickles with code, truncated files, non-PyTorch files

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgeft.config import TrainConfig
 from edgeft.errors import InputError
+from edgeft.interrupts import atomic_write_text
 from edgeft.plots import plot_comparison
 from edgeft.train import TrainResult, check_inputs, train
 from edgeft import jsonio
@@ -45,9 +46,9 @@ def compare(config: TrainConfig, *, weights: str, freeze_epochs: int = 2, progre
     runs = {name: train(replace(v, out=str(folder), name=name), progress=progress) for name, v in variants.items()}
     table = _table(runs, variants)
     files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}
-    Path(files["md"]).write_text(f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")
+    atomic_write_text(files["md"], f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")
     summary = {name: {k: v for k, v in asdict(r).items() if k != "history"} for name, r in runs.items()}
-    Path(files["json"]).write_text(jsonio.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n")
+    atomic_write_text(files["json"], jsonio.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n")
     plot_comparison({name: r.history for name, r in runs.items()}, files["png"], title=f"{config.model} on {config.data}")
     return CompareResult(str(folder), runs, table, files)
 

@@ -14,14 +14,23 @@ from edgeft.formats.onnx import DEFAULT_OPSET, OPSETS
 from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
 __all__ = [
-    "AUGMENTATIONS", "DEFAULT_OPSET", "FORMATS", "OPSETS", "OPTIMIZERS", "PRECISIONS", "RUNTIMES", "SCHEDULERS",
-    "BenchConfig", "ExportConfig", "TrainConfig", "check_max_acc_drop",
+    "AUGMENTATIONS", "DEFAULT_OPSET", "FORMATS", "MAX_BATCH", "MAX_NAME_BYTES", "MAX_WORKERS", "OPSETS", "OPTIMIZERS",
+    "PRECISIONS", "RUNTIMES", "SCHEDULERS", "BenchConfig", "ExportConfig", "TrainConfig", "check_max_acc_drop", "check_range",
 ]  # fmt: skip
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 AUGMENTATIONS = ("none", "light", "standard")
 STEMS = ("torchvision", "small")
+
+# Upper bounds of the integer options: far above any real use, low enough that nothing downstream
+# overflows (torch and numpy take 64-bit integers) or allocates before the value is refused.
+MAX_BATCH = 65_536  # images in one batch
+MAX_EPOCHS = 100_000  # also bounds the patience options
+MAX_WORKERS = 256  # loader processes or decoder threads
+MAX_SEED = 2**32 - 1
+MAX_NAME_BYTES = 200  # a run or file name (UTF-8): leaves room below the usual 255-byte limit for
+# the suffixes and temporaries made from it (`-int8.onnx`, `.<name>.<pid>.edgeft-tmp.onnx.data`)
 
 
 @dataclass
@@ -77,18 +86,19 @@ def _check_train_config(c: TrainConfig) -> None:
         if getattr(c, key) not in allowed:
             raise InputError(f"--{key} must be one of {', '.join(allowed)}, got {getattr(c, key)!r}")
     for key, value, ok, rule in [
-        ("epochs", c.epochs, c.epochs >= 1, "at least 1"),
-        ("batch-size", c.batch_size, c.batch_size >= 1, "at least 1"),
+        ("epochs", c.epochs, 1 <= c.epochs <= MAX_EPOCHS, f"between 1 and {MAX_EPOCHS}"),
+        ("batch-size", c.batch_size, 1 <= c.batch_size <= MAX_BATCH, f"between 1 and {MAX_BATCH}"),
         ("lr", c.lr, c.lr is None or (math.isfinite(c.lr) and c.lr >= 0), "a number >= 0"),
         ("weight-decay", c.weight_decay, math.isfinite(c.weight_decay) and c.weight_decay >= 0, "a number >= 0"),
         ("momentum", c.momentum, 0 <= c.momentum < 1, "in [0, 1)"),
         ("warmup-epochs", c.warmup_epochs, math.isfinite(c.warmup_epochs) and c.warmup_epochs >= 0, "a number >= 0"),
-        ("plateau-patience", c.plateau_patience, c.plateau_patience >= 1, "at least 1"),
+        ("plateau-patience", c.plateau_patience, 1 <= c.plateau_patience <= MAX_EPOCHS, f"between 1 and {MAX_EPOCHS}"),
         ("plateau-factor", c.plateau_factor, 0 < c.plateau_factor < 1, "in (0, 1)"),
         ("label-smoothing", c.label_smoothing, 0 <= c.label_smoothing < 1, "in [0, 1)"),
         ("unfreeze-lr-scale", c.unfreeze_lr_scale, 0 < c.unfreeze_lr_scale <= 1, "in (0, 1]"),
-        ("patience", c.patience, c.patience >= 0, "0 (never) or more"),
-        ("workers", c.workers, c.workers >= 0, "0 or more"),
+        ("patience", c.patience, 0 <= c.patience <= MAX_EPOCHS, f"0 (never) to {MAX_EPOCHS}"),
+        ("workers", c.workers, 0 <= c.workers <= MAX_WORKERS, f"between 0 and {MAX_WORKERS}"),
+        ("seed", c.seed, 0 <= c.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
         ("max-bad-fraction", c.max_bad_fraction, 0 <= c.max_bad_fraction <= 1, "in [0, 1]"),
         ("val-split", c.val_split, 0 < c.val_split < 1, "between 0 and 1 (exclusive)"),
         ("img-size", c.img_size, c.img_size is None or 8 <= c.img_size <= 1024, "between 8 and 1024"),
@@ -108,9 +118,22 @@ def _check_train_config(c: TrainConfig) -> None:
 
 
 def _plain_name(name: str | None) -> None:
-    """A file or folder name that stays inside the output folder."""
-    if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+    """A file or folder name that stays inside the output folder, short enough for the names
+    made from it."""
+    if name is None:
+        return
+    if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
         raise InputError(f"--name must be a plain name (no '/', not starting with '.'), got {name!r}")
+    size = len(name.encode("utf-8", errors="surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise InputError(f"--name must be at most {MAX_NAME_BYTES} bytes long (UTF-8), got {size}")
+
+
+def _existing_folder(option: str, path: str) -> None:
+    if not Path(path).exists():
+        raise InputError(f"{option} {path} does not exist")
+    if not Path(path).is_dir():
+        raise InputError(f"{option} {path} is not a folder (give a folder of images)")
 
 
 def _not_a_file(option: str, path: str) -> None:
@@ -162,8 +185,10 @@ class ExportConfig:
         _refuse_unread_options(self)
         self.device = parse_device(self.device, allow_auto=False)
         _plain_name(self.name)
-        _at_least("--batch-size", self.batch_size, 1)
-        _at_least("--calib-size", self.calib_size, 1)
+        if self.calib_data is not None:
+            _existing_folder("--calib-data", self.calib_data)
+        check_range("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_range("--calib-size", self.calib_size, 1, _MAX_CALIB)
         check_max_acc_drop(self.max_acc_drop)
 
 
@@ -189,9 +214,15 @@ def _one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise InputError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _at_least(option: str, value: int, smallest: int) -> None:
+_MAX_CALIB = 100_000  # int8 calibration images
+
+
+def check_range(option: str, value: int, smallest: int, largest: int) -> None:
+    """Refuse an integer option outside [smallest, largest], naming the option."""
     if value < smallest:
         raise InputError(f"{option} must be at least {smallest}, got {value}")
+    if value > largest:
+        raise InputError(f"{option} must be at most {largest}, got {value}")
 
 
 RUNTIMES = ("eager", *(f.runtime for f in formats.all_formats()))
@@ -229,13 +260,16 @@ class BenchConfig:
             raise InputError("--models: give at least one model (or --checkpoints)")
         if not self.runtimes:
             raise InputError("--runtimes: give at least one runtime")
-        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
-            raise InputError(f"--batch-sizes must be positive integers, got {','.join(map(str, self.batch_sizes)) or 'none'}")
-        for option, value, smallest in (("--img-size", self.img_size, 8), ("--threads", self.threads, 0),
-                                        ("--warmup", self.warmup, 0), ("--iterations", self.iterations, 1),
-                                        ("--rounds", self.rounds, 1)):  # fmt: skip
-            _at_least(option, value, smallest)
-        if not self.budget_s > 0:
-            raise InputError(f"--budget-s must be positive, got {self.budget_s}")
+        if not self.batch_sizes or any(not isinstance(b, int) or not 1 <= b <= MAX_BATCH for b in self.batch_sizes):
+            given = ",".join(map(str, self.batch_sizes)) or "none"
+            raise InputError(f"--batch-sizes must be positive integers up to {MAX_BATCH}, got {given}")
+        for option, value, smallest, largest in (("--img-size", self.img_size, 8, 1024),
+                                                 ("--threads", self.threads, 0, 1024),
+                                                 ("--warmup", self.warmup, 0, 10_000),
+                                                 ("--iterations", self.iterations, 1, 10**6),
+                                                 ("--rounds", self.rounds, 1, 1000)):  # fmt: skip
+            check_range(option, value, smallest, largest)
+        if not 0 < self.budget_s <= 86_400:
+            raise InputError(f"--budget-s must be positive and at most 86400 (a day), got {self.budget_s}")
         _not_a_file("--out", self.out)
         self.device = parse_device(self.device)

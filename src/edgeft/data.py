@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from edgeft.errors import InputError
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, load_image, preprocess_image, to_array
+from edgeft.preprocess import IMAGE_EXTENSIONS, FileScan, Preprocess, load_image, preprocess_image, to_array
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -231,14 +230,11 @@ def _folder(
     root: Path, size: int | None, channels: int | None, val_split: float, seed: int, max_bad: float,
     preprocess: Preprocess | None,
 ) -> DataBundle:
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_files, train_others = _scan(root / "train")
-        val_classes, val_files, val_others = _scan(root / "val")
-        others = train_others + val_others
-        if val_classes != classes:
-            raise InputError(f"{root}/train and {root}/val have different class folders")
+    split_folders = (root / "train").is_dir() and (root / "val").is_dir()
+    if split_folders:
+        classes, (train_files, val_files), others = _scan([root / "train", root / "val"])
     else:
-        classes, files, others = _scan(root)
+        classes, (files,), others = _scan([root])
         train_idx, val_idx = _stratified_split([label for _, label in files], val_split, seed)
         train_files, val_files = [files[i] for i in train_idx], [files[i] for i in val_idx]
     all_files = train_files + val_files
@@ -253,7 +249,9 @@ def _folder(
     keep = lambda files: [(p, label) for p, label in files if p not in bad]  # noqa: E731
     train, val = keep(train_files), keep(val_files)
     if not val:
-        raise InputError(f"{root}: the validation split is empty; add images or raise --val-split")
+        raise InputError(f"{root}/val holds no readable images; add some" if split_folders else
+                         f"{root}: the validation split is empty: a class needs at least 2 images to be split "
+                         f"(one for validation); add images, or give {root}/train and {root}/val")  # fmt: skip
     return DataBundle(
         name=str(root),
         classes=classes,
@@ -280,13 +278,28 @@ def size_from_data(short_sides: list[int]) -> int:
     return int(min(224, max(32, math.ceil(median / 32) * 32)))
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
-    """Class folders (sorted), the image files inside them (by extension, as torchvision's
-    ImageFolder), and the other visible files, which are skipped."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    visible = [(path, label) for label, name in enumerate(classes) for path in _visible_files(root / name)]
-    files = [(path, label) for path, label in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
-    others = [path for path, _ in visible if path.suffix.lower() not in IMAGE_EXTENSIONS]
+def _scan(roots: list[Path]) -> tuple[list[str], list[list[tuple[Path, int]]], list[Path]]:
+    """Class folders (sorted, the same in each root), the image files of each root (by extension,
+    as torchvision's ImageFolder), and the other visible files, which are skipped. One
+    `FileScan`: no symlinked folder is followed, and no file is listed twice (not in two
+    classes, not in train and val)."""
+    scan = FileScan()
+    names = [[folder.name for folder in scan.folders(root)] for root in roots]
+    if any(found != names[0] for found in names):
+        raise InputError(f"{roots[0]} and {roots[1]} have different class folders")
+    per_root, others = [], []
+    for root in roots:
+        visible = [(path, label) for label, name in enumerate(names[0]) for path in scan.files(root / name)]
+        files = [(path, label) for path, label in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
+        others += [path for path, _ in visible if path.suffix.lower() not in IMAGE_EXTENSIONS]
+        _check_classes(root, names[0], files)
+        per_root.append(files)
+    scan.log_skipped(roots[0].parent if len(roots) > 1 else roots[0])
+    return names[0], per_root, others
+
+
+def _check_classes(root: Path, classes: list[str], files: list[tuple[Path, int]]) -> None:
+    """At least 2 classes, each with images."""
     if not files:
         raise InputError(f"{root} holds no images in class sub-folders (expected {root}/<class>/<image>)")
     used = sorted({label for _, label in files})
@@ -295,16 +308,6 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
     if len(used) < len(classes):
         empty = [classes[i] for i in range(len(classes)) if i not in used]
         raise InputError(f"{root}: class folders without images: {', '.join(empty)}")
-    return classes, files, others
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    """Every file under `folder` whose name does not start with a dot, sorted (os.walk's
-    directory entries: no stat per file)."""
-    found = []
-    for parent, _, names in os.walk(folder, followlinks=True):
-        found += [Path(parent, name) for name in names if not name.startswith(".")]
-    return sorted(found)
 
 
 def _read_headers(paths: list[Path]) -> tuple[list[tuple[str, int]], list[tuple[Path, str]]]:

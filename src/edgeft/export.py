@@ -30,8 +30,9 @@ from edgeft.config import ExportConfig
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError
+from edgeft.interrupts import deferred_interrupts
 from edgeft.models import model_from_checkpoint
-from edgeft.preprocess import IMAGE_EXTENSIONS, Preprocess, first_images, preprocess_image
+from edgeft.preprocess import Preprocess, first_images, image_files, preprocess_image
 from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "selected_formats"]
@@ -225,7 +226,7 @@ class _Job:
     def _place_chosen(self, fmt, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
         """Move the chosen candidate into place, its metadata carrying every candidate's row."""
         meta = read_metadata(tmp)
-        write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
+        _write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
         validation = ValidationResult(**meta["validation"])
         return self._place(fmt, tmp, final, chosen.precision, validation, attempts, meta.get("delegation"))
 
@@ -264,12 +265,12 @@ class _Job:
         config = self.config
         meta = {**self.metadata, "precision": precision, "opset": None, **extra,
                 "content_sha256": content_digest(tmp)}  # fmt: skip
-        write_metadata(tmp, meta)
+        _write_metadata(tmp, meta)
         if not config.validate:
             return None
         validation = gate(tmp, self.checkpoint, self.bundle, model=self.model, device=config.device,
                           batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
-        write_metadata(tmp, {**meta, "validation": validation.to_dict()})
+        _write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation
 
     def _place(self, fmt: formats.Format, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
@@ -278,10 +279,18 @@ class _Job:
         kept = validation is None or validation.passed or self.config.force
         size = sum(p.stat().st_size for p in fmt.files(tmp))
         if kept:
-            for source, target in zip(fmt.files(tmp), fmt.files(final)):
-                os.replace(source, target)
+            with deferred_interrupts():  # every file of the artifact, or none
+                for source, target in zip(fmt.files(tmp), fmt.files(final)):
+                    os.replace(source, target)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
         return ExportedFile(str(final), fmt.name, precision, size, validation, kept, attempts, delegation)
+
+
+def _write_metadata(tmp: Path, metadata: dict) -> None:
+    """Rewrite a temporary's metadata in one piece (a C++ writer meeting SIGINT halfway would
+    turn it into an error): the interrupt is delivered after the write."""
+    with deferred_interrupts():
+        write_metadata(tmp, metadata)
 
 
 def _temporary(final: Path, tag: str = "") -> Path:
@@ -314,7 +323,7 @@ def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preproce
 
 
 def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.ndarray]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(folder)
     if not files:
         raise InputError(f"--calib-data {folder}: no images found")
     chosen = [files[i] for i in sorted(np.random.default_rng(0).permutation(len(files))[:count])]

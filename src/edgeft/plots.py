@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -13,8 +14,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 __all__ = ["plot_benchmark", "plot_comparison", "plot_training_curves"]
 
 
-def plot_training_curves(history: list[dict], step_losses: list[float], path: str | Path, *, title: str = "") -> Path:
-    """Loss and accuracy per epoch (train and val) and the loss of every iteration."""
+def plot_training_curves(
+    history: list[dict], step_losses: list[float], path: str | Path | BinaryIO, *, title: str = ""
+) -> str | Path | BinaryIO:
+    """Loss and accuracy per epoch (train and val) and the loss of every iteration, as a PNG
+    file at `path` (or written to a binary file)."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc, ax_steps) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
@@ -32,9 +36,9 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: st
     ax_acc.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-    return Path(path)
+    return path
 
 
 def plot_benchmark(rows: list[dict], path: str | Path) -> Path:

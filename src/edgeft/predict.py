@@ -23,9 +23,10 @@ from PIL import Image
 
 from edgeft import formats
 from edgeft.artifact import check_digest, check_outputs, parse_metadata, read_metadata
+from edgeft.config import MAX_BATCH, check_range
 from edgeft.devices import parse_device
 from edgeft.errors import InputError
-from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, Preprocess, preprocess_image
+from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, FileScan, Preprocess, preprocess_image
 
 __all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
 
@@ -95,21 +96,19 @@ def gate_failure(metadata: dict) -> str | None:
 
 def check_options(*, top_k: int, batch_size: int) -> None:
     """Refuse prediction options that cannot work, before any work starts."""
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    check_range("--top-k", top_k, 1, 2**31)  # more than the classes: all of them
+    check_range("--batch-size", batch_size, 1, MAX_BATCH)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the image files under each directory (sorted, recursively). A
-    directory without image files is kept as itself, so that it gets its own error."""
+    """Files as given, and the image files under each directory (sorted, recursively; by the
+    rules of `FileScan`: no symlinked folder followed, no file twice). A directory without image
+    files is kept as itself, so that it gets its own error."""
     files: list[Path] = []
+    scan = FileScan()
     for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) or [item]
-        else:
-            files.append(item)
+        files += (scan.images(item) or [item]) if item.is_dir() else [item]
+    scan.log_skipped("inputs")
     return files
 
 

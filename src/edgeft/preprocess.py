@@ -3,6 +3,7 @@ prediction. Pillow and numpy only: the predictor imports this without torch."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -21,9 +22,12 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
     "MAX_RESIZED_PIXELS",
+    "MAX_SIDE",
+    "FileScan",
     "Preprocess",
     "check_size",
     "first_images",
+    "image_files",
     "load_image",
     "normalize",
     "preprocess_image",
@@ -31,9 +35,12 @@ __all__ = [
     "to_array",
 ]
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # larger files are refused before they are opened
 MAX_PIXELS = 50_000_000  # more is refused as a decompression bomb; a rotated 50 M pixel photo decodes in ~400 MB
+MAX_SIDE = 2048  # the largest size and resize a preprocessing spec may ask for
 MAX_RESIZED_PIXELS = 16_000_000  # an image this large once resized to the model's size is refused (long, thin)
 ALPHA_BACKGROUND = 255  # transparent pixels are composited on white
 _BLOCK_PIXELS = 1 << 20  # large images change mode this many pixels at a time
@@ -69,19 +76,19 @@ class Preprocess:
     interpolation: str = "bilinear"  # nearest | bilinear | bicubic
 
     def __post_init__(self) -> None:
-        numbers = (*self.mean, *self.std)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
-            raise InputError(f"preprocess: mean and std must be finite numbers, got {list(self.mean)}, {list(self.std)}")
-        if not all(v > 0 for v in self.std):
-            raise InputError(f"preprocess: std must be positive, got {list(self.std)}")
+        _check_mean_std(self.mean, self.std)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.size, self.resize, self.channels)):
             raise InputError(f"preprocess: size, resize and channels must be integers, got {self.size}, {self.resize}, {self.channels}")
         if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise InputError(f"preprocess: channels={self.channels} needs that many mean/std values")
+            raise InputError(f"preprocess: channels={self.channels} needs that many mean/std values, "
+                             f"got {len(self.mean)} and {len(self.std)}")  # fmt: skip
         if self.interpolation not in _RESAMPLE:
             raise InputError(f"preprocess: interpolation must be one of {', '.join(_RESAMPLE)}")
-        if not 0 < self.size <= self.resize:
-            raise InputError(f"preprocess: need 0 < size <= resize, got size={self.size}, resize={self.resize}")
+        if not 0 < self.size <= MAX_SIDE:
+            raise InputError(f"preprocess: size must be between 1 and {MAX_SIDE} pixels, got {self.size}")
+        if not self.size <= self.resize <= MAX_SIDE:
+            raise InputError(f"preprocess: resize (the shorter side before the centre crop) must be between size "
+                             f"({self.size}) and {MAX_SIDE}, got {self.resize}")  # fmt: skip
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -89,6 +96,95 @@ class Preprocess:
     @classmethod
     def from_dict(cls, values: dict) -> Preprocess:
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
+class FileScan:
+    """The one way edgeft lists files under folders (datasets, calibration images, prediction
+    inputs). Symlinked folders are never followed (`s -> .` would loop, `up -> ..` would mix
+    classes), and a file reached twice (through a file link, or a folder given twice) is listed
+    once: the first time. `log_skipped` reports the links left out, once per scan."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()  # real paths of the files listed so far
+        self.skipped_links = 0  # symlinked folders not followed
+        self.duplicates = 0  # files already listed
+
+    def folders(self, parent: Path) -> list[Path]:
+        """The visible sub-folders of `parent` that are not symlinks, sorted."""
+        found = []
+        for entry in _entries(parent):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            if entry.is_symlink():
+                self.skipped_links += 1
+            else:
+                found.append(Path(entry.path))
+        return sorted(found)
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every file under `folder` whose name does not start with a dot, sorted."""
+        found: list[tuple[Path, str]] = []  # (path, real path)
+        stack = [(str(folder), os.path.realpath(folder))]
+        while stack:
+            path, real = stack.pop()
+            for entry in _entries(path):
+                if entry.is_symlink() and entry.is_dir():
+                    self.skipped_links += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, os.path.join(real, entry.name)))
+                elif not entry.name.startswith("."):
+                    target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                    found.append((Path(entry.path), target))
+        return [path for path, real in sorted(found) if self._first(real)]
+
+    def images(self, folder: Path) -> list[Path]:
+        """The files under `folder` with an image extension, sorted."""
+        return [path for path in self.files(folder) if path.suffix.lower() in IMAGE_EXTENSIONS]
+
+    def _first(self, real: str) -> bool:
+        if real in self.seen:
+            self.duplicates += 1
+            return False
+        self.seen.add(real)
+        return True
+
+    def log_skipped(self, what: str | os.PathLike) -> None:
+        if self.skipped_links or self.duplicates:
+            log.info("%s: skipped %d symlinked folders (never followed) and %d files listed twice",
+                     what, self.skipped_links, self.duplicates)  # fmt: skip
+
+
+def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of `folder`; none when it cannot be read (as os.walk)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda entry: entry.name)
+    except OSError:
+        return []
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under `folder` (by extension), sorted, by the rules of `FileScan`."""
+    scan = FileScan()
+    found = scan.images(Path(folder))
+    scan.log_skipped(folder)
+    return found
+
+
+def _check_mean_std(mean: tuple, std: tuple) -> None:
+    """Finite float32 numbers; std positive, and small enough a divisor that normalized pixels
+    stay finite in float32."""
+    numbers = (*mean, *std)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        raise InputError(f"preprocess: mean and std must be finite numbers, got {list(mean)}, {list(std)}")
+    if not all(v > 0 for v in std):
+        raise InputError(f"preprocess: std must be positive, got {list(std)}")
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+        extremes = np.concatenate([(np.float32(0) - m) / s, (np.float32(1) - m) / s]) if len(m) == len(s) else m
+    if not (np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all() and np.isfinite(extremes).all()):
+        raise InputError(f"preprocess: mean and std must fit float32 and normalize pixels to finite values, "
+                         f"got {list(mean)}, {list(std)}")  # fmt: skip
 
 
 def load_image(

@@ -5,10 +5,12 @@ evaluate, checkpoint, finish. `train(TrainConfig(...))` writes a run folder and 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import random
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImage
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError
+from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 from edgeft import jsonio
@@ -202,6 +205,7 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = F
     """Continue the run in `run_dir` (or the run of a last.pt) where it stopped, with its own
     config; `epochs` above the run's own extends it (also a finished or early-stopped run)."""
     last, checkpoint = _read_last(run_dir)
+    _check_own_folder(last, checkpoint)
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
     if epochs is not None and epochs != config.epochs:
@@ -230,6 +234,53 @@ def _read_last(source: str | Path) -> tuple[Path, dict]:
     if "resume" not in checkpoint:
         raise InputError(f"{last} has no resume state (resume from a run's last.pt)")
     return last, checkpoint
+
+
+def _check_own_folder(last: Path, checkpoint: dict) -> None:
+    """Refuse a last.pt that is not the run of its folder (resuming it would overwrite that run's
+    config.json and summary.json beside another run's best.pt)."""
+    reason = _foreign(last.parent, checkpoint)
+    if reason:
+        raise InputError(f"{last} does not belong to the run in {last.parent}: {reason}; "
+                         f"resume from the folder the run was trained in")  # fmt: skip
+
+
+def _foreign(folder: Path, checkpoint: dict) -> str | None:
+    """Why `checkpoint` (a last.pt) is from another run than `folder`'s config.json and best.pt,
+    or None. Its run id decides; a last.pt from before run ids is judged by its config, its best
+    epoch and the folder name it was trained in."""
+    config, run_id = checkpoint["config"], checkpoint.get("run_id")
+    saved = folder / "config.json"
+    if saved.is_file() and _without_epochs(_read_json(saved)) != _without_epochs(config):
+        return "its config differs from config.json"
+    if (folder / "best.pt").is_file():
+        best = load_checkpoint(folder / "best.pt")
+        if run_id and best.get("run_id"):
+            if best["run_id"] != run_id:
+                return "best.pt is from another run"
+        elif not _same_best(checkpoint["resume"], best.get("metrics", {})):
+            return "its best epoch is not the one of best.pt"
+    base = config.get("name") or f"{config.get('model')}-{Path(config.get('data', '')).name or 'data'}"
+    numbered = folder.name.removeprefix(f"{base}-")
+    if not run_id and folder.name != base and not (numbered.isdigit() and numbered != folder.name):
+        return f"it was trained in a folder named {base!r}"
+    return None
+
+
+def _without_epochs(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "epochs"}  # --epochs extends a run
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return jsonio.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable ({exc})") from None
+
+
+def _same_best(resume: dict, best: dict) -> bool:
+    """best.pt's metrics are last.pt's best, or (saved just before a stop) those of the next epoch."""
+    return resume.get("best") == best or best.get("epoch") == resume.get("epoch", 0) + 1
 
 
 def _fit(config: TrainConfig, *, checkpoint: dict | None, run_dir: Path | None, progress: bool) -> TrainResult:
@@ -281,8 +332,9 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
         log.warning("resuming %s at epoch %d", run_dir, state.epoch + 1)
     if ctx.is_main:
         run_dir = run_dir or _new_run_dir(config)
-        (run_dir / "config.json").write_text(jsonio.dumps(asdict(config), indent=2) + "\n")
-    return _Run(config, ctx, device, bundle, state, run_dir if ctx.is_main else None, _meta(config, bundle),
+        atomic_write_text(run_dir / "config.json", jsonio.dumps(asdict(config), indent=2) + "\n")
+    run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex
+    return _Run(config, ctx, device, bundle, state, run_dir if ctx.is_main else None, _meta(config, bundle, run_id),
                 batch_size, steps_per_epoch, dtype, channels_last, started)  # fmt: skip
 
 
@@ -355,9 +407,10 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _meta(config: TrainConfig, bundle: DataBundle) -> dict:
+def _meta(config: TrainConfig, bundle: DataBundle, run_id: str) -> dict:
     """The checkpoint fields besides the weights."""
     return {
+        "run_id": run_id,  # the run the checkpoint belongs to: a resume checks it against the folder's best.pt
         "arch": config.model,
         "num_classes": len(bundle.classes),
         "in_chans": bundle.preprocess.channels,
@@ -487,17 +540,18 @@ def _end_epoch(run: _Run, epoch: int, metrics: dict, val_loss: float, val_acc: f
 
 def _checkpoint(run: _Run, row: dict, *, improved: bool) -> None:
     """best.pt when the epoch improved, last.pt with the whole TrainState, history and curves
-    (rank 0 only)."""
+    (rank 0 only): one critical section, so an interrupt leaves all four of the same epoch."""
     if not run.ctx.is_main:
         return
     s, weights = run.state, run.state.model.state_dict()
-    if improved:
-        save_checkpoint(run.run_dir / "best.pt", {**run.meta, "metrics": s.best, "state_dict": weights})
-    save_checkpoint(run.run_dir / "last.pt",
-                    {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())})  # fmt: skip
-    _write_history(run.run_dir / "history.csv", s.history)
-    plot_training_curves(s.history, s.step_losses, run.run_dir / "curves.png",
-                         title=f"{run.config.model} on {run.bundle.name}")  # fmt: skip
+    with deferred_interrupts():
+        if improved:
+            save_checkpoint(run.run_dir / "best.pt", {**run.meta, "metrics": s.best, "state_dict": weights})
+        save_checkpoint(run.run_dir / "last.pt",
+                        {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())})  # fmt: skip
+        _write_history(run.run_dir / "history.csv", s.history)
+        with atomic_write(run.run_dir / "curves.png") as f:
+            plot_training_curves(s.history, s.step_losses, f, title=f"{run.config.model} on {run.bundle.name}")
 
 
 def _finish(run: _Run) -> TrainResult:
@@ -530,7 +584,7 @@ def _finish(run: _Run) -> TrainResult:
     summary: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "history"}
     summary.update(ranks_identical=ranks_identical, model=run.config.model, data=run.bundle.name,
                    classes=list(run.bundle.classes), skipped_examples=examples)  # fmt: skip
-    (run.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2) + "\n")
+    atomic_write_text(run.run_dir / "summary.json", jsonio.dumps(summary, indent=2) + "\n")
     return result
 
 
@@ -550,7 +604,8 @@ def _progress(enabled: bool):
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, text.getvalue())

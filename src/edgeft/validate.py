@@ -23,7 +23,7 @@ from PIL import Image
 
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import check_max_acc_drop
+from edgeft.config import MAX_BATCH, MAX_WORKERS, check_max_acc_drop, check_range
 from edgeft.data import DataBundle, TensorImages, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError
@@ -267,8 +267,8 @@ def validate_file(
 ) -> ValidationResult:
     """`edgeft validate`: the gate on an exported file, against the checkpoint it was exported
     from (found by its recorded run and file name) or `reference`; data as `gate` reads it."""
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    check_range("--batch-size", batch_size, 1, MAX_BATCH)
+    check_range("--workers", workers, 0, MAX_WORKERS)
     check_max_acc_drop(max_acc_drop)
     _return_large_frees_to_the_system()
     device = str(torch_device(device))  # auto resolved; an unusable CUDA device refused before any work

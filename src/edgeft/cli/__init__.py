@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from typing import NoReturn
 
 import typer
 
-from edgeft import __version__
+from edgeft import __version__, interrupts
 from edgeft.errors import EdgeftError
 
 __all__ = ["app", "format_choices", "interrupt_note", "main"]
@@ -66,20 +68,30 @@ from . import bench as _bench, compare as _compare, export as _export, models as
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and an exit code."""
+    """Console-script entry point: user errors become one line on stderr and an exit code;
+    SIGINT and SIGTERM one line saying what was kept, and 130 or 143."""
+    interrupts.install_handlers()
     try:
         app()
     except EdgeftError as exc:
         _fail(exc, f"edgeft: error: {exc}", exc.exit_code)
     except KeyboardInterrupt as exc:
-        _fail(exc, f"edgeft: {_interrupt_note}", 130)
+        _interrupted(exc)
     except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130: say what was kept
         interrupt = _interrupt_behind(exc)
         if interrupt is None:
             raise
-        _fail(interrupt, f"edgeft: {_interrupt_note}", 130)
+        _interrupted(interrupt)
     except Exception as exc:  # noqa: BLE001 - anything else is a bug; one line unless --verbose
+        if interrupts.received() is not None:  # a signal whose exception a C++ layer turned into this one
+            _interrupted(exc)
         _fail(exc, f"edgeft: unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)", 1)
+
+
+def _interrupted(exc: BaseException) -> NoReturn:
+    """Exit 128 + the signal (130 SIGINT, 143 SIGTERM) with the line saying what was kept."""
+    signum = interrupts.received() or (signal.SIGTERM if isinstance(exc, interrupts.Terminated) else signal.SIGINT)
+    _fail(exc, f"edgeft: {_interrupt_note}", 128 + signum)
 
 
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
@@ -93,7 +105,7 @@ def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
-def _fail(exc: BaseException, line: str, code: int) -> None:
+def _fail(exc: BaseException, line: str, code: int) -> NoReturn:
     if _verbose:
         import traceback
 

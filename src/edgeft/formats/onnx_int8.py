@@ -181,16 +181,18 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: I
 
 @contextlib.contextmanager
 def _scratch(workdir: Path | None) -> Iterator[Path]:
-    """`workdir` (created, then removed with what is in it), or a new folder in the system's
-    temporary folder when None."""
+    """`workdir` (created, then removed with what is in it; the temporaries onnxruntime's tools
+    make go there too), or a new folder in the system's temporary folder when None."""
     if workdir is None:
         with tempfile.TemporaryDirectory() as tmp:
             yield Path(tmp)
         return
     workdir.mkdir()
+    system_folder, tempfile.tempdir = tempfile.tempdir, str(workdir)  # onnxruntime's tools make their own temporaries
     try:
         yield workdir
     finally:
+        tempfile.tempdir = system_folder
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -94,7 +94,9 @@ def p50(run):
     return 1000 * statistics.median(times)
 """
 
-ONNXRUNTIME_SCRIPT = P50_SCRIPT + r"""
+ONNXRUNTIME_SCRIPT = (
+    P50_SCRIPT
+    + r"""
 import json, sys
 import numpy as np, onnxruntime as ort
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
@@ -102,10 +104,13 @@ feed = session.get_inputs()[0]
 x = np.random.default_rng(1).standard_normal([1, *feed.shape[1:]], dtype=np.float32)
 print(json.dumps({"p50_ms": p50(lambda: session.run(None, {feed.name: x}))}))
 """
+)
 
 
 def independent_onnxruntime_p50(path: str | Path) -> float:
     """Batch-1 p50 in ms of an ONNX file timed by a plain onnxruntime script in a fresh process,
     with onnxruntime's default session options: how a user would check a reported number."""
-    out = subprocess.run([sys.executable, "-c", ONNXRUNTIME_SCRIPT, str(path)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", ONNXRUNTIME_SCRIPT, str(path)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"]

@@ -36,11 +36,24 @@ pytestmark = pytest.mark.skipif(not has_bf16(), reason="this CPU has no native b
 
 
 def fit(out: Path, *, amp: bool) -> dict:
-    config = TrainConfig(data="digits", img_size=32, epochs=EPOCHS, batch_size=64, amp=amp, device="cpu",
-                         patience=0, out=str(out), name="bf16" if amp else "fp32")  # fmt: skip
+    config = TrainConfig(
+        data="digits",
+        img_size=32,
+        epochs=EPOCHS,
+        batch_size=64,
+        amp=amp,
+        device="cpu",
+        patience=0,
+        out=str(out),
+        name="bf16" if amp else "fp32",
+    )
     result = train(config)
-    return {"images_per_s": result.train_images_per_s, "final_val_acc": result.history[-1]["val_acc"],
-            "best_val_acc": result.best_val_acc, "wall_s": result.wall_s}  # fmt: skip
+    return {
+        "images_per_s": result.train_images_per_s,
+        "final_val_acc": result.history[-1]["val_acc"],
+        "best_val_acc": result.best_val_acc,
+        "wall_s": result.wall_s,
+    }
 
 
 def test_bf16_vs_fp32_cpu(benchmark, machine, tmp_path):
@@ -54,14 +67,16 @@ def test_bf16_vs_fp32_cpu(benchmark, machine, tmp_path):
     benchmark.pedantic(round_, rounds=ROUNDS, iterations=1)
     if benchmark.disabled:
         return
-    median = {name: {key: statistics.median(p[name][key] for p in pairs) for key in pairs[0][name]}
-              for name in ("fp32", "bf16")}  # fmt: skip
+    median = {
+        name: {key: statistics.median(p[name][key] for p in pairs) for key in pairs[0][name]}
+        for name in ("fp32", "bf16")
+    }
     speedup = statistics.median(p["bf16"]["images_per_s"] / p["fp32"]["images_per_s"] for p in pairs)
     same_accuracy = median["bf16"]["final_val_acc"] >= median["fp32"]["final_val_acc"] - SAME_ACCURACY_POINTS / 100
     summary = {
         "benchmark": "bf16_cpu",
         "command": "python -m pytest benchmarks/test_bf16_cpu.py --benchmark-only "
-                   "--benchmark-json benchmarks/results/bf16_cpu.pytest-benchmark.json",
+        "--benchmark-json benchmarks/results/bf16_cpu.pytest-benchmark.json",
         "machine": {**machine, **cpu_description()},
         "setup": {"model": "resnet18", "data": "digits 32 px", "epochs": EPOCHS, "batch_size": 64, "rounds": ROUNDS},
         "median": median,
@@ -69,7 +84,7 @@ def test_bf16_vs_fp32_cpu(benchmark, machine, tmp_path):
         "same_accuracy": same_accuracy,
         "bf16_should_be_cpu_default": speedup > 1.0 and same_accuracy,
         "pairs": pairs,
-    }  # fmt: skip
+    }
     benchmark.extra_info.update(speedup_bf16_over_fp32=speedup, same_accuracy=same_accuracy)
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")

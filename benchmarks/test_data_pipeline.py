@@ -76,13 +76,20 @@ def measured(machine):
         summary = {
             "benchmark": "data_pipeline-cpu",
             "command": "python -m pytest benchmarks/test_data_pipeline.py --benchmark-only "
-                       "--benchmark-json benchmarks/results/data_pipeline-cpu.pytest-benchmark.json",
+            "--benchmark-json benchmarks/results/data_pipeline-cpu.pytest-benchmark.json",
             "machine": {**machine, **cpu_description()},
-            "setup": {"images": N_IMAGES, "size": f"{WIDTH}x{HEIGHT} JPEG q85", "classes": 2, "batch": BATCH,
-                      "workers": WORKERS, "timed_images_per_pipeline_run": PIPELINE_IMAGES, "rounds": ROUNDS},
+            "setup": {
+                "images": N_IMAGES,
+                "size": f"{WIDTH}x{HEIGHT} JPEG q85",
+                "classes": 2,
+                "batch": BATCH,
+                "workers": WORKERS,
+                "timed_images_per_pipeline_run": PIPELINE_IMAGES,
+                "rounds": ROUNDS,
+            },
             "startup_goal_s": STARTUP_GOAL_S,
             **results,
-        }  # fmt: skip
+        }
         SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -93,14 +100,28 @@ def test_startup(benchmark, folder, measured):
     if benchmark.disabled:
         return
     median = benchmark.stats.stats.median
-    measured["startup"] = {"median_s": median, "rounds_s": list(benchmark.stats.stats.data),
-                           "meets_goal": median <= STARTUP_GOAL_S, "img_size_chosen": bundle.preprocess.size}  # fmt: skip
+    measured["startup"] = {
+        "median_s": median,
+        "rounds_s": list(benchmark.stats.stats.data),
+        "meets_goal": median <= STARTUP_GOAL_S,
+        "img_size_chosen": bundle.preprocess.size,
+    }
 
 
 def pipeline_rate(split, bundle, *, augment: str, seed: int, loaders: FolderLoaders) -> float:
     """Images/s of `iterate_batches` over PIPELINE_IMAGES images, after one warm-up batch."""
-    batches = iterate_batches(split, batch_size=BATCH, preprocess=bundle.preprocess, device=CPU, shuffle=True,
-                              augment=augment, flips=True, seed=seed, workers=WORKERS, loaders=loaders)  # fmt: skip
+    batches = iterate_batches(
+        split,
+        batch_size=BATCH,
+        preprocess=bundle.preprocess,
+        device=CPU,
+        shuffle=True,
+        augment=augment,
+        flips=True,
+        seed=seed,
+        workers=WORKERS,
+        loaders=loaders,
+    )
     next(batches)
     seen, started = 0, time.perf_counter()
     for x, _ in batches:
@@ -117,13 +138,19 @@ def test_pipeline_images_per_s(benchmark, folder, measured, split, augment):
     bundle = load_data(str(folder))
     rates: list[float] = []
     with FolderLoaders() as loaders:  # the workers persist across rounds, as across a run's epochs
-        benchmark.pedantic(lambda: rates.append(pipeline_rate(getattr(bundle, split), bundle, augment=augment,
-                                                              seed=len(rates), loaders=loaders)),
-                           rounds=ROUNDS, iterations=1)  # fmt: skip
+        benchmark.pedantic(
+            lambda: rates.append(
+                pipeline_rate(getattr(bundle, split), bundle, augment=augment, seed=len(rates), loaders=loaders)
+            ),
+            rounds=ROUNDS,
+            iterations=1,
+        )
     if benchmark.disabled:
         return
     benchmark.extra_info.update(images_per_s=rates)
     measured[f"{split if split == 'train' else 'eval'}_pipeline"] = {
-        "augment": augment, "img_size": bundle.preprocess.size, "images_per_s_median": float(np.median(rates)),
+        "augment": augment,
+        "img_size": bundle.preprocess.size,
+        "images_per_s_median": float(np.median(rates)),
         "images_per_s_rounds": rates,
-    }  # fmt: skip
+    }

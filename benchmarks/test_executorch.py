@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import P50_SCRIPT
 
 pytest.importorskip("executorch.runtime")
@@ -42,12 +43,15 @@ def summary(machine, saved_summary):
     """Results of the tests that ran, merged into the saved summary (a single test can be re-run)."""
     from edgeft.cpu import cpu_features
 
-    yield from saved_summary(SUMMARY, lambda results: {**results, "machine": {**machine, "cpu_features": cpu_features()}},
-                             merge=True)  # fmt: skip
+    yield from saved_summary(
+        SUMMARY, lambda results: {**results, "machine": {**machine, "cpu_features": cpu_features()}}, merge=True
+    )
 
 
 # A plain script, in a fresh process like each bench row: nothing from edgeft.
-INDEPENDENT = P50_SCRIPT + r"""
+INDEPENDENT = (
+    P50_SCRIPT
+    + r"""
 import json, os, statistics, sys, time
 import numpy as np, onnxruntime as ort, torch, torchvision
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -83,13 +87,29 @@ result = {"onnxruntime_fp32_p50_ms": p50(lambda: session.run(None, {"input": xn}
           "executorch_int8_p50_ms": p50(lambda: int8.execute((x,)))}
 print(json.dumps(result))
 """
+)
 
 
 def _bench(models: tuple[str, ...], batches: str, out: Path) -> dict:
     """`edgeft bench` for onnxruntime and executorch, fp32 and int8: (model, runtime, precision, batch) -> row."""
-    subprocess.run([EDGEFT, "bench", "--models", ",".join(models), "--runtimes", "onnxruntime,executorch",
-                    "--precisions", "fp32,int8", "--batch-sizes", batches, "--out", str(out)], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            EDGEFT,
+            "bench",
+            "--models",
+            ",".join(models),
+            "--runtimes",
+            "onnxruntime,executorch",
+            "--precisions",
+            "fp32,int8",
+            "--batch-sizes",
+            batches,
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     report = sorted(out.glob("bench-*.json"))[-1]
     rows = json.loads(report.read_text())["rows"]
     return {(r["model"], r["runtime"], r["precision"], r["batch"]): r for r in rows}
@@ -97,20 +117,26 @@ def _bench(models: tuple[str, ...], batches: str, out: Path) -> dict:
 
 def _agreement_pair(folder: Path) -> dict:
     rows = _bench(("resnet18",), "1", folder)
-    ours = {f"{runtime}_{precision}_p50_ms": rows[("resnet18", runtime, precision, 1)]["p50_ms"]
-            for runtime, precision in (("onnxruntime", "fp32"), ("executorch", "fp32"), ("executorch", "int8"))}  # fmt: skip
+    ours = {
+        f"{runtime}_{precision}_p50_ms": rows[("resnet18", runtime, precision, 1)]["p50_ms"]
+        for runtime, precision in (("onnxruntime", "fp32"), ("executorch", "fp32"), ("executorch", "int8"))
+    }
     out = subprocess.run([sys.executable, "-c", INDEPENDENT, str(folder)], check=True, capture_output=True, text=True)
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
     for result in (ours, theirs):
-        result["int8_speedup_vs_onnxruntime_fp32"] = result["onnxruntime_fp32_p50_ms"] / result["executorch_int8_p50_ms"]
+        result["int8_speedup_vs_onnxruntime_fp32"] = (
+            result["onnxruntime_fp32_p50_ms"] / result["executorch_int8_p50_ms"]
+        )
     return {"edgeft_bench": ours, "independent": theirs}
 
 
 def test_executorch_bench_agrees_with_an_independent_measurement(benchmark, tmp_path, summary):
     pairs = []
     benchmark.pedantic(lambda: pairs.append(_agreement_pair(tmp_path)), rounds=2, iterations=1)
-    disagreement = {key: [abs(p["edgeft_bench"][key] / p["independent"][key] - 1) for p in pairs]
-                    for key in ("executorch_fp32_p50_ms", "executorch_int8_p50_ms")}  # fmt: skip
+    disagreement = {
+        key: [abs(p["edgeft_bench"][key] / p["independent"][key] - 1) for p in pairs]
+        for key in ("executorch_fp32_p50_ms", "executorch_int8_p50_ms")
+    }
     summary["executorch_resnet18_b1_agreement"] = {"pairs": pairs, "relative_disagreement": disagreement}
     benchmark.extra_info["relative_disagreement"] = disagreement
 
@@ -123,10 +149,15 @@ def test_executorch_bench_rows_for_the_mission_backbones(benchmark, tmp_path, su
     table = {}
     for model in BACKBONES:
         for batch in (1, 8):
-            cells = {f"{runtime}_{precision}": rows[(model, runtime, precision, batch)]
-                     for runtime in ("onnxruntime", "executorch") for precision in ("fp32", "int8")}  # fmt: skip
-            table[f"{model}_b{batch}"] = {key: {k: row[k] for k in ("p50_ms", "load_s", "file_mb", "peak_rss_mb", "status")}
-                                          for key, row in cells.items()}  # fmt: skip
+            cells = {
+                f"{runtime}_{precision}": rows[(model, runtime, precision, batch)]
+                for runtime in ("onnxruntime", "executorch")
+                for precision in ("fp32", "int8")
+            }
+            table[f"{model}_b{batch}"] = {
+                key: {k: row[k] for k in ("p50_ms", "load_s", "file_mb", "peak_rss_mb", "status")}
+                for key, row in cells.items()
+            }
     summary["bench_rows"] = table
 
 
@@ -146,19 +177,26 @@ def _time_outside_delegate(path: Path, size: int, runs: int = 10) -> dict:
     totals: dict[str, float] = {}
     for block in Inspector(etdump_path=str(trace)).event_blocks:
         for event in block.events:
-            if event.perf_data is not None and (event.name.startswith("native_call") or event.name in ("DELEGATE_CALL", "Method::execute")):
+            if event.perf_data is not None and (
+                event.name.startswith("native_call") or event.name in ("DELEGATE_CALL", "Method::execute")
+            ):
                 totals[event.name] = totals.get(event.name, 0.0) + float(event.perf_data.p50)
     execute, delegate = totals.pop("Method::execute"), totals.pop("DELEGATE_CALL")
-    return {"execute_ms": execute, "delegate_calls_ms": delegate, "outside_ms": execute - delegate,
-            "outside_share": 1 - delegate / execute, "native_ops_ms": totals}  # fmt: skip
+    return {
+        "execute_ms": execute,
+        "delegate_calls_ms": delegate,
+        "outside_ms": execute - delegate,
+        "outside_share": 1 - delegate / execute,
+        "native_ops_ms": totals,
+    }
 
 
 def test_delegation_of_the_mission_backbones(benchmark, tmp_path, summary):
     import numpy as np
 
     from edgeft.data import default_preprocess
-    from edgeft.models import get_model
     from edgeft.formats.executorch import write_pte
+    from edgeft.models import get_model
 
     spec = default_preprocess(size=224, channels=3)
     calibration = np.random.default_rng(0).standard_normal((8, 3, 224, 224), dtype=np.float32)
@@ -171,9 +209,12 @@ def test_delegation_of_the_mission_backbones(benchmark, tmp_path, summary):
                 path = tmp_path / f"{name}-{precision}.pte"
                 started = time.perf_counter()
                 delegation = write_pte(model, spec, path, precision=precision, calibration=calibration)
-                found[f"{name}_{precision}"] = {"lowering_s": time.perf_counter() - started,
-                                                "file_mb": os.path.getsize(path) / 2**20, "delegation": delegation,
-                                                "batch1_trace": _time_outside_delegate(path, 224)}  # fmt: skip
+                found[f"{name}_{precision}"] = {
+                    "lowering_s": time.perf_counter() - started,
+                    "file_mb": os.path.getsize(path) / 2**20,
+                    "delegation": delegation,
+                    "batch1_trace": _time_outside_delegate(path, 224),
+                }
 
     benchmark.pedantic(lower_all, rounds=1, iterations=1)
     summary["delegation"] = found

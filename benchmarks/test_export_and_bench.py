@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import P50_SCRIPT
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,11 +50,16 @@ def test_export_resnet18_digits_wall(benchmark, tmp_path, summary):
     checkpoint = train(TrainConfig(epochs=2, out=str(tmp_path / "runs"), name="r18")).best_checkpoint
     walls = []
     benchmark.pedantic(lambda: walls.append(_timed([EDGEFT, "export", checkpoint], tmp_path)), rounds=3, iterations=1)
-    summary["export_resnet18_digits_fp32_onnx_with_validation_wall_s"] = {"median": statistics.median(walls), "rounds": walls}
+    summary["export_resnet18_digits_fp32_onnx_with_validation_wall_s"] = {
+        "median": statistics.median(walls),
+        "rounds": walls,
+    }
 
 
 # A plain script, in a fresh process like each bench row: torchvision's resnet18, torch.onnx, a timing loop.
-INDEPENDENT = P50_SCRIPT + r"""
+INDEPENDENT = (
+    P50_SCRIPT
+    + r"""
 import json, os, statistics, sys, time
 import numpy as np, onnxruntime as ort, torch, torchvision
 threads = os.cpu_count()
@@ -68,24 +74,53 @@ session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionPro
 onnx = p50(lambda: session.run(None, {"input": x}))
 print(json.dumps({"eager_p50_ms": eager, "onnxruntime_p50_ms": onnx, "ratio": eager / onnx}))
 """
+)
 
 
 def _independent_ratio(folder: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", INDEPENDENT, str(folder / "independent.onnx")], check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", INDEPENDENT, str(folder / "independent.onnx")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_bench_agrees_with_an_independent_measurement(benchmark, tmp_path, summary):
     def bench_ratio() -> dict:
-        subprocess.run([EDGEFT, "bench", "--models", "resnet18", "--runtimes", "eager,onnxruntime", "--precisions", "fp32",
-                        "--batch-sizes", "1", "--out", str(tmp_path)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                EDGEFT,
+                "bench",
+                "--models",
+                "resnet18",
+                "--runtimes",
+                "eager,onnxruntime",
+                "--precisions",
+                "fp32",
+                "--batch-sizes",
+                "1",
+                "--out",
+                str(tmp_path),
+            ],
+            check=True,
+            capture_output=True,
+        )
         rows = json.loads(sorted(tmp_path.glob("bench-*.json"))[-1].read_text())["rows"]
         p50 = {r["runtime"]: r["p50_ms"] for r in rows}
-        return {"eager_p50_ms": p50["eager"], "onnxruntime_p50_ms": p50["onnxruntime"], "ratio": p50["eager"] / p50["onnxruntime"]}
+        return {
+            "eager_p50_ms": p50["eager"],
+            "onnxruntime_p50_ms": p50["onnxruntime"],
+            "ratio": p50["eager"] / p50["onnxruntime"],
+        }
 
     pairs = []
-    benchmark.pedantic(lambda: pairs.append({"edgeft_bench": bench_ratio(), "independent": _independent_ratio(tmp_path)}), rounds=2, iterations=1)
+    benchmark.pedantic(
+        lambda: pairs.append({"edgeft_bench": bench_ratio(), "independent": _independent_ratio(tmp_path)}),
+        rounds=2,
+        iterations=1,
+    )
     disagreement = [abs(p["edgeft_bench"]["ratio"] / p["independent"]["ratio"] - 1) for p in pairs]
     summary["bench_eager_to_onnxruntime_ratio_resnet18_b1"] = {"pairs": pairs, "relative_disagreement": disagreement}
     benchmark.extra_info["relative_disagreement"] = disagreement
@@ -93,14 +128,20 @@ def test_bench_agrees_with_an_independent_measurement(benchmark, tmp_path, summa
 
 def test_bench_quick_wall(benchmark, tmp_path, summary):
     walls = []
-    benchmark.pedantic(lambda: walls.append(_timed([EDGEFT, "bench", "--quick", "--out", str(tmp_path)], tmp_path)), rounds=1, iterations=1)
+    benchmark.pedantic(
+        lambda: walls.append(_timed([EDGEFT, "bench", "--quick", "--out", str(tmp_path)], tmp_path)),
+        rounds=1,
+        iterations=1,
+    )
     summary["bench_quick_wall_s"] = walls[0]
 
 
 @pytest.mark.skipif(os.environ.get("EDGEFT_BENCH_FULL") == "0", reason="EDGEFT_BENCH_FULL=0")
 def test_bench_default_wall(benchmark, tmp_path, summary):
     walls = []
-    benchmark.pedantic(lambda: walls.append(_timed([EDGEFT, "bench", "--out", str(tmp_path)], tmp_path)), rounds=1, iterations=1)
+    benchmark.pedantic(
+        lambda: walls.append(_timed([EDGEFT, "bench", "--out", str(tmp_path)], tmp_path)), rounds=1, iterations=1
+    )
     summary["bench_default_wall_s"] = walls[0]
     for report in tmp_path.glob("bench-*"):
         shutil.copy(report, RESULTS / f"bench-default-cpu{report.suffix}")

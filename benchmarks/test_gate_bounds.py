@@ -1,8 +1,9 @@
-"""Where the gate's bounds come from: the three mission backbones, each trained on real data
-(the embedded digits at 64 px, 2 epochs from scratch), exported to ONNX fp32 / fp16 / int8 (the
-x86 default int8 settings, with 7-bit and with 8-bit weights, no fallback ladder) and TorchScript fp32, each through the gate. Untouched files must pass; the fp32 files show how far
-below the fp32 bounds (1e-3 relative logit, 1e-4 probability) an honest export stays, and the
-int8 files that the default int8 settings pass the int8 gate on real data.
+"""Where the gate's bounds come from: the three mission backbones, each trained on real data (the
+embedded digits at 64 px, 2 epochs from scratch), exported to ONNX fp32 / fp16 / int8 (the x86
+default int8 settings, with 7-bit and with 8-bit weights, no fallback ladder) and TorchScript
+fp32, each through the gate. Untouched files must pass; the fp32 files show how far below the fp32
+bounds (1e-3 relative logit, 1e-4 probability) an honest export stays, and the int8 files that the
+default int8 settings pass the int8 gate on real data.
 
 Run: python -m pytest benchmarks/test_gate_bounds.py --benchmark-only \
          --benchmark-json benchmarks/results/gate_bounds-cpu.pytest-benchmark.json
@@ -34,8 +35,20 @@ EXPORTS = (("onnx", "fp32"), ("torchscript", "fp32"), ("onnx", "fp16"), ("onnx",
 # of this CPU's default must pass its gate. On a CPU without VNNI, the 8-bit file's products are
 # summed in saturating int16 pairs (measured, not gated) and also exactly, as VNNI sums them (gated).
 REDUCE_RANGE = (True, False)
-KEPT = ("reference_acc", "exported_acc", "acc_drop", "top1_agreement", "top5_agreement", "max_rel_logit_diff",
-        "max_prob_diff", "mean_prob_diff", "n_images", "passed", "reason", "provider")  # fmt: skip
+KEPT = (
+    "reference_acc",
+    "exported_acc",
+    "acc_drop",
+    "top1_agreement",
+    "top5_agreement",
+    "max_rel_logit_diff",
+    "max_prob_diff",
+    "mean_prob_diff",
+    "n_images",
+    "passed",
+    "reason",
+    "provider",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +59,8 @@ def results(machine, saved_summary):
             "training": "digits at 64 px, 2 epochs from scratch, default recipe, seed 0",
             "files": files,
             "command": "python -m pytest benchmarks/test_gate_bounds.py --benchmark-only "
-                       "--benchmark-json benchmarks/results/gate_bounds-cpu.pytest-benchmark.json",
-        }  # fmt: skip
+            "--benchmark-json benchmarks/results/gate_bounds-cpu.pytest-benchmark.json",
+        }
 
     yield from saved_summary(SUMMARY, summarize)
 
@@ -60,8 +73,15 @@ def test_gate_on_real_data(benchmark, tmp_path, results, arch):
         files = []
         for fmt, precision in EXPORTS:
             for reduce_range in REDUCE_RANGE if precision == "int8" else (None,):
-                config = ExportConfig(checkpoint=best, format=fmt, precision=precision, out=str(tmp_path / "exported"),
-                                      force=True, fallback=False, reduce_range=reduce_range)  # fmt: skip
+                config = ExportConfig(
+                    checkpoint=best,
+                    format=fmt,
+                    precision=precision,
+                    out=str(tmp_path / "exported"),
+                    force=True,
+                    fallback=False,
+                    reduce_range=reduce_range,
+                )
                 files += [(reduce_range, f) for f in export(config).files]
         return files
 
@@ -90,10 +110,18 @@ def _exact_sums(path: str, checkpoint_path: str) -> dict:
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     counts = np.zeros(3, dtype=int)  # reference correct, file correct, agreeing
     with torch.inference_mode():
-        for x, y in iterate_batches(bundle.val, batch_size=64, preprocess=bundle.preprocess, device=torch.device("cpu")):
+        for x, y in iterate_batches(
+            bundle.val, batch_size=64, preprocess=bundle.preprocess, device=torch.device("cpu")
+        ):
             ref, out = model(x).argmax(1).numpy(), session.run(None, {"input": x.numpy()})[0].argmax(1)
             counts += [(ref == y.numpy()).sum(), (out == y.numpy()).sum(), (out == ref).sum()]
     n = len(bundle.val)
     drop = 100 * (counts[0] - counts[1]) / n
-    return {"reference_acc": counts[0] / n, "exported_acc": counts[1] / n, "acc_drop": drop,
-            "top1_agreement": counts[2] / n, "n_images": n, "passed": bool(drop <= gate_for("int8")[0])}  # fmt: skip
+    return {
+        "reference_acc": counts[0] / n,
+        "exported_acc": counts[1] / n,
+        "acc_drop": drop,
+        "top1_agreement": counts[2] / n,
+        "n_images": n,
+        "passed": bool(drop <= gate_for("int8")[0]),
+    }

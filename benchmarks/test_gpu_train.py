@@ -75,9 +75,21 @@ def tutorial_fit(out: Path) -> dict:
 
 
 def edgeft_fit(out: Path) -> dict:
-    config = TrainConfig(data="digits", img_size=IMG_SIZE, epochs=EPOCHS, batch_size=BATCH, optimizer="adam", lr=LR,
-                         weight_decay=0.0, scheduler="none", warmup_epochs=0.0, label_smoothing=0.0, device="cuda",
-                         patience=0, out=str(out))  # fmt: skip
+    config = TrainConfig(
+        data="digits",
+        img_size=IMG_SIZE,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        optimizer="adam",
+        lr=LR,
+        weight_decay=0.0,
+        scheduler="none",
+        warmup_epochs=0.0,
+        label_smoothing=0.0,
+        device="cuda",
+        patience=0,
+        out=str(out),
+    )
     result = train(config)
     return {"images_per_s": result.train_images_per_s, "final_val_acc": result.history[-1]["val_acc"]}
 
@@ -99,11 +111,16 @@ def test_gpu_train_vs_tutorial(benchmark, machine, tmp_path):
         "device": gpu,
         "machine": machine,
         "setup": {"model": "resnet18", "data": f"digits {IMG_SIZE} px", "epochs": EPOCHS, "batch": BATCH},
-        "median": {name: {k: statistics.median(p[name][k] for p in pairs) for k in pairs[0][name]}
-                   for name in ("tutorial", "edgeft")},
-        "ratio_edgeft_over_tutorial": statistics.median(p["edgeft"]["images_per_s"] / p["tutorial"]["images_per_s"]
-                                                        for p in pairs),
+        "median": {
+            name: {k: statistics.median(p[name][k] for p in pairs) for k in pairs[0][name]}
+            for name in ("tutorial", "edgeft")
+        },
+        "ratio_edgeft_over_tutorial": statistics.median(
+            p["edgeft"]["images_per_s"] / p["tutorial"]["images_per_s"] for p in pairs
+        ),
         "pairs": pairs,
-    }  # fmt: skip
+    }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"gpu_train-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"gpu_train-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}.json").write_text(
+        json.dumps(summary, indent=2) + "\n"
+    )

@@ -31,19 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import independent_onnxruntime_p50
 
 from edgeft.cpu import cpu_description, has_vnni
 from edgeft.formats.onnx_int8 import QuantSettings, default_settings, quantize_onnx
+
+from conftest import independent_onnxruntime_p50
 
 SUMMARY = Path(__file__).parent / "results" / "int8_speed-cpu.json"
 BACKBONES = ("resnet18", "resnext50_32x4d", "densenet121")
 GOALS = {"resnet18": 2.5, "resnext50_32x4d": 1.5, "densenet121": 1.5}  # fp32 / int8 p50, on a VNNI CPU
 THREADS = int(os.environ.get("EDGEFT_BENCH_THREADS", os.cpu_count() or 1))
 ROUNDS = int(os.environ.get("EDGEFT_BENCH_ROUNDS", 30))
-EARLIER = QuantSettings(activation_type="int8", reduce_range=False, batchnorms_as_convs=False)  # before CPU-aware defaults
-CONTENDERS = (("int8", default_settings()), ("int8 float-bn", replace(default_settings(), batchnorms_as_convs=False)),
-              ("int8 earlier", EARLIER))  # fmt: skip
+EARLIER = QuantSettings(
+    activation_type="int8", reduce_range=False, batchnorms_as_convs=False
+)  # before CPU-aware defaults
+CONTENDERS = (
+    ("int8", default_settings()),
+    ("int8 float-bn", replace(default_settings(), batchnorms_as_convs=False)),
+    ("int8 earlier", EARLIER),
+)
 CALIBRATION = 32  # random images: the ranges do not change the speed
 
 
@@ -52,18 +58,22 @@ def summary(machine, saved_summary):
     import onnxruntime
 
     def summarize(results: dict) -> dict:  # merged over the saved file: a single test can be re-run
-        measured = {"models": {name: results[name] for name in BACKBONES if name in results},
-                    "bench_against_independent": results.get(BENCH_CHECK)}  # fmt: skip
+        measured = {
+            "models": {name: results[name] for name in BACKBONES if name in results},
+            "bench_against_independent": results.get(BENCH_CHECK),
+        }
         return {
             **{key: value for key, value in measured.items() if value},
             "machine": {**machine, **cpu_description(), "vnni": has_vnni(), "onnxruntime": onnxruntime.__version__},
             "setup": f"random weights, 224 px, batch 1, CPUExecutionProvider, {THREADS} intra-op threads, "
-                     f"{ROUNDS} interleaved rounds x 3 runs per contender; p50 over all runs",
-            "int8_settings": {name: replace(settings, calibration_size=CALIBRATION).label() for name, settings in CONTENDERS},
+            f"{ROUNDS} interleaved rounds x 3 runs per contender; p50 over all runs",
+            "int8_settings": {
+                name: replace(settings, calibration_size=CALIBRATION).label() for name, settings in CONTENDERS
+            },
             "goals_on_vnni": GOALS,
             "command": "python -m pytest benchmarks/test_int8_speed.py --benchmark-only "
-                       "--benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json",
-        }  # fmt: skip
+            "--benchmark-json benchmarks/results/int8_speed-cpu.pytest-benchmark.json",
+        }
 
     yield from saved_summary(SUMMARY, summarize, merge=True)
 
@@ -78,8 +88,13 @@ def _files(arch: str, folder: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     fp32 = folder / f"{arch}.onnx"
-    write_onnx(get_model(arch, num_classes=1000, in_chans=3), default_preprocess(size=224, channels=3), fp32, opset=18,
-               precision="fp32")  # fmt: skip
+    write_onnx(
+        get_model(arch, num_classes=1000, in_chans=3),
+        default_preprocess(size=224, channels=3),
+        fp32,
+        opset=18,
+        precision="fp32",
+    )
     files = {"fp32": fp32}
     for name, settings in CONTENDERS:
         rng = np.random.default_rng(0)
@@ -94,8 +109,12 @@ def _interleaved_p50(files: dict[str, Path]) -> dict[str, list[float]]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # an idle session's threads would spin on the cores the next one times on
-    sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for name, p in files.items()}
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "0"
+    )  # an idle session's threads would spin on the cores the next one times on
+    sessions = {
+        name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for name, p in files.items()
+    }
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
     for session in sessions.values():
         for _ in range(3):
@@ -134,15 +153,29 @@ BENCH_CHECK = "edgeft bench against an independent timing"
 
 
 def test_bench_int8_rows_agree_with_an_independent_timing(benchmark, tmp_path, summary):
-    argv = [str(Path(sys.executable).with_name("edgeft")), "bench", "--runtimes", "onnxruntime", "--precisions", "fp32,int8",
-            "--batch-sizes", "1", "--keep-files", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        str(Path(sys.executable).with_name("edgeft")),
+        "bench",
+        "--runtimes",
+        "onnxruntime",
+        "--precisions",
+        "fp32,int8",
+        "--batch-sizes",
+        "1",
+        "--keep-files",
+        "--out",
+        str(tmp_path),
+    ]
     benchmark.pedantic(lambda: subprocess.run(argv, check=True, capture_output=True), rounds=1, iterations=1)
     rows = json.loads(next(tmp_path.glob("bench-*.json")).read_text())["rows"]
     checked = {}
     for row in rows:  # the independent p50: the median of 3 fresh processes
         independent = statistics.median(independent_onnxruntime_p50(tmp_path / row["file"]) for _ in range(3))
-        checked[f"{row['model']} {row['precision']}"] = {"bench_p50_ms": row["p50_ms"], "independent_p50_ms": independent,
-                                                          "relative_difference": row["p50_ms"] / independent - 1}  # fmt: skip
+        checked[f"{row['model']} {row['precision']}"] = {
+            "bench_p50_ms": row["p50_ms"],
+            "independent_p50_ms": independent,
+            "relative_difference": row["p50_ms"] / independent - 1,
+        }
     summary[BENCH_CHECK] = checked
     assert all(abs(e["relative_difference"]) <= AGREEMENT for e in checked.values()), checked
     assert all(checked[f"{m} int8"]["bench_p50_ms"] < checked[f"{m} fp32"]["bench_p50_ms"] for m in BACKBONES), checked

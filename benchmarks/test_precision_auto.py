@@ -19,15 +19,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import independent_onnxruntime_p50
 
 from edgeft.artifact import read_metadata
 from edgeft.cpu import cpu_description
 from edgeft.train import TrainConfig, train
 
+from conftest import independent_onnxruntime_p50
+
 SUMMARY = Path(__file__).parent / "results" / "precision_auto-cpu.json"
 EDGEFT = str(Path(sys.executable).with_name("edgeft"))
 AGREEMENT = 0.15  # the decision table's p50 against the independent one, relative
+
 
 @pytest.fixture(scope="module")
 def results(machine, saved_summary):
@@ -39,7 +41,9 @@ def results(machine, saved_summary):
 
 @pytest.mark.parametrize("img_size", [None, 64], ids=["size-from-data", "64px"])
 def test_auto_keeps_a_file_whose_timing_holds(benchmark, tmp_path, results, img_size):
-    config = TrainConfig(epochs=2, out=str(tmp_path / "runs"), name="r18", **({"img_size": img_size} if img_size else {}))
+    config = TrainConfig(
+        epochs=2, out=str(tmp_path / "runs"), name="r18", **({"img_size": img_size} if img_size else {})
+    )
     checkpoint = train(config).best_checkpoint
     argv = [EDGEFT, "export", checkpoint, "--precision", "auto", "--out", str(tmp_path / "exported")]
     proc = benchmark.pedantic(lambda: subprocess.run(argv, capture_output=True, text=True), rounds=1, iterations=1)
@@ -52,9 +56,12 @@ def test_auto_keeps_a_file_whose_timing_holds(benchmark, tmp_path, results, img_
     independent = [independent_onnxruntime_p50(kept) for _ in range(3)]
     median = sorted(independent)[1]
     results[f"resnet18 digits {read_metadata(kept)['preprocess']['size']} px"] = {
-        "kept": kept.name, "decision": decision, "independent_p50_ms": independent,
-        "relative_difference": chosen["p50_ms"] / median - 1, "console": console.splitlines()[-12:],
-    }  # fmt: skip
+        "kept": kept.name,
+        "decision": decision,
+        "independent_p50_ms": independent,
+        "relative_difference": chosen["p50_ms"] / median - 1,
+        "console": console.splitlines()[-12:],
+    }
     assert chosen["passed"]
     fp32 = next(c for c in decision["candidates"] if c["candidate"] == "fp32")
     assert chosen["p50_ms"] <= fp32["p50_ms"]  # never kept slower than fp32

@@ -76,8 +76,17 @@ def setup(tmp_path_factory):
     spec = default_preprocess(size=224, channels=3, resize=256)
     model = get_model("resnet18", num_classes=10, in_chans=3)
     checkpoint = folder / "best.pt"
-    save_checkpoint(checkpoint, {"arch": "resnet18", "num_classes": 10, "in_chans": 3, "classes": [f"class{i}" for i in range(10)],
-                                 "preprocess": spec.to_dict(), "state_dict": model.state_dict()})  # fmt: skip
+    save_checkpoint(
+        checkpoint,
+        {
+            "arch": "resnet18",
+            "num_classes": 10,
+            "in_chans": 3,
+            "classes": [f"class{i}" for i in range(10)],
+            "preprocess": spec.to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
     onnx_path = export(ExportConfig(checkpoint=str(checkpoint), out=str(folder), validate=False)).files[0].path
     images = folder / "images"
     images.mkdir()
@@ -109,7 +118,8 @@ def results(machine):
                 "edgeft_max_rss_mb_median": statistics.median(r["max_rss_mb"] for r in cold_e),
                 "torch_script_wall_s_median": statistics.median(r["wall_s"] for r in cold_t),
                 "torch_script_max_rss_mb_median": statistics.median(r["max_rss_mb"] for r in cold_t),
-                "speedup": statistics.median(r["wall_s"] for r in cold_t) / statistics.median(r["wall_s"] for r in cold_e),
+                "speedup": statistics.median(r["wall_s"] for r in cold_t)
+                / statistics.median(r["wall_s"] for r in cold_e),
                 "rounds": {"edgeft": cold_e, "torch_script": cold_t},
             },
             "folder": {
@@ -120,8 +130,8 @@ def results(machine):
                 "ratio": statistics.median(collected["folder_predictor"]) / statistics.median(collected["folder_bare"]),
             },
             "command": "python -m pytest benchmarks/test_predict.py --benchmark-only "
-                       "--benchmark-json benchmarks/results/predict-cpu.pytest-benchmark.json",
-        }  # fmt: skip
+            "--benchmark-json benchmarks/results/predict-cpu.pytest-benchmark.json",
+        }
         SUMMARY.parent.mkdir(parents=True, exist_ok=True)
         SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
 

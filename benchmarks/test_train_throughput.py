@@ -83,12 +83,14 @@ def tutorial_transforms(bundle: DataBundle):
     """PIL transforms equivalent to edgeft's `standard` preset (shift 8 %, rotation 12 deg, scale
     +-10 %, brightness/contrast +-20 %; no flips for digits), then ToTensor and edgeft's Normalize."""
     normalize = transforms.Normalize(bundle.preprocess.mean, bundle.preprocess.std)
-    train_tf = transforms.Compose([
-        transforms.RandomAffine(degrees=12, translate=(0.08, 0.08), scale=(0.9, 1.1)),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2),
-        transforms.ToTensor(),
-        normalize,
-    ])  # fmt: skip
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomAffine(degrees=12, translate=(0.08, 0.08), scale=(0.9, 1.1)),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     eval_tf = transforms.Compose([transforms.ToTensor(), normalize])
     return train_tf, eval_tf
 
@@ -99,10 +101,12 @@ def tutorial_fit_one_epoch(train_set, val_set, out_dir: Path) -> dict:
     model = get_model(MODEL, num_classes=10, in_chans=1)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH_SIZE, shuffle=True,
-                                               num_workers=TUTORIAL_WORKERS)  # fmt: skip
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=BATCH_SIZE, shuffle=False,
-                                             num_workers=TUTORIAL_WORKERS)  # fmt: skip
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=TUTORIAL_WORKERS
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=BATCH_SIZE, shuffle=False, num_workers=TUTORIAL_WORKERS
+    )
 
     model.train()
     running_loss, correct, seen = 0.0, 0, 0
@@ -141,11 +145,25 @@ def edgeft_config(out_dir: Path) -> TrainConfig:
     """The same recipe as the tutorial: Adam 1e-3 without decay, constant lr, plain
     cross-entropy, fp32 on the CPU; everything else (augmentation `standard`, ...) edgeft's own."""
     return TrainConfig(
-        model=MODEL, data="digits", img_size=IMG_SIZE, epochs=1, batch_size=BATCH_SIZE,
-        optimizer="adam", lr=LR, weight_decay=0.0, scheduler="none", warmup_epochs=0.0, label_smoothing=0.0,
-        augment="standard", amp=False, channels_last=False, device="cpu", seed=SEED,
-        patience=0, out=str(out_dir),
-    )  # fmt: skip
+        model=MODEL,
+        data="digits",
+        img_size=IMG_SIZE,
+        epochs=1,
+        batch_size=BATCH_SIZE,
+        optimizer="adam",
+        lr=LR,
+        weight_decay=0.0,
+        scheduler="none",
+        warmup_epochs=0.0,
+        label_smoothing=0.0,
+        augment="standard",
+        amp=False,
+        channels_last=False,
+        device="cpu",
+        seed=SEED,
+        patience=0,
+        out=str(out_dir),
+    )
 
 
 def edgeft_fit_one_epoch(out_dir: Path, n_train: int) -> dict:
@@ -209,20 +227,30 @@ def summary(results: dict, machine: dict) -> dict:
     return {
         "benchmark": "train_throughput-cpu",
         "what": "training images/s over one epoch, edgeft.train.train vs a tutorial loop; medians over all "
-                "rounds, ratio = median of the per-pair ratios (each pair: adjacent rounds of both)",
+        "rounds, ratio = median of the per-pair ratios (each pair: adjacent rounds of both)",
         "command": "python -m pytest benchmarks/test_train_throughput.py --benchmark-only "
-                   "--benchmark-json benchmarks/results/train_throughput-cpu.pytest-benchmark.json",
+        "--benchmark-json benchmarks/results/train_throughput-cpu.pytest-benchmark.json",
         "machine": machine,
         "loadavg_1min_start_end": results["loadavg_1min"],
         "setup": {
-            "model": MODEL, "in_chans": 1, "num_classes": 10, "init_seed": SEED, "data": "digits (edgeft embedded)",
-            "img_size": IMG_SIZE, "train_images": pairs[0]["edgeft"]["images"], "batch_size": BATCH_SIZE,
-            "optimizer": f"Adam lr={LR}, no weight decay", "precision": "fp32", "device": "cpu",
+            "model": MODEL,
+            "in_chans": 1,
+            "num_classes": 10,
+            "init_seed": SEED,
+            "data": "digits (edgeft embedded)",
+            "img_size": IMG_SIZE,
+            "train_images": pairs[0]["edgeft"]["images"],
+            "batch_size": BATCH_SIZE,
+            "optimizer": f"Adam lr={LR}, no weight decay",
+            "precision": "fp32",
+            "device": "cpu",
             "tutorial": "PIL Dataset + torchvision.transforms (RandomAffine, ColorJitter, ToTensor, Normalize), "
-                        f"DataLoader(num_workers={TUTORIAL_WORKERS}), loss.item() and accuracy .item() per batch",
+            f"DataLoader(num_workers={TUTORIAL_WORKERS}), loss.item() and accuracy .item() per batch",
             "edgeft": "edgeft.train.train(TrainConfig(epochs=1, optimizer='adam', lr=1e-3, weight_decay=0, "
-                      "scheduler='none', label_smoothing=0, augment='standard', device='cpu'))",
-            "rounds_per_test": ROUNDS, "warmup_rounds_per_test": WARMUP_ROUNDS, "pairs": len(pairs),
+            "scheduler='none', label_smoothing=0, augment='standard', device='cpu'))",
+            "rounds_per_test": ROUNDS,
+            "warmup_rounds_per_test": WARMUP_ROUNDS,
+            "pairs": len(pairs),
         },
         **headline,
         "edgeft_no_slower": headline["ratio_edgeft_over_tutorial"] >= 1.0,
@@ -230,7 +258,7 @@ def summary(results: dict, machine: dict) -> dict:
             name: statistics.median(p[name]["run_s"] for p in pairs) for name in ("edgeft", "tutorial")
         },
         "pairs": pairs,
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("contender", ["tutorial", "edgeft"])
@@ -248,8 +276,9 @@ def test_train_throughput_cpu(benchmark, contender, contenders, measured, tmp_pa
         rounds.append({"contender": name, **row, "run_s": time.perf_counter() - start})
 
     benchmark.group = GROUP
-    benchmark.pedantic(lambda: run(contender), setup=lambda: run(partner), rounds=ROUNDS,
-                       warmup_rounds=WARMUP_ROUNDS, iterations=1)  # fmt: skip
+    benchmark.pedantic(
+        lambda: run(contender), setup=lambda: run(partner), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1
+    )
     if benchmark.disabled:
         measured[contender] = {"disabled": True}
         return
@@ -266,4 +295,4 @@ def test_train_throughput_cpu(benchmark, contender, contenders, measured, tmp_pa
         **{f"this_test_{k}": v for k, v in medians(pairs).items()},
         **{f"suite_{k}": v for k, v in medians(measured["pairs"]).items()},
         loadavg_1min=os.getloadavg()[0],
-    )  # fmt: skip
+    )

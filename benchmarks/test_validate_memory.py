@@ -41,7 +41,9 @@ def _write_images(folder: Path, count: int, rng: np.random.Generator) -> None:
         label = CLASSES[i % len(CLASSES)]
         (folder / label).mkdir(parents=True, exist_ok=True)
         base = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)  # smooth content, like a photo compresses
-        Image.fromarray(base).resize((320, 240), Image.Resampling.BICUBIC).save(folder / label / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(base).resize((320, 240), Image.Resampling.BICUBIC).save(
+            folder / label / f"{i:05d}.jpg", quality=90
+        )
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +57,21 @@ def setup(tmp_path_factory):
     run = root / "runs" / "r18"
     checkpoint = run / "best.pt"
     run.mkdir(parents=True)
-    save_checkpoint(checkpoint, {"arch": "resnet18", "num_classes": 10, "in_chans": 3, "classes": CLASSES,
-                                 "preprocess": spec.to_dict(), "state_dict": get_model("resnet18", num_classes=10).state_dict(),
-                                 "config": {"data": str(data)}})  # fmt: skip
-    onnx_path = export(ExportConfig(checkpoint=str(checkpoint), out=str(root / "exported"), validate=False)).files[0].path
+    save_checkpoint(
+        checkpoint,
+        {
+            "arch": "resnet18",
+            "num_classes": 10,
+            "in_chans": 3,
+            "classes": CLASSES,
+            "preprocess": spec.to_dict(),
+            "state_dict": get_model("resnet18", num_classes=10).state_dict(),
+            "config": {"data": str(data)},
+        },
+    )
+    onnx_path = (
+        export(ExportConfig(checkpoint=str(checkpoint), out=str(root / "exported"), validate=False)).files[0].path
+    )
     return {"root": root, "data": data, "onnx": onnx_path}
 
 
@@ -105,8 +118,12 @@ def _measure(argv: list[str], cwd: Path) -> dict:
         time.sleep(0.05)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mb": hwm / 1024, "peak_tree_pss_mb": tree_pss / 1024,
-            "result": json.loads(out)}  # fmt: skip
+    return {
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": hwm / 1024,
+        "peak_tree_pss_mb": tree_pss / 1024,
+        "result": json.loads(out),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +135,16 @@ def results(machine):
         summary = {
             "machine": {**machine, **cpu_description()},
             "model": "resnet18 fp32 ONNX, 224 px (resize 256), 10 classes, validated at batch 1 and 8",
-            "runs": {str(n): {k: v for k, v in collected[n].items() if k != "result"} | {"n_images": collected[n]["result"]["n_images"]}
-                     for n in SIZES},  # fmt: skip
+            "runs": {
+                str(n): {k: v for k, v in collected[n].items() if k != "result"}
+                | {"n_images": collected[n]["result"]["n_images"]}
+                for n in SIZES
+            },
             "peak_rss_ratio": large["peak_rss_mb"] / small["peak_rss_mb"],
             "peak_tree_pss_ratio": large["peak_tree_pss_mb"] / small["peak_tree_pss_mb"],
             "command": "python -m pytest benchmarks/test_validate_memory.py --benchmark-only "
-                       "--benchmark-json benchmarks/results/validate_memory-cpu.pytest-benchmark.json",
-        }  # fmt: skip
+            "--benchmark-json benchmarks/results/validate_memory-cpu.pytest-benchmark.json",
+        }
         SUMMARY.parent.mkdir(parents=True, exist_ok=True)
         SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import one_line_error, run_edgeft
 
 from edgeft.artifact import content_digest, parse_metadata, read_metadata, write_metadata
 from edgeft.config import ExportConfig
 from edgeft.errors import InputError
 from edgeft.export import export
+
+from conftest import one_line_error, run_edgeft
 
 pytestmark = pytest.mark.slow  # every test shares a fixture that exports all three formats
 
@@ -54,7 +55,11 @@ def _with_metadata(source: Path, tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize(
     "text, message",
-    [("{not json", "not valid JSON"), ("[1, 2]", "a list, not an object"), ('{"arch": "resnet18"}', "lacks or mistypes")],
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "a list, not an object"),
+        ('{"arch": "resnet18"}', "lacks or mistypes"),
+    ],
 )
 def test_broken_metadata_is_one_line_and_exit_2(files, tmp_path, text, message):
     path = _with_metadata(files["onnx"], tmp_path, text)
@@ -109,11 +114,14 @@ def test_a_damaged_torchscript_archive_is_refused(files, tmp_path):
         read_metadata(path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"mean": ["a"]}, "finite numbers"),
-    ({"std": [0.0]}, "std must be positive"),
-    ({"size": 16.5}, "must be integers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mean": ["a"]}, "finite numbers"),
+        ({"std": [0.0]}, "std must be positive"),
+        ({"size": 16.5}, "must be integers"),
+    ],
+)
 def test_unusable_preprocessing_in_metadata_is_refused(files, tmp_path, change, message):
     metadata = read_metadata(files["onnx"])
     metadata["preprocess"].update(change)
@@ -142,15 +150,19 @@ def _weights_entries(source: Path) -> tuple[list[tuple[str, bytes]], str]:
     return entries, largest
 
 
-@pytest.mark.parametrize("trick", ["original under another folder", "duplicate name, tampered first", "name differing in case"])
+@pytest.mark.parametrize(
+    "trick", ["original under another folder", "duplicate name, tampered first", "name differing in case"]
+)
 def test_a_torchscript_archive_the_loader_reads_differently_from_the_digest_is_refused(files, tmp_path, trick):
     entries, weights = _weights_entries(files["torchscript"])
     original = dict(entries)[weights]
     tampered = [(n, bytes(b ^ 0x80 for b in d[:4]) + d[4:] if n == weights else d) for n, d in entries]
     prefix, rest = weights.split("/", 1)
-    extra = {"original under another folder": (f"zz{prefix}/{rest}", original),
-             "duplicate name, tampered first": (weights, original),
-             "name differing in case": (f"{prefix}/{rest.upper()}", original)}[trick]  # fmt: skip
+    extra = {
+        "original under another folder": (f"zz{prefix}/{rest}", original),
+        "duplicate name, tampered first": (weights, original),
+        "name differing in case": (f"{prefix}/{rest.upper()}", original),
+    }[trick]
     path = _rebuilt_archive(files["torchscript"], tmp_path / "tampered.ts", [*tampered, extra])
     with pytest.raises(InputError, match="one top-level folder|duplicate entries"):
         read_metadata(path)
@@ -185,8 +197,11 @@ def test_no_debug_tables_and_the_metadata_rewrite_keeps_the_archive_loadable(fil
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch"])
-@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 50 + "1" + "}" * 50, '{"format": NaN}'],
-                         ids=["100000 deep", "50 deep", "NaN"])
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"a": ' * 50 + "1" + "}" * 50, '{"format": NaN}'],
+    ids=["100000 deep", "50 deep", "NaN"],
+)
 def test_deeply_nested_or_non_finite_metadata_is_one_line(files, tmp_path, fmt, text):
     path = tmp_path / files[fmt].name
     shutil.copy(files[fmt], path)
@@ -240,10 +255,18 @@ def test_only_bytes_that_look_like_torch_save_are_called_a_checkpoint(tmp_path):
 
 
 def _metadata(**change) -> str:
-    values = {"format": "edgeft.export/2", "arch": "resnet18", "num_classes": 2, "classes": ["a", "b"],
-              "preprocess": {"size": 8, "resize": 8, "mean": [0.5], "std": [0.25], "channels": 1},
-              "precision": "fp32", "input": {}, "output": {}, "content_sha256": "0" * 64,
-              "source_checkpoint": {"sha256": "1" * 64}}  # fmt: skip
+    values = {
+        "format": "edgeft.export/2",
+        "arch": "resnet18",
+        "num_classes": 2,
+        "classes": ["a", "b"],
+        "preprocess": {"size": 8, "resize": 8, "mean": [0.5], "std": [0.25], "channels": 1},
+        "precision": "fp32",
+        "input": {},
+        "output": {},
+        "content_sha256": "0" * 64,
+        "source_checkpoint": {"sha256": "1" * 64},
+    }
     return json.dumps({**values, **change})
 
 

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_edgeft
 from PIL import Image
 
 from edgeft.bench import (
@@ -24,12 +23,22 @@ from edgeft.bench import (
 from edgeft.config import BenchConfig
 from edgeft.errors import InputError
 
+from conftest import run_edgeft
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
-    config = BenchConfig(models=("resnet18",), runtimes=("eager", "torchscript", "onnxruntime"),
-                         batch_sizes=(1, 3), img_size=32, device="cpu", quick=True, out=str(out), keep_files=True)  # fmt: skip
+    config = BenchConfig(
+        models=("resnet18",),
+        runtimes=("eager", "torchscript", "onnxruntime"),
+        batch_sizes=(1, 3),
+        img_size=32,
+        device="cpu",
+        quick=True,
+        out=str(out),
+        keep_files=True,
+    )
     return run_bench(config)
 
 
@@ -93,7 +102,9 @@ def test_kept_files_are_the_files_each_row_timed(report):
 
     assert "DequantizeLinear" in operators(rows[("onnxruntime", "int8")])
     assert "DequantizeLinear" not in operators(rows[("onnxruntime", "fp32")])
-    assert [r["file"] for r in json.loads(Path(report.files["json"]).read_text())["rows"]] == [r.file for r in report.rows]
+    assert [r["file"] for r in json.loads(Path(report.files["json"]).read_text())["rows"]] == [
+        r.file for r in report.rows
+    ]
     assert f"| {rows[('onnxruntime', 'int8')].file} |" in Path(report.files["md"]).read_text()
 
 
@@ -111,10 +122,12 @@ def test_console_table_fits_80_columns(report):
 
 
 def test_speed_columns_compare_with_the_same_runtime_and_batch():
-    rows = [BenchRow("m", "onnxruntime", "fp32", 1, "cpu", p50_ms=10.0, gflops=1.0),
-            BenchRow("m", "onnxruntime", "int8", 1, "cpu", p50_ms=4.0, gflops=1.0),
-            BenchRow("m", "eager", "fp16", 1, "cpu", p50_ms=5.0, gflops=1.0),
-            BenchRow("m", "onnxruntime", "int8", 8, "cpu", p50_ms=20.0, gflops=1.0)]  # fmt: skip
+    rows = [
+        BenchRow("m", "onnxruntime", "fp32", 1, "cpu", p50_ms=10.0, gflops=1.0),
+        BenchRow("m", "onnxruntime", "int8", 1, "cpu", p50_ms=4.0, gflops=1.0),
+        BenchRow("m", "eager", "fp16", 1, "cpu", p50_ms=5.0, gflops=1.0),
+        BenchRow("m", "onnxruntime", "int8", 8, "cpu", p50_ms=20.0, gflops=1.0),
+    ]
     add_speed_columns(rows, peak_gflop_per_s=100.0)
     assert [r.vs_fp32 for r in rows] == [1.0, 2.5, None, None]  # no fp32 row to compare with: none
     assert rows[1].gflop_per_s == pytest.approx(500.0) and rows[1].pct_of_peak == pytest.approx(500.0)
@@ -123,17 +136,26 @@ def test_speed_columns_compare_with_the_same_runtime_and_batch():
 
 @pytest.mark.parametrize(
     ("values", "message"),
-    [({"batch_sizes": (1, 0)}, "--batch-sizes"), ({"batch_sizes": ()}, "--batch-sizes"), ({"threads": -1}, "--threads"),
-     ({"runtimes": ("tensorrt",)}, "--runtimes: unknown 'tensorrt'"), ({"precisions": ("int4",)}, "--precisions"),
-     ({"device": "gpu"}, "--device"), ({"iterations": 0}, "--iterations"), ({"budget_s": 0}, "--budget-s")],
-)  # fmt: skip
+    [
+        ({"batch_sizes": (1, 0)}, "--batch-sizes"),
+        ({"batch_sizes": ()}, "--batch-sizes"),
+        ({"threads": -1}, "--threads"),
+        ({"runtimes": ("tensorrt",)}, "--runtimes: unknown 'tensorrt'"),
+        ({"precisions": ("int4",)}, "--precisions"),
+        ({"device": "gpu"}, "--device"),
+        ({"iterations": 0}, "--iterations"),
+        ({"budget_s": 0}, "--budget-s"),
+    ],
+)
 def test_config_refuses_bad_values(values, message):
     with pytest.raises(InputError, match=message):
         BenchConfig(**values)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--threads", "-1"], ["--batch-sizes", "1,x"], ["--runtimes", "tensorrt"], ["--models", "resnet9000"]])
+@pytest.mark.parametrize(
+    "args", [["--threads", "-1"], ["--batch-sizes", "1,x"], ["--runtimes", "tensorrt"], ["--models", "resnet9000"]]
+)
 def test_bad_options_are_one_line_and_exit_2(args, tmp_path):
     proc = run_edgeft(["bench", *args, "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -143,8 +165,15 @@ def test_bad_options_are_one_line_and_exit_2(args, tmp_path):
 
 @pytest.mark.slow
 def test_accuracy_column_from_a_checkpoint(digits_checkpoint, tmp_path):
-    config = BenchConfig(runtimes=("eager", "onnxruntime"), precisions=("fp32",), batch_sizes=(2,), device="cpu",
-                         quick=True, checkpoints=(str(digits_checkpoint),), out=str(tmp_path))  # fmt: skip
+    config = BenchConfig(
+        runtimes=("eager", "onnxruntime"),
+        precisions=("fp32",),
+        batch_sizes=(2,),
+        device="cpu",
+        quick=True,
+        checkpoints=(str(digits_checkpoint),),
+        out=str(tmp_path),
+    )
     rows = {r.runtime: r for r in run_bench(config).rows}
     assert rows["eager"].accuracy is not None and rows["eager"].accuracy > 0.5
     assert rows["onnxruntime"].accuracy == pytest.approx(rows["eager"].accuracy)  # fp32 export keeps accuracy
@@ -157,8 +186,15 @@ def test_checkpoints_of_one_architecture_get_a_table_and_baseline_each(digits_ch
     from edgeft.cli.bench import print_report
 
     checkpoints = (str(digits_checkpoint), str(digits_checkpoint.with_name("last.pt")))
-    config = BenchConfig(runtimes=("onnxruntime",), precisions=("fp32", "int8"), batch_sizes=(1,), device="cpu",
-                         quick=True, checkpoints=checkpoints, out=str(tmp_path))  # fmt: skip
+    config = BenchConfig(
+        runtimes=("onnxruntime",),
+        precisions=("fp32", "int8"),
+        batch_sizes=(1,),
+        device="cpu",
+        quick=True,
+        checkpoints=checkpoints,
+        out=str(tmp_path),
+    )
     report = run_bench(config)
     run = digits_checkpoint.parent.name
     labels = [f"resnet18 ({run}/best.pt)", f"resnet18 ({run}/last.pt)"]
@@ -192,8 +228,14 @@ def test_labels_of_checkpoints_with_the_same_run_and_file_are_their_paths(digits
 def test_a_cuda_device_with_an_index_plans_cuda_rows():
     config = BenchConfig(runtimes=("eager", "onnxruntime", "executorch"), device="cuda:1")
     on_cuda = "ExecuTorch runs on the CPU (XNNPACK); use --device cpu"
-    assert _plan(config, "cuda:1") == [("eager", "fp32", None), ("eager", "fp16", None), ("onnxruntime", "fp32", None),
-                                       ("onnxruntime", "fp16", None), ("executorch", "fp32", on_cuda), ("executorch", "fp16", on_cuda)]  # fmt: skip
+    assert _plan(config, "cuda:1") == [
+        ("eager", "fp32", None),
+        ("eager", "fp16", None),
+        ("onnxruntime", "fp32", None),
+        ("onnxruntime", "fp16", None),
+        ("executorch", "fp32", on_cuda),
+        ("executorch", "fp16", on_cuda),
+    ]
 
 
 @pytest.mark.slow
@@ -202,8 +244,10 @@ def test_unusable_cuda_is_one_line_and_exit_2(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = run_edgeft(["bench", "--models", "resnet18", "--device", "cuda", "--img-size", "32", "--quick",
-                       "--out", str(tmp_path)], cwd=tmp_path)  # fmt: skip
+    proc = run_edgeft(
+        ["bench", "--models", "resnet18", "--device", "cuda", "--img-size", "32", "--quick", "--out", str(tmp_path)],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "edgeft: error: --device cuda: CUDA is not usable here; use --device cpu or auto"
     assert not list(tmp_path.glob("bench-*"))
@@ -212,8 +256,16 @@ def test_unusable_cuda_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow  # lowers resnet18 twice
 def test_executorch_rows_fp32_and_int8(tmp_path):
     pytest.importorskip("executorch.runtime")
-    config = BenchConfig(models=("resnet18",), runtimes=("onnxruntime", "executorch"), precisions=("fp32", "int8"),
-                         batch_sizes=(1, 3), img_size=32, device="cpu", quick=True, out=str(tmp_path))  # fmt: skip
+    config = BenchConfig(
+        models=("resnet18",),
+        runtimes=("onnxruntime", "executorch"),
+        precisions=("fp32", "int8"),
+        batch_sizes=(1, 3),
+        img_size=32,
+        device="cpu",
+        quick=True,
+        out=str(tmp_path),
+    )
     rows = {(r.runtime, r.precision, r.batch): r for r in run_bench(config).rows}
     for precision in ("fp32", "int8"):
         for batch in (1, 3):
@@ -226,8 +278,21 @@ def test_executorch_rows_fp32_and_int8(tmp_path):
 
 
 def _round(p50: float, runs: int, mean: float) -> list[dict]:
-    return [{"batch": 1, "p50_ms": p50, "p90_ms": p50 + 1, "p99_ms": p50 + 2, "first_ms": 3 * p50, "load_s": 0.1,
-             "mean_ms": mean, "iterations": runs, "images_per_s": 1000 / mean, "peak_rss_mb": 100 + p50, "provider": "cpu"}]  # fmt: skip
+    return [
+        {
+            "batch": 1,
+            "p50_ms": p50,
+            "p90_ms": p50 + 1,
+            "p99_ms": p50 + 2,
+            "first_ms": 3 * p50,
+            "load_s": 0.1,
+            "mean_ms": mean,
+            "iterations": runs,
+            "images_per_s": 1000 / mean,
+            "peak_rss_mb": 100 + p50,
+            "provider": "cpu",
+        }
+    ]
 
 
 def test_rounds_combine_to_their_median_so_one_slow_process_does_not_move_the_row():
@@ -239,8 +304,18 @@ def test_rounds_combine_to_their_median_so_one_slow_process_does_not_move_the_ro
 
 @pytest.mark.slow
 def test_rounds_time_each_row_in_several_processes(tmp_path):
-    config = BenchConfig(models=("resnet18",), runtimes=("onnxruntime",), precisions=("fp32",), batch_sizes=(1,), img_size=32,
-                         device="cpu", iterations=4, rounds=2, warmup=1, out=str(tmp_path))  # fmt: skip
+    config = BenchConfig(
+        models=("resnet18",),
+        runtimes=("onnxruntime",),
+        precisions=("fp32",),
+        batch_sizes=(1,),
+        img_size=32,
+        device="cpu",
+        iterations=4,
+        rounds=2,
+        warmup=1,
+        out=str(tmp_path),
+    )
     (row,) = run_bench(config).rows
     assert row.status == "ok" and row.iterations == 4  # 2 rounds of 2: --iterations counts all rounds
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["settings"]["rounds"] == 2

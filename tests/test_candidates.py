@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_edgeft
 
 from edgeft.artifact import read_metadata
 from edgeft.candidates import Attempt, attempts_table, choose_fastest
@@ -15,6 +14,8 @@ from edgeft.errors import InputError
 from edgeft.export import export
 from edgeft.formats.onnx import quant_settings
 from edgeft.predict import Predictor
+
+from conftest import run_edgeft
 
 
 def attempt(name: str, p50: float | None, passed: bool = True) -> Attempt:
@@ -42,10 +43,16 @@ def test_decision_table_names_each_candidate():
 
 
 def test_quant_options_override_the_cpu_defaults(tmp_path):
-    config = ExportConfig(checkpoint="x.pt", calib_method="entropy", activation_type="int8", reduce_range=False, calib_size=64)
+    config = ExportConfig(
+        checkpoint="x.pt", calib_method="entropy", activation_type="int8", reduce_range=False, calib_size=64
+    )
     settings = quant_settings(config)
     assert (settings.calibrate_method, settings.activation_type, settings.reduce_range, settings.calibration_size) == (
-        "entropy", "int8", False, 64)  # fmt: skip
+        "entropy",
+        "int8",
+        False,
+        64,
+    )
     with pytest.raises(InputError, match="--calib-method"):
         ExportConfig(checkpoint="x.pt", calib_method="kl")
     with pytest.raises(InputError, match="--precision auto"):
@@ -54,7 +61,9 @@ def test_quant_options_override_the_cpu_defaults(tmp_path):
 
 @pytest.mark.slow
 def test_ladder_tries_every_setting_then_fails_with_its_attempts(digits_checkpoint, tmp_path):
-    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(tmp_path), max_acc_drop=-1, calib_size=16)
+    config = ExportConfig(
+        checkpoint=str(digits_checkpoint), precision="int8", out=str(tmp_path), max_acc_drop=-1, calib_size=16
+    )
     (f,) = export(config).files
     assert not f.kept and not Path(f.path).exists() and not list(tmp_path.glob(".*"))  # nothing left behind
     assert len(f.attempts) == 4 and len({a.candidate for a in f.attempts}) == 4
@@ -64,7 +73,9 @@ def test_ladder_tries_every_setting_then_fails_with_its_attempts(digits_checkpoi
 
 @pytest.mark.slow
 def test_int8_that_passes_stops_the_ladder(digits_checkpoint, tmp_path):
-    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(tmp_path), max_acc_drop=100, calib_size=16)
+    config = ExportConfig(
+        checkpoint=str(digits_checkpoint), precision="int8", out=str(tmp_path), max_acc_drop=100, calib_size=16
+    )
     (f,) = export(config).files
     assert f.kept and len(f.attempts) == 1 and f.attempts[0].passed
     quantization = read_metadata(f.path)["quantization"]
@@ -73,7 +84,9 @@ def test_int8_that_passes_stops_the_ladder(digits_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_auto_keeps_the_fastest_passing_file_with_its_table(digits_checkpoint, tmp_path):
-    (f,) = export(ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), calib_size=32)).files
+    (f,) = export(
+        ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), calib_size=32)
+    ).files
     assert f.kept and Path(f.path).exists()
     by_name = {a.precision: a for a in f.attempts}
     assert {"fp32", "int8"} <= set(by_name) and sum(a.chosen for a in f.attempts) == 1
@@ -91,17 +104,27 @@ def test_auto_keeps_the_fastest_passing_file_with_its_table(digits_checkpoint, t
 
 @pytest.mark.slow
 def test_cli_auto_prints_the_candidates(digits_checkpoint, tmp_path):
-    proc = run_edgeft(["export", str(digits_checkpoint), "--precision", "auto", "--calib-size", "32", "--out", str(tmp_path)],
-                      cwd=tmp_path)  # fmt: skip
+    proc = run_edgeft(
+        ["export", str(digits_checkpoint), "--precision", "auto", "--calib-size", "32", "--out", str(tmp_path)],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "candidates" in proc.stdout and "fp32" in proc.stdout and "int8 qdq" in proc.stdout and "(kept)" in proc.stdout
+    assert (
+        "candidates" in proc.stdout and "fp32" in proc.stdout and "int8 qdq" in proc.stdout and "(kept)" in proc.stdout
+    )
     assert "out-of-range" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
 def test_auto_with_no_passing_candidate_keeps_nothing_and_reports_all(digits_checkpoint, tmp_path):
-    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), max_acc_drop=-1,
-                          calib_size=16, fallback=False)  # fmt: skip
+    config = ExportConfig(
+        checkpoint=str(digits_checkpoint),
+        precision="auto",
+        out=str(tmp_path),
+        max_acc_drop=-1,
+        calib_size=16,
+        fallback=False,
+    )
     (f,) = export(config).files
     assert not f.kept and not f.validation.passed and [a.candidate.split()[0] for a in f.attempts] == ["fp32", "int8"]
     assert not any(a.chosen for a in f.attempts) and not list(tmp_path.iterdir())
@@ -109,10 +132,19 @@ def test_auto_with_no_passing_candidate_keeps_nothing_and_reports_all(digits_che
 
 @pytest.mark.slow
 def test_auto_with_force_keeps_a_file_marked_failed_when_no_candidate_passes(digits_checkpoint, tmp_path):
-    config = ExportConfig(checkpoint=str(digits_checkpoint), precision="auto", out=str(tmp_path), max_acc_drop=-1,
-                          calib_size=16, fallback=False, force=True)  # fmt: skip
+    config = ExportConfig(
+        checkpoint=str(digits_checkpoint),
+        precision="auto",
+        out=str(tmp_path),
+        max_acc_drop=-1,
+        calib_size=16,
+        fallback=False,
+        force=True,
+    )
     (f,) = export(config).files
     assert f.kept and Path(f.path).is_file() and not f.validation.passed
     metadata = read_metadata(f.path)
     assert metadata["validation"]["passed"] is False
-    assert [c["candidate"] for c in metadata["precision_auto"]["candidates"] if c["chosen"]] == [metadata["precision_auto"]["chosen"]]
+    assert [c["candidate"] for c in metadata["precision_auto"]["candidates"] if c["chosen"]] == [
+        metadata["precision_auto"]["chosen"]
+    ]

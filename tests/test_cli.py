@@ -15,12 +15,21 @@ import torch
 import torchvision
 
 import edgeft
+
 from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
 
 REQUIRED_MODELS = [
-    "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d",
-    "densenet121", "densenet169", "densenet201", "mobilenet_v3_small", "mobilenet_v3_large",
-]  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "densenet121",
+    "densenet169",
+    "densenet201",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+]
 TINY = ["--epochs", "1", "--img-size", "16", "--batch-size", "8"]
 
 
@@ -45,7 +54,10 @@ def prepare(case: str, cwd: Path) -> tuple[list[str], list[str]]:
     if case == "imagenet offline":
         make_image_folder(cwd / "shapes", {"a": 3, "b": 3}, size=8)
         folder = str(cwd / ".torch_home" / "hub" / "checkpoints")
-        return ["train", "--data", str(cwd / "shapes"), "--weights", "imagenet", *TINY], ["resnet18-f37072fd.pth", folder]
+        return ["train", "--data", str(cwd / "shapes"), "--weights", "imagenet", *TINY], [
+            "resnet18-f37072fd.pth",
+            folder,
+        ]
     if case == "resume from a text file":
         (cwd / "last.pt").write_text("not a checkpoint")
         return ["train", "--resume", str(cwd / "last.pt")], ["last.pt"]
@@ -80,10 +92,25 @@ def prepare_values(case: str, cwd: Path) -> tuple[list[str], list[str]]:
     raise AssertionError(case)
 
 
-BAD_CASES = ["unknown model", "missing folder", "empty folder", "one class", "bad val split", "cifar10 offline",
-             "imagenet offline", "resume from a text file", "long run name", "long export name", "huge batch size",
-             "one image per class", "negative validate workers", "missing calibration folder", "folder as checkpoint",
-             "fifo as checkpoint", "random bytes as a model"]  # fmt: skip
+BAD_CASES = [
+    "unknown model",
+    "missing folder",
+    "empty folder",
+    "one class",
+    "bad val split",
+    "cifar10 offline",
+    "imagenet offline",
+    "resume from a text file",
+    "long run name",
+    "long export name",
+    "huge batch size",
+    "one image per class",
+    "negative validate workers",
+    "missing calibration folder",
+    "folder as checkpoint",
+    "fifo as checkpoint",
+    "random bytes as a model",
+]
 if not torch.cuda.is_available():
     BAD_CASES.append("cuda on a cpu machine")
 
@@ -205,8 +232,14 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(tmp_path):
     from edgeft.checkpoint import load_checkpoint
 
     args = ["train", "--epochs", "100", "--img-size", "16", "--batch-size", "64", "--name", "stopped"]
-    proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*edgeft_command(), *args],
+        cwd=tmp_path,
+        env=offline_env(tmp_path / ".torch_home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     best = tmp_path / "runs" / "stopped" / "best.pt"
     deadline = time.monotonic() + time_limit(240)
     while not best.exists() and proc.poll() is None and time.monotonic() < deadline:

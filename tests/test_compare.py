@@ -6,17 +6,35 @@ import csv
 import json
 
 import pytest
-from conftest import one_line_error, run_edgeft
 from PIL import Image
+
+from conftest import one_line_error, run_edgeft
 
 pytestmark = pytest.mark.slow
 
 
 def test_compare_trains_three_ways_and_reports_them(digits_checkpoint, image_folder, tmp_path):
     # fine-tuning weights trained on other data (digits, 1 channel) for a 3-class RGB folder
-    proc = run_edgeft(["compare", "--weights", str(digits_checkpoint), "--data", str(image_folder), "--epochs", "3",
-                       "--freeze-epochs", "1", "--img-size", "16", "--batch-size", "16", "--out", str(tmp_path / "runs")],
-                      cwd=tmp_path)  # fmt: skip
+    proc = run_edgeft(
+        [
+            "compare",
+            "--weights",
+            str(digits_checkpoint),
+            "--data",
+            str(image_folder),
+            "--epochs",
+            "3",
+            "--freeze-epochs",
+            "1",
+            "--img-size",
+            "16",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (folder,) = (tmp_path / "runs").iterdir()
     histories = {}
@@ -43,7 +61,8 @@ def test_compare_needs_weights(tmp_path):
 
 
 def test_compare_checks_the_weights_before_training(tmp_path):
-    proc = run_edgeft(["compare", "--weights", str(tmp_path / "nonexistent.pt"), "--epochs", "3", "--img-size", "16"],
-                      cwd=tmp_path)  # fmt: skip
+    proc = run_edgeft(
+        ["compare", "--weights", str(tmp_path / "nonexistent.pt"), "--epochs", "3", "--img-size", "16"], cwd=tmp_path
+    )
     assert proc.returncode == 2 and "nonexistent.pt" in one_line_error(proc.stderr)
     assert not (tmp_path / "runs").exists()  # nothing trained, no partial folder

@@ -11,7 +11,11 @@ from edgeft.cpu import FEATURES, cpu_description, cpu_features, has_bf16, has_vn
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
 def test_features_match_proc_cpuinfo():
-    flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split(":")[1].split())
+    flags = set(
+        next(row for row in Path("/proc/cpuinfo").read_text().splitlines() if row.startswith("flags"))
+        .split(":")[1]
+        .split()
+    )
     assert cpu_features() == {name: name in flags for name in FEATURES}
     assert has_vnni() == bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     assert has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

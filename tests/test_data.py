@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import class_image, make_image_folder
 from edgeft.data import (
     FolderImages,
     FolderLoaders,
@@ -29,6 +28,8 @@ from edgeft.data import (
 )
 from edgeft.errors import InputError
 from edgeft.preprocess import preprocess_image
+
+from conftest import class_image, make_image_folder
 
 CPU = torch.device("cpu")
 
@@ -178,8 +179,18 @@ def write_mixed_folder(root: Path) -> list[Path]:
     """Images of many sizes, modes and formats, two classes."""
     rng = np.random.default_rng(0)
     written = []
-    variants = [("RGB", ".png"), ("L", ".png"), ("RGBA", ".png"), ("P", ".png"), ("RGB", ".jpg"), ("L", ".jpg"),
-                ("LA", ".png"), ("RGB", ".bmp"), ("RGB", ".webp"), ("P", ".gif")]  # fmt: skip
+    variants = [
+        ("RGB", ".png"),
+        ("L", ".png"),
+        ("RGBA", ".png"),
+        ("P", ".png"),
+        ("RGB", ".jpg"),
+        ("L", ".jpg"),
+        ("LA", ".png"),
+        ("RGB", ".bmp"),
+        ("RGB", ".webp"),
+        ("P", ".gif"),
+    ]
     for label, name in enumerate(("x", "y")):
         (root / name).mkdir(parents=True)
         for i, (mode, ext) in enumerate(variants):
@@ -203,8 +214,18 @@ def test_folder_with_mixed_sizes_modes_and_formats(tmp_path):
     x, _ = eval_tensors(bundle)
     assert x.shape == (len(bundle.val), 3, 16, 16) and torch.isfinite(x).all()
     for augment in ("light", "standard"):
-        batches = list(iterate_batches(bundle.train, batch_size=8, preprocess=bundle.preprocess, device=CPU,
-                                       shuffle=True, augment=augment, flips=True, seed=0))  # fmt: skip
+        batches = list(
+            iterate_batches(
+                bundle.train,
+                batch_size=8,
+                preprocess=bundle.preprocess,
+                device=CPU,
+                shuffle=True,
+                augment=augment,
+                flips=True,
+                seed=0,
+            )
+        )
         assert sum(len(yb) for _, yb in batches) == len(bundle.train)
         assert all(xb.shape[1:] == (3, 16, 16) and torch.isfinite(xb).all() for xb, _ in batches)
 
@@ -275,8 +296,9 @@ def test_bad_val_split(val_split):
     assert "val-split" in str(info.value)
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [({"img_size": 4}, "img-size"), ({"img_size": 5000}, "img-size"),
-                                              ({"channels": 2}, "channels")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "flag"), [({"img_size": 4}, "img-size"), ({"img_size": 5000}, "img-size"), ({"channels": 2}, "channels")]
+)
 def test_bad_size_and_channels(kwargs, flag):
     with pytest.raises(InputError) as info:
         load_data("digits", **kwargs)
@@ -336,8 +358,14 @@ def test_iterate_batches_order_depends_on_the_seed_only():
     bundle = load_data("digits", img_size=8)
 
     def labels(seed: int, shuffle: bool = True) -> torch.Tensor:
-        return torch.cat([y for _, y in iterate_batches(bundle.train, batch_size=100, preprocess=bundle.preprocess,
-                                                       device=CPU, shuffle=shuffle, seed=seed)])  # fmt: skip
+        return torch.cat(
+            [
+                y
+                for _, y in iterate_batches(
+                    bundle.train, batch_size=100, preprocess=bundle.preprocess, device=CPU, shuffle=shuffle, seed=seed
+                )
+            ]
+        )
 
     first, again, other = labels(0), labels(0), labels(1)
     assert torch.equal(first, again) and not torch.equal(first, other)
@@ -384,8 +412,19 @@ def test_start_up_reads_headers_only_and_later_failures_are_counted(tmp_path):
     assert bundle.skipped_files == 0  # its header is fine: nothing decoded at start-up
     assert len(bundle.train) + len(bundle.val) == 20
     for split in (bundle.train, bundle.val):
-        n = sum(len(y) for _, y in iterate_batches(split, batch_size=4, preprocess=bundle.preprocess, device=CPU,
-                                                  augment="light", flips=True, shuffle=True, workers=2))  # fmt: skip
+        n = sum(
+            len(y)
+            for _, y in iterate_batches(
+                split,
+                batch_size=4,
+                preprocess=bundle.preprocess,
+                device=CPU,
+                augment="light",
+                flips=True,
+                shuffle=True,
+                workers=2,
+            )
+        )
         assert n == len(split) - (broken in {p for p, _ in split.files})
     count, examples = bundle.skipped()
     assert count == 1 and broken.name in examples[0]
@@ -402,9 +441,23 @@ def test_decode_failures_past_the_limit_abort_as_bad_input(tmp_path):
 
 
 def augmented(bundle, *, seed: int, workers: int, loaders: FolderLoaders | None = None) -> torch.Tensor:
-    return torch.cat([x for x, _ in iterate_batches(bundle.train, batch_size=4, preprocess=bundle.preprocess, device=CPU,
-                                                    shuffle=True, augment="standard", flips=True, seed=seed,
-                                                    workers=workers, loaders=loaders)])  # fmt: skip
+    return torch.cat(
+        [
+            x
+            for x, _ in iterate_batches(
+                bundle.train,
+                batch_size=4,
+                preprocess=bundle.preprocess,
+                device=CPU,
+                shuffle=True,
+                augment="standard",
+                flips=True,
+                seed=seed,
+                workers=workers,
+                loaders=loaders,
+            )
+        ]
+    )
 
 
 def test_folder_augmentation_depends_on_the_epoch_seed_not_on_workers(tmp_path):
@@ -429,8 +482,9 @@ def test_folder_loaders_keep_their_workers_until_closed(tmp_path):
     before = set(multiprocessing.active_children())
 
     def passes(loaders: FolderLoaders | None) -> Iterator:
-        return iterate_batches(bundle.train, batch_size=2, preprocess=bundle.preprocess, device=CPU, workers=2,
-                               loaders=loaders)  # fmt: skip
+        return iterate_batches(
+            bundle.train, batch_size=2, preprocess=bundle.preprocess, device=CPU, workers=2, loaders=loaders
+        )
 
     def workers() -> set:
         return set(multiprocessing.active_children()) - before
@@ -447,8 +501,9 @@ def test_folder_loaders_keep_their_workers_until_closed(tmp_path):
     assert workers() == set()
 
 
-@pytest.mark.parametrize(("sides", "size"), [([25] * 5, 32), ([20, 30, 70, 500, 500], 96), ([600, 700], 224),
-                                             ([5, 9], 32), ([64, 64], 64)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sides", "size"), [([25] * 5, 32), ([20, 30, 70, 500, 500], 96), ([600, 700], 224), ([5, 9], 32), ([64, 64], 64)]
+)
 def test_size_from_data(sides, size):
     assert size_from_data(sides) == size
 

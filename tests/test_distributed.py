@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import offline_env, run_edgeft, time_limit
+
 from test_train import assert_same_run, run_killed_and_resumed
+
+from conftest import offline_env, run_edgeft, time_limit
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +20,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _torchrun(args: list[str], cwd, **kwargs):
     env = offline_env(cwd / ".torch_home", OMP_NUM_THREADS="1")
-    return subprocess.run([*TORCHRUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=time_limit(600), **kwargs)
+    return subprocess.run(
+        [*TORCHRUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=time_limit(600), **kwargs
+    )
 
 
 def _epochs(run_dir) -> list[int]:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import offline_env, one_line_error, run_edgeft, time_limit
 from torch import nn
 
 from edgeft.artifact import read_metadata
@@ -29,6 +28,8 @@ from edgeft.formats.executorch import (
     write_pte_metadata,
 )
 
+from conftest import offline_env, one_line_error, run_edgeft, time_limit
+
 EXTRA_HINT = 'pip install "edgeft[executorch]"'
 
 needs_executorch = pytest.mark.skipif(
@@ -41,9 +42,15 @@ SPEC = default_preprocess(size=16, channels=3)
 def _tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    ).eval()  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
 
 
 def _eager(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -171,8 +178,11 @@ EXAMPLES = Path(__file__).parent.parent / "examples" / "digits"
 def int8_pte(digits_checkpoint, tmp_path_factory) -> Path:
     """`edgeft export --format executorch --precision int8` of the digits resnet18, as a user runs it."""
     out = tmp_path_factory.mktemp("exported")
-    proc = run_edgeft(["export", str(digits_checkpoint), "--format", "executorch", "--precision", "int8", "--out", str(out)],
-                      cwd=out, timeout=900)  # fmt: skip
+    proc = run_edgeft(
+        ["export", str(digits_checkpoint), "--format", "executorch", "--precision", "int8", "--out", str(out)],
+        cwd=out,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "outside XNNPACK" in proc.stdout and "Warning" not in proc.stderr
     return next(out.glob("*.pte"))
@@ -189,7 +199,9 @@ def test_int8_export_passes_its_gate_and_describes_itself(int8_pte, digits_check
     assert metadata["versions"]["executorch"] and int8_pte.stat().st_size < 12 * 2**20  # int8 resnet18: ~11 MB
     info = run_edgeft(["info", str(int8_pte)], cwd=int8_pte.parent)
     assert info.returncode == 0 and "outside XNNPACK" in info.stdout and "verified" in info.stdout
-    checked = run_edgeft(["validate", str(int8_pte), "--reference", str(digits_checkpoint), "--json"], cwd=int8_pte.parent)
+    checked = run_edgeft(
+        ["validate", str(int8_pte), "--reference", str(digits_checkpoint), "--json"], cwd=int8_pte.parent
+    )
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["passed"] is True
 
@@ -226,8 +238,11 @@ def _without_executorch(tmp_path: Path) -> dict:
 
 def test_export_without_the_extra_is_one_line_naming_it(tmp_path):
     checkpoint = tmp_path / "runs" / "r18" / "best.pt"  # refused before the checkpoint is read
-    proc = run_edgeft(["export", str(checkpoint), "--format", "executorch", "--out", str(tmp_path)],
-                      cwd=tmp_path, env=_without_executorch(tmp_path))  # fmt: skip
+    proc = run_edgeft(
+        ["export", str(checkpoint), "--format", "executorch", "--out", str(tmp_path)],
+        cwd=tmp_path,
+        env=_without_executorch(tmp_path),
+    )
     assert proc.returncode == 2
     assert EXTRA_HINT in one_line_error(proc.stderr)
     assert not list(tmp_path.glob("*.pte"))
@@ -238,7 +253,9 @@ def test_help_and_onnx_predict_never_import_executorch(digits_checkpoint, tmp_pa
     from edgeft.config import ExportConfig
     from edgeft.export import export
 
-    onnx_file = export(ExportConfig(checkpoint=str(digits_checkpoint), format="onnx", out=str(tmp_path), validate=False))
+    onnx_file = export(
+        ExportConfig(checkpoint=str(digits_checkpoint), format="onnx", out=str(tmp_path), validate=False)
+    )
     script = (
         "import sys\n"
         "from edgeft.cli import main\n"
@@ -250,7 +267,12 @@ def test_help_and_onnx_predict_never_import_executorch(digits_checkpoint, tmp_pa
         "        assert not exc.code, exc.code\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('executorch', 'torch', 'torchao')))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(EXAMPLES / "3.png"), onnx_file.files[0].path],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=time_limit(120))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(EXAMPLES / "3.png"), onnx_file.files[0].path],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=time_limit(120),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import one_line_error, run_edgeft
 from onnx import numpy_helper
 from PIL import Image
 
@@ -24,6 +22,8 @@ from edgeft.config import OPSETS, ExportConfig
 from edgeft.data import iterate_batches, load_checkpoint_data
 from edgeft.export import export
 from edgeft.models import model_from_checkpoint
+
+from conftest import one_line_error, run_edgeft
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,9 @@ def test_altered_weights_are_refused_as_modified(exported, tmp_path):
     model = onnx.load(exported[("onnx", "fp32")].path)
     conv = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight tensor
     weights = numpy_helper.to_array(conv)
-    conv.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(weights.ravel()).reshape(weights.shape), conv.name))
+    conv.CopyFrom(
+        numpy_helper.from_array(np.random.default_rng(0).permutation(weights.ravel()).reshape(weights.shape), conv.name)
+    )
     tampered = tmp_path / "tampered.onnx"
     onnx.save(model, tampered)
     for command in (["validate", str(tampered)], ["predict", "--model", str(tampered), str(tampered)]):
@@ -156,7 +158,9 @@ def test_failed_gate_removes_the_file_and_keeps_an_older_good_one(digits_checkpo
     one_line_error(failing.stderr)
     assert good.read_bytes() == good_bytes  # the earlier, good file is untouched
     assert sorted(p.name for p in out.iterdir()) == ["r18.onnx"]  # no temporary left behind
-    forced = run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--max-acc-drop", "-1", "--force"], cwd=tmp_path)
+    forced = run_edgeft(
+        ["export", str(digits_checkpoint), "--out", str(out), "--max-acc-drop", "-1", "--force"], cwd=tmp_path
+    )
     assert forced.returncode == 1
     assert read_metadata(good)["validation"]["passed"] is False  # kept, and marked failed
 
@@ -183,7 +187,8 @@ def test_refuses_foreign_checkpoints_and_unsafe_files(tmp_path, digits_checkpoin
     assert "weights-only" in one_line_error(proc.stderr)
 
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["input"], ["logits"])], "g",
+        [onnx.helper.make_node("Identity", ["input"], ["logits"])],
+        "g",
         [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1])],
         initializer=[onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1], [0.0])],
@@ -206,7 +211,9 @@ def test_refuses_foreign_checkpoints_and_unsafe_files(tmp_path, digits_checkpoin
 def test_small_stem_checkpoint_exports_and_passes(tmp_path):
     from edgeft.train import TrainConfig, train
 
-    best = train(TrainConfig(img_size=16, epochs=1, stem="small", out=str(tmp_path / "runs"), name="small")).best_checkpoint
+    best = train(
+        TrainConfig(img_size=16, epochs=1, stem="small", out=str(tmp_path / "runs"), name="small")
+    ).best_checkpoint
     assert load_checkpoint(best)["stem"] == "small"
     result = export(ExportConfig(checkpoint=best, out=str(tmp_path / "exported")))
     assert result.passed and result.files[0].validation.top1_agreement == 1.0
@@ -220,15 +227,18 @@ def test_each_supported_opset_is_the_opset_written(digits_checkpoint, tmp_path, 
     assert read_metadata(result.files[0].path)["opset"] == opset
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--opset", str(OPSETS[0] - 1)], "--opset must be between"),
-    (["--opset", str(OPSETS[-1] + 1)], "--opset must be between"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--device", "cuda:x"], "is not a device"),
-    (["--device", "tpu"], "is not a device"),
-    (["--out", "a-file"], "is a file, not a folder"),
-    (["--name", "../outside"], "--name must be a plain name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--opset", str(OPSETS[0] - 1)], "--opset must be between"),
+        (["--opset", str(OPSETS[-1] + 1)], "--opset must be between"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--device", "cuda:x"], "is not a device"),
+        (["--device", "tpu"], "is not a device"),
+        (["--out", "a-file"], "is a file, not a folder"),
+        (["--name", "../outside"], "--name must be a plain name"),
+    ],
+)
 def test_bad_export_options_are_one_line_and_exit_2(digits_checkpoint, tmp_path, options, message):
     (tmp_path / "a-file").write_text("x")
     proc = run_edgeft(["export", str(digits_checkpoint), *options], cwd=tmp_path)
@@ -262,10 +272,15 @@ def test_killed_export_leaves_the_last_good_file_in_use(digits_checkpoint, tmp_p
     from conftest import edgeft_command, offline_env, time_limit
 
     out = tmp_path / "exported"
-    assert run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--no-validate"], cwd=tmp_path).returncode == 0
+    assert (
+        run_edgeft(["export", str(digits_checkpoint), "--out", str(out), "--no-validate"], cwd=tmp_path).returncode == 0
+    )
     good = read_metadata(out / "r18.onnx")["content_sha256"]
-    proc = subprocess.Popen([*edgeft_command(), "export", str(digits_checkpoint), "--out", str(out), "--name", "newer"],
-                            cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"))  # fmt: skip
+    proc = subprocess.Popen(
+        [*edgeft_command(), "export", str(digits_checkpoint), "--out", str(out), "--name", "newer"],
+        cwd=tmp_path,
+        env=offline_env(tmp_path / ".torch_home"),
+    )
     deadline = time.monotonic() + time_limit(120)
     while not list(out.glob(".newer.*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # until the temporary appears
@@ -287,7 +302,12 @@ def _machine_paths() -> list[bytes]:
     import site
     import tempfile
 
-    found = {Path.home(), Path(tempfile.gettempdir()), Path(__file__).resolve().parent.parent, *map(Path, site.getsitepackages())}
+    found = {
+        Path.home(),
+        Path(tempfile.gettempdir()),
+        Path(__file__).resolve().parent.parent,
+        *map(Path, site.getsitepackages()),
+    }
     return sorted({str(p).encode() for p in found if len(str(p)) > 4})
 
 
@@ -313,9 +333,21 @@ def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_ch
     system_tmp, out = tmp_path / "system-tmp", tmp_path / "out"
     system_tmp.mkdir()
     env = offline_env(tmp_path / ".th", TMPDIR=str(system_tmp))
-    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, check=True)  # it keeps a small .ses file there
+    subprocess.run(
+        [sys.executable, "-c", "import onnxruntime"], env=env, check=True
+    )  # it keeps a small .ses file there
     baseline = set(system_tmp.iterdir())
-    args = ["export", str(digits_checkpoint), "--precision", "int8", "--calib-size", "16", "--no-validate", "--out", str(out)]
+    args = [
+        "export",
+        str(digits_checkpoint),
+        "--precision",
+        "int8",
+        "--calib-size",
+        "16",
+        "--no-validate",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen([*edgeft_command(), *args], cwd=tmp_path, env=env)
     deadline = time.monotonic() + time_limit(300)
     while not list(out.glob(".*.work")) and proc.poll() is None and time.monotonic() < deadline:
@@ -324,7 +356,9 @@ def test_a_killed_int8_export_leaves_nothing_outside_the_output_folder(digits_ch
     proc.wait()
     assert list(out.glob(".*.work")), "calibration wrote its files elsewhere"
     assert set(system_tmp.iterdir()) == baseline
-    export(ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(out), calib_size=16, validate=False))
+    export(
+        ExportConfig(checkpoint=str(digits_checkpoint), precision="int8", out=str(out), calib_size=16, validate=False)
+    )
     assert sorted(p.name for p in out.iterdir()) == ["r18-int8.onnx"]  # the dead export's temporaries removed
 
 

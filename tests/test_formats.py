@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, run_edgeft
 
 from edgeft import formats
 from edgeft.artifact import content_digest, read_metadata, write_metadata
@@ -24,8 +23,14 @@ from edgeft.models import model_from_checkpoint
 from edgeft.predict import Predictor
 from edgeft.validate import FP32_LOGIT_RTOL
 
+from conftest import one_line_error, run_edgeft
+
 FORMATS = [f for f in formats.all_formats() if f.unavailable("fp32", "cpu") is None]
-_SOME_OPTIONS = {"opset": ["--opset", "19"], "calib_method": ["--calib-method", "entropy"], "fallback": ["--no-fallback"]}
+_SOME_OPTIONS = {
+    "opset": ["--opset", "19"],
+    "calib_method": ["--calib-method", "entropy"],
+    "fallback": ["--no-fallback"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +123,60 @@ def test_what_a_format_cannot_do_is_one_line_and_exit_2(fmt, digits_checkpoint, 
         assert proc.returncode == 2, (case, proc.stderr)
         assert fmt.name in one_line_error(proc.stderr)
         assert not (tmp_path / "out").exists()
+
+
+_SRC = Path(__file__).resolve().parent.parent / "src"
+_RUNTIMES = ("onnxruntime", "openvino", "executorch", "ai_edge_litert", "litert_torch", "nncf")
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every edgeft module and the edgeft modules it imports, lazy imports included."""
+    import ast
+
+    modules = {".".join(f.relative_to(_SRC).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in _SRC.rglob("*.py")}  # fmt: skip
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                found |= {base, *(f"{base}.{a.name}" for a in node.names)}
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycle_among_edgeft_modules_lazy_imports_included():
+    graph = _imports()
+    edges = {m: {t for t in found if t in graph and t != m and not m.startswith(f"{t}.")} for m, found in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in edges[module]:
+            assert state.get(target) != 1, f"import cycle: {' -> '.join([*path, target])}"
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in edges:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_only_format_modules_import_runtimes_or_call_exporters():
+    import re
+
+    exporters = re.compile(r"torch\.(jit|onnx|export)\.")
+    for path in _SRC.rglob("*.py"):
+        if "formats" in path.parts:
+            continue
+        text = path.read_text()
+        imported = re.findall(r"^\s*(?:from|import) (\w+)", text, flags=re.M)
+        assert not set(imported) & set(_RUNTIMES), path
+        assert not exporters.search(text), path

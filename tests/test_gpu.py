@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder, offline_env, time_limit
 from edgeft.checkpoint import load_checkpoint
 from edgeft.data import TensorImages, iterate_batches, load_data
 from edgeft.train import TrainConfig, autocast_dtype, train
+
+from conftest import make_image_folder, offline_env, time_limit
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,12 +57,23 @@ def test_gpu_resident_data_gives_the_cpu_batches():
     """In-memory data on the GPU: the eval batches equal the CPU's, augmented ones stay on the GPU."""
     bundle = load_data("digits", img_size=32)
     on_gpu = TensorImages(bundle.val.images.to(CUDA), bundle.val.labels.to(CUDA))
-    gpu_x = torch.cat([x for x, _ in iterate_batches(on_gpu, batch_size=100, preprocess=bundle.preprocess, device=CUDA)])
-    cpu_x = torch.cat([x for x, _ in iterate_batches(bundle.val, batch_size=100, preprocess=bundle.preprocess,
-                                                     device=torch.device("cpu"))])  # fmt: skip
+    gpu_x = torch.cat(
+        [x for x, _ in iterate_batches(on_gpu, batch_size=100, preprocess=bundle.preprocess, device=CUDA)]
+    )
+    cpu_x = torch.cat(
+        [
+            x
+            for x, _ in iterate_batches(
+                bundle.val, batch_size=100, preprocess=bundle.preprocess, device=torch.device("cpu")
+            )
+        ]
+    )
     assert gpu_x.device.type == "cuda" and torch.allclose(gpu_x.cpu(), cpu_x, atol=1e-6)
-    x, y = next(iterate_batches(on_gpu, batch_size=64, preprocess=bundle.preprocess, device=CUDA, shuffle=True,
-                                augment="standard", seed=3))  # fmt: skip
+    x, y = next(
+        iterate_batches(
+            on_gpu, batch_size=64, preprocess=bundle.preprocess, device=CUDA, shuffle=True, augment="standard", seed=3
+        )
+    )
     assert x.device.type == y.device.type == "cuda" and torch.isfinite(x).all()
 
 
@@ -69,8 +81,15 @@ def test_fp16_torchscript_export_passes_the_gate(cuda_run, tmp_path):
     from edgeft.config import ExportConfig
     from edgeft.export import export
 
-    result = export(ExportConfig(checkpoint=cuda_run.best_checkpoint, format="torchscript", precision="fp16",
-                                 device="cuda", out=str(tmp_path / "exported")))  # fmt: skip
+    result = export(
+        ExportConfig(
+            checkpoint=cuda_run.best_checkpoint,
+            format="torchscript",
+            precision="fp16",
+            device="cuda",
+            out=str(tmp_path / "exported"),
+        )
+    )
     assert result.passed and all(f.kept for f in result.files)
     assert Path(result.files[0].path).suffix == ".ts"
 
@@ -104,10 +123,32 @@ def test_compiled_cuda_training(tmp_path):
 
 
 def test_one_process_nccl_run(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "edgeft",
-               "train", "--device", "cuda", "--img-size", "32", "--epochs", "2", "--name", "nccl"]  # fmt: skip
-    proc = subprocess.run(command, cwd=tmp_path, env=offline_env(tmp_path / ".torch_home"), capture_output=True,
-                          text=True, timeout=time_limit(600))  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "edgeft",
+        "train",
+        "--device",
+        "cuda",
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--name",
+        "nccl",
+    ]
+    proc = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=offline_env(tmp_path / ".torch_home"),
+        capture_output=True,
+        text=True,
+        timeout=time_limit(600),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "runs" / "nccl" / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["ranks_identical"] is True and summary["device"].startswith("cuda")

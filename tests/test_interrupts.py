@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import offline_env, run_edgeft, time_limit
 
 from edgeft.checkpoint import load_checkpoint
 from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
+
+from conftest import offline_env, run_edgeft, time_limit
 
 KEPT = "edgeft: interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
 
@@ -159,8 +160,15 @@ def epochs_in(run_dir: Path) -> list[int]:
 def test_signalled_run_keeps_a_resumable_run_folder(tmp_path, case):
     target, at, signame, complete = CASES[case]
     env = offline_env(tmp_path / ".torch_home", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", HOOK, target, str(at), signame, *TRAIN], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=time_limit(300), check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", HOOK, target, str(at), signame, *TRAIN],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=time_limit(300),
+        check=False,
+    )
     assert proc.returncode == 128 + getattr(signal, signame), proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == KEPT

@@ -25,9 +25,17 @@ from edgeft.models import (
 )
 
 REQUIRED = [
-    "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d",
-    "densenet121", "densenet169", "densenet201", "mobilenet_v3_small", "mobilenet_v3_large",
-]  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "densenet121",
+    "densenet169",
+    "densenet201",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+]
 
 
 def random_resnet18_state(seed: int = 123) -> dict[str, torch.Tensor]:
@@ -63,8 +71,14 @@ def edgeft_checkpoint_content(model: nn.Module, *, arch: str, num_classes: int, 
         "num_classes": num_classes,
         "in_chans": in_chans,
         "classes": [f"c{i}" for i in range(num_classes)],
-        "preprocess": {"size": 16, "resize": 16, "mean": [0.5] * in_chans, "std": [0.25] * in_chans,
-                       "channels": in_chans, "interpolation": "bilinear"},  # fmt: skip
+        "preprocess": {
+            "size": 16,
+            "resize": 16,
+            "mean": [0.5] * in_chans,
+            "std": [0.25] * in_chans,
+            "channels": in_chans,
+            "interpolation": "bilinear",
+        },
         "state_dict": model.state_dict(),
     }
 
@@ -246,7 +260,6 @@ def test_edgeft_checkpoint_with_another_class_count(tmp_path):
     assert model.fc.weight.shape == (6, 512) and model.fc.bias.shape == (6,)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 6)
-
 
 
 def test_edgeft_checkpoint_of_another_architecture_is_refused(tmp_path):

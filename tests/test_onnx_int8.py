@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from edgeft.errors import InputError
-from edgeft.formats.onnx_int8 import QuantSettings, batchnorms_as_depthwise_convs, default_settings, fallback_ladder, quantize_onnx
+from edgeft.formats.onnx_int8 import (
+    QuantSettings,
+    batchnorms_as_depthwise_convs,
+    default_settings,
+    fallback_ladder,
+    quantize_onnx,
+)
 
 AVX2 = {"avx2": True, "fma": True}
 VNNI = {**AVX2, "avx512f": True, "avx512bw": True, "avx512_vnni": True}
@@ -49,8 +55,15 @@ def fp32_file(tmp_path_factory):
         model.norm.running_mean.uniform_(-0.5, 0.5)
         model.norm.running_var.uniform_(0.5, 2.0)
     path = tmp_path_factory.mktemp("fp32") / "net.onnx"
-    program = torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), input_names=["input"], output_names=["logits"],
-                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False)  # fmt: skip
+    program = torch.onnx.export(
+        model,
+        (torch.randn(2, 3, 16, 16),),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        dynamo=True,
+        verbose=False,
+    )
     program.save(str(path), external_data=False)
     return path
 
@@ -66,7 +79,9 @@ def run(path, x):
 
 
 def test_defaults_follow_the_cpu():
-    assert default_settings(features=VNNI, machine_is_x86=True) == QuantSettings(activation_type="uint8", reduce_range=False)
+    assert default_settings(features=VNNI, machine_is_x86=True) == QuantSettings(
+        activation_type="uint8", reduce_range=False
+    )
     without_vnni = default_settings(features=AVX2, machine_is_x86=True)
     assert without_vnni.activation_type == "uint8" and without_vnni.weight_type == "int8" and without_vnni.reduce_range
     assert default_settings(features={}, machine_is_x86=False).activation_type == "int8"  # ARM kernels
@@ -106,7 +121,9 @@ def test_int8_file_agrees_with_its_source_and_reads_few_batches(fp32_file, tmp_p
     assert (summary.quantized, summary.left_float, summary.batchnorms_as_convs) == (5, 0, 1)  # 4 + the batch norm
     assert "5 of 5 conv/gemm/matmul nodes quantized (1 of them batch norms)" in summary.line()
     zero_points = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("zero_point")]
-    assert {onnx.TensorProto.UINT8, onnx.TensorProto.INT8} <= {z.data_type for z in zero_points}  # u8 activations, s8 weights
+    assert {onnx.TensorProto.UINT8, onnx.TensorProto.INT8} <= {
+        z.data_type for z in zero_points
+    }  # u8 activations, s8 weights
     x = next(batches(1, size=8, seed=1))
     reference, quantized = run(fp32_file, x), run(out, x)
     assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.98
@@ -150,7 +167,9 @@ def test_int8_graph_has_no_float_batch_norm(fp32_file, tmp_path):
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert "BatchNormalization" not in ops and "Conv" not in ops and "QLinearConv" in ops
-    quantize_onnx(fp32_file, out, calibration=batches(1), settings=QuantSettings(calibration_size=4, batchnorms_as_convs=False))
+    quantize_onnx(
+        fp32_file, out, calibration=batches(1), settings=QuantSettings(calibration_size=4, batchnorms_as_convs=False)
+    )
     assert "BatchNormalization" in {n.op_type for n in onnx.load(str(out)).graph.node}  # asked for: left in float
 
 
@@ -158,8 +177,12 @@ def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):
     logging.getLogger().setLevel(logging.INFO)
     try:
         with caplog.at_level(logging.INFO):
-            quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=batches(2),
-                          settings=QuantSettings(calibrate_method="entropy", calibration_size=8))  # fmt: skip
+            quantize_onnx(
+                fp32_file,
+                tmp_path / "int8.onnx",
+                calibration=batches(2),
+                settings=QuantSettings(calibrate_method="entropy", calibration_size=8),
+            )
     finally:
         logging.getLogger().setLevel(logging.WARNING)
     out, err = capfd.readouterr()
@@ -172,7 +195,7 @@ def test_quantizer_says_one_line(fp32_file, tmp_path, capfd, caplog):
 def test_other_threads_keep_their_prints_and_warnings_while_quantizing(fp32_file, tmp_path, capsys):
     def speak():
         print("another thread")
-        warnings.warn("another thread's warning", UserWarning)
+        warnings.warn("another thread's warning", UserWarning, stacklevel=1)
 
     def calibration():  # another thread speaks while each batch is read, inside quantize_onnx
         for batch in batches(2):
@@ -182,8 +205,12 @@ def test_other_threads_keep_their_prints_and_warnings_while_quantizing(fp32_file
             yield batch
 
     with pytest.warns(UserWarning, match="another thread's warning"):
-        quantize_onnx(fp32_file, tmp_path / "int8.onnx", calibration=calibration(),
-                      settings=QuantSettings(calibrate_method="entropy", calibration_size=8))  # fmt: skip
+        quantize_onnx(
+            fp32_file,
+            tmp_path / "int8.onnx",
+            calibration=calibration(),
+            settings=QuantSettings(calibrate_method="entropy", calibration_size=8),
+        )
     assert capsys.readouterr().out == "another thread\n" * 2  # and none of the calibrator's prints
 
 

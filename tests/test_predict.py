@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import edgeft_command, offline_env, one_line_error, run_edgeft, time_limit
 from PIL import Image
 
 from edgeft.checkpoint import load_checkpoint
@@ -20,6 +19,8 @@ from edgeft.export import export
 from edgeft.models import model_from_checkpoint
 from edgeft.predict import Predictor
 from edgeft.preprocess import Preprocess, preprocess_image
+
+from conftest import edgeft_command, offline_env, one_line_error, run_edgeft, time_limit
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +85,18 @@ def test_predictor_probabilities_equal_pytorch_on_real_world_files(onnx_model, d
         for label in prediction.top_k:
             got[label.index] = label.prob
         assert np.abs(got - expected.numpy()).max() <= 1e-4, name
-        assert [label.prob for label in prediction.top_k] == sorted((label.prob for label in prediction.top_k), reverse=True)
+        assert [label.prob for label in prediction.top_k] == sorted(
+            (label.prob for label in prediction.top_k), reverse=True
+        )
 
 
 def test_cli_reads_a_folder_reports_bad_files_and_exits_2(onnx_model, real_world_folder, tmp_path):
     folder, good, bad = real_world_folder
-    proc = run_edgeft(["predict", str(folder), "--model", onnx_model, "--json", "--top-k", "3", "--batch-size", "4"], cwd=tmp_path, timeout=120)
+    proc = run_edgeft(
+        ["predict", str(folder), "--model", onnx_model, "--json", "--top-k", "3", "--batch-size", "4"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     by_name = {r["file"].rsplit("/", 1)[-1]: r for r in records}
@@ -136,7 +143,9 @@ def test_predict_never_imports_torch(onnx_model, tmp_path):
         "from edgeft.cli import main\n"
         "main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=time_limit(60))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=time_limit(60)
+    )
     assert proc.returncode == 0, proc.stderr
     first, second = proc.stdout.splitlines()
     assert json.loads(second)["top_k"][0]["label"] == first
@@ -168,7 +177,9 @@ def test_markup_in_file_names_is_shown_as_written(onnx_model, tmp_path):
     (tmp_path / "[bold]").mkdir()  # an empty folder whose name is markup: its error row is shown as written too
     for name in names[:3]:
         _gray(tmp_path / name)
-    proc = run_edgeft(["predict", *names, "--model", onnx_model], cwd=tmp_path, env=offline_env(tmp_path, COLUMNS="200"))
+    proc = run_edgeft(
+        ["predict", *names, "--model", onnx_model], cwd=tmp_path, env=offline_env(tmp_path, COLUMNS="200")
+    )
     assert proc.returncode == 2, proc.stderr  # the empty folder
     assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
@@ -178,9 +189,13 @@ def test_markup_in_file_names_is_shown_as_written(onnx_model, tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "word"),
-    [(["--batch-size", "0"], "--batch-size"), (["--top-k", "0"], "--top-k"), (["--device", "cuda:x"], "cuda:x"),
-     (["--device", "tpu"], "tpu")],
-)  # fmt: skip
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--top-k", "0"], "--top-k"),
+        (["--device", "cuda:x"], "cuda:x"),
+        (["--device", "tpu"], "tpu"),
+    ],
+)
 def test_bad_option_values_exit_2_with_one_line(onnx_model, tmp_path, option, word):
     proc = run_edgeft(["predict", str(_gray(tmp_path / "x.png")), "--model", onnx_model, *option], cwd=tmp_path)
     assert proc.returncode == 2
@@ -218,7 +233,9 @@ def test_long_thin_images_get_one_error_and_the_others_are_predicted(onnx_model,
     for name, size in {"thin.png": (2_000_000, 1), "tall.png": (1, 200_000), "wide.png": (200_000, 1)}.items():
         Image.new("1", size).save(tmp_path / name)
     _gray(tmp_path / "x.png")
-    proc = run_edgeft(["predict", "thin.png", "x.png", "tall.png", "wide.png", "--model", onnx_model, "--json"], cwd=tmp_path)
+    proc = run_edgeft(
+        ["predict", "thin.png", "x.png", "tall.png", "wide.png", "--model", onnx_model, "--json"], cwd=tmp_path
+    )
     assert proc.returncode == 2, proc.stderr
     records = {r["file"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert records["x.png"]["top_k"]
@@ -280,7 +297,9 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(onnx_model, tmp_path):
 
     image = str(_gray(tmp_path / "x.png"))
     cmd = [*edgeft_command(), "predict", *[image] * 5000, "--model", onnx_model, "--json"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert json.loads(proc.stdout.readline())["top_k"]  # running
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=time_limit(60))
@@ -298,7 +317,10 @@ def model_224(digits_checkpoint, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("model_224")
     (folder / "r18-224").mkdir()
-    content = {**load_checkpoint(digits_checkpoint), "preprocess": default_preprocess(size=224, channels=1, resize=256).to_dict()}
+    content = {
+        **load_checkpoint(digits_checkpoint),
+        "preprocess": default_preprocess(size=224, channels=1, resize=256).to_dict(),
+    }
     source = save_checkpoint(folder / "r18-224" / "best.pt", content)
     return export(ExportConfig(checkpoint=str(source), out=str(folder), validate=False)).files[0].path
 
@@ -314,15 +336,28 @@ _MEASURE = (
 def _peak_rss_mb(args: list[str], cwd) -> tuple[float, int]:
     """Peak resident memory (MB) and exit code of one `edgeft` run; its stdout in cwd/stdout.txt."""
     with open(cwd / "stdout.txt", "w") as out:
-        measured = subprocess.run([sys.executable, "-c", _MEASURE, *edgeft_command(), *args], cwd=cwd,
-                                  env=offline_env(cwd), stdout=out, stderr=subprocess.PIPE, text=True, timeout=time_limit(120))  # fmt: skip
+        measured = subprocess.run(
+            [sys.executable, "-c", _MEASURE, *edgeft_command(), *args],
+            cwd=cwd,
+            env=offline_env(cwd),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=time_limit(120),
+        )
     peak_kb, code = measured.stderr.split()[-2:]
     return int(peak_kb) / 1024, int(code)
 
 
 def test_peak_memory_per_image_on_a_224_px_model(model_224, tmp_path):
-    refused = {"thin.png": (2_000_000, 1), "tall.png": (1, 200_000), "wide.png": (20_000, 1), "wider.png": (200_000, 1),
-               "strip.png": (3000, 10), "bomb.png": (10_000, 9_500)}  # fmt: skip
+    refused = {
+        "thin.png": (2_000_000, 1),
+        "tall.png": (1, 200_000),
+        "wide.png": (20_000, 1),
+        "wider.png": (200_000, 1),
+        "strip.png": (3000, 10),
+        "bomb.png": (10_000, 9_500),
+    }
     for name, size in refused.items():
         Image.new("1", size).save(tmp_path / name)
     Image.new("L", (1000, 40), 90).save(tmp_path / "banner.png")  # 6400 x 256 once resized: fine

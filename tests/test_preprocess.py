@@ -28,13 +28,15 @@ def spec(size: int, resize: int, channels: int = 3, interpolation: str = "biline
 def torchvision_eval(s: Preprocess):
     """The oracle: torchvision's usual eval transform for the same spec."""
     interp = getattr(InterpolationMode, s.interpolation.upper())
-    return v2.Compose([
-        v2.Resize(s.resize, interpolation=interp),
-        v2.CenterCrop(s.size),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(s.mean), list(s.std)),
-    ])  # fmt: skip
+    return v2.Compose(
+        [
+            v2.Resize(s.resize, interpolation=interp),
+            v2.CenterCrop(s.size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(s.mean), list(s.std)),
+        ]
+    )
 
 
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -64,8 +66,9 @@ def test_preprocess_equals_torchvision_eval_transform(tmp_path, width, height, s
     assert ours.shape == oracle.shape == (channels, size, size)
     assert np.abs(ours - oracle).max() < 1e-6
     # the geometric part (resize + crop) is identical to the pixel
-    geometric = v2.Compose([v2.Resize(resize, interpolation=getattr(InterpolationMode, interpolation.upper())),
-                            v2.CenterCrop(size)])  # fmt: skip
+    geometric = v2.Compose(
+        [v2.Resize(resize, interpolation=getattr(InterpolationMode, interpolation.upper())), v2.CenterCrop(size)]
+    )
     expected_pixels = np.asarray(geometric(decoded))
     np.testing.assert_array_equal(to_array(load_image(path, channels=channels), s), expected_pixels)
 
@@ -91,24 +94,27 @@ def test_spec_validation_and_round_trip():
         Preprocess(size=16, resize=16, mean=MEAN3, std=STD3, interpolation="lanczos3")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"mean": (1e39,)}, "fit float32"),  # finite in Python, inf in float32: predictions were NaN
-    ({"mean": (-1e39,)}, "fit float32"),
-    ({"std": (1e-45,)}, "fit float32"),  # 0 in float32
-    ({"std": (1e-39,)}, "fit float32"),  # normalized pixels overflow float32
-    ({"mean": (3e38,), "std": (0.5,)}, "fit float32"),
-    ({"std": (0.0,)}, "std must be positive"),
-    ({"std": (-0.2,)}, "std must be positive"),
-    ({"mean": (float("nan"),)}, "finite numbers"),
-    ({"std": (float("inf"),)}, "finite numbers"),
-    ({"mean": (True,)}, "finite numbers"),
-    ({"mean": (0.5, 0.5)}, "needs that many"),
-    ({"std": ()}, "needs that many"),
-    ({"size": 32, "resize": 1}, r"resize .* must be between size \(32\)"),
-    ({"size": 1, "resize": 10**6}, "resize .* must be between"),  # used to read "1x1 is too long and thin"
-    ({"size": 10**6, "resize": 10**6}, "size must be between 1 and"),
-    ({"size": 0, "resize": 8}, "size must be between 1 and"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mean": (1e39,)}, "fit float32"),  # finite in Python, inf in float32: predictions were NaN
+        ({"mean": (-1e39,)}, "fit float32"),
+        ({"std": (1e-45,)}, "fit float32"),  # 0 in float32
+        ({"std": (1e-39,)}, "fit float32"),  # normalized pixels overflow float32
+        ({"mean": (3e38,), "std": (0.5,)}, "fit float32"),
+        ({"std": (0.0,)}, "std must be positive"),
+        ({"std": (-0.2,)}, "std must be positive"),
+        ({"mean": (float("nan"),)}, "finite numbers"),
+        ({"std": (float("inf"),)}, "finite numbers"),
+        ({"mean": (True,)}, "finite numbers"),
+        ({"mean": (0.5, 0.5)}, "needs that many"),
+        ({"std": ()}, "needs that many"),
+        ({"size": 32, "resize": 1}, r"resize .* must be between size \(32\)"),
+        ({"size": 1, "resize": 10**6}, "resize .* must be between"),  # used to read "1x1 is too long and thin"
+        ({"size": 10**6, "resize": 10**6}, "size must be between 1 and"),
+        ({"size": 0, "resize": 8}, "size must be between 1 and"),
+    ],
+)
 def test_spec_refuses_values_that_cannot_give_a_finite_input(change, message):
     values = {"size": 16, "resize": 16, "mean": MEAN1, "std": STD1, "channels": 1, **change}
     with pytest.raises(InputError, match=message):
@@ -317,7 +323,9 @@ def test_over_large_file_is_refused_before_decoding(tmp_path, monkeypatch):
 # --- bounded memory: limits decided from the header, before decoding or resizing ---------------
 
 
-@pytest.mark.parametrize(("width", "height", "resize"), [(2_000_000, 1, 32), (1, 200_000, 256), (20_000, 1, 256), (3000, 10, 256)])
+@pytest.mark.parametrize(
+    ("width", "height", "resize"), [(2_000_000, 1, 32), (1, 200_000, 256), (20_000, 1, 256), (3000, 10, 256)]
+)
 def test_long_thin_image_is_refused_before_resizing(tmp_path, width, height, resize):
     path = tmp_path / "thin.png"
     Image.new("1", (width, height)).save(path)

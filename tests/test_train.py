@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 import edgeft.train as train_module
-from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.data import iterate_batches, load_data
 from edgeft.errors import InputError
 from edgeft.models import get_model
 from edgeft.preprocess import Preprocess
 from edgeft.train import LearningRate, TrainConfig, resume, train
+
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
 
 HISTORY_COLUMNS = ["epoch", "phase", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
 SUMMARY_KEYS = {"best_val_acc", "best_epoch", "epochs", "train_images_per_s", "wall_s", "skipped_files"}
@@ -125,8 +126,9 @@ def test_best_checkpoint_reproduces_the_reported_accuracy(tiny_run):
     assert checkpoint["metrics"]["epoch"] == result.best_epoch
 
     spec = Preprocess.from_dict(checkpoint["preprocess"])
-    bundle = load_data(config.data, img_size=spec.size, channels=spec.channels, val_split=config.val_split,
-                       seed=config.seed)  # fmt: skip
+    bundle = load_data(
+        config.data, img_size=spec.size, channels=spec.channels, val_split=config.val_split, seed=config.seed
+    )
     assert bundle.preprocess == spec
     assert accuracy(model_of(checkpoint), bundle) == pytest.approx(result.best_val_acc, abs=1e-12)
 
@@ -204,8 +206,15 @@ def test_frozen_epoch_changes_only_the_head(tmp_path, tiny_run, monkeypatch):
     monkeypatch.setattr(train_module, "get_model", spy_get_model)
     monkeypatch.setattr(train_module, "save_checkpoint", spy_save)
     data = make_image_folder(tmp_path / "shapes", {"a": 10, "b": 10, "c": 10})
-    config = tiny_config(tmp_path, data=str(data), weights=str(source_dir / "best.pt"), epochs=2, freeze_epochs=1,
-                         batch_size=8, name="ft")  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        data=str(data),
+        weights=str(source_dir / "best.pt"),
+        epochs=2,
+        freeze_epochs=1,
+        batch_size=8,
+        name="ft",
+    )
     result = train(config)
 
     assert [row["phase"] for row in result.history] == ["head", "all"]
@@ -234,8 +243,17 @@ def test_early_stopping(tmp_path, tiny_run):
     patience 2 stops after epoch 3 of 6."""
     _, _, source_dir = tiny_run
     data = make_image_folder(tmp_path / "shapes", {"a": 6, "b": 6})
-    config = tiny_config(tmp_path, data=str(data), weights=str(source_dir / "best.pt"), epochs=6, freeze_epochs=5,
-                         lr=0.0, patience=2, batch_size=8, name="stop")  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        data=str(data),
+        weights=str(source_dir / "best.pt"),
+        epochs=6,
+        freeze_epochs=5,
+        lr=0.0,
+        patience=2,
+        batch_size=8,
+        name="stop",
+    )
     result = train(config)
     assert result.stopped_early is True
     assert result.epochs == 3 and len(read_history(Path(result.run_dir))) == 3
@@ -297,8 +315,26 @@ def test_bad_config_is_an_input_error_before_any_output(tmp_path, overrides):
 def test_cli_fine_tunes_a_checkpoint_on_a_folder(tmp_path, tiny_run):
     _, _, source_dir = tiny_run
     data = make_image_folder(tmp_path / "shapes", {"a": 8, "b": 8, "c": 8, "d": 8})
-    proc = run_edgeft(["train", "--data", str(data), "--weights", str(source_dir / "best.pt"), "--freeze-epochs", "1",
-                       "--epochs", "2", "--img-size", "16", "--batch-size", "8", "--name", "ft"], cwd=tmp_path)  # fmt: skip
+    proc = run_edgeft(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--weights",
+            str(source_dir / "best.pt"),
+            "--freeze-epochs",
+            "1",
+            "--epochs",
+            "2",
+            "--img-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--name",
+            "ft",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "ft"
     assert [row["phase"] for row in read_history(run_dir)] == ["head", "all"]
@@ -318,8 +354,14 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
     env = env or offline_env(cwd / ".torch_home", OMP_NUM_THREADS="1")
     launcher = launcher or edgeft_command()
     run_dir = cwd / "runs" / "killed"
-    proc = subprocess.Popen([*launcher, *args, "--name", "killed"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*launcher, *args, "--name", "killed"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + time_limit(300)
         while time.monotonic() < deadline and proc.poll() is None:
@@ -336,8 +378,14 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
             proc.wait()
     assert not (run_dir / "summary.json").exists(), "the kill came after the run ended"
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
-    resumed = subprocess.run([*launcher, "train", "--resume", str(run_dir)], cwd=cwd, env=env, capture_output=True,
-                             text=True, timeout=time_limit(600))  # fmt: skip
+    resumed = subprocess.run(
+        [*launcher, "train", "--resume", str(run_dir)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=time_limit(600),
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return run_dir
 
@@ -363,9 +411,19 @@ def small_weights(tmp_path: Path) -> Path:
 KILL_CASES = {  # name -> options of a run killed in its second epoch (folder data: 2 x 16 images, 16 px)
     "folder with workers": ["--workers", "2", "--epochs", "3"],
     "frozen phase": ["--weights", "{weights}", "--freeze-epochs", "2", "--epochs", "3", "--workers", "0"],
-    "plateau": ["--scheduler", "plateau", "--plateau-patience", "1", "--warmup-epochs", "0", "--epochs", "4",
-                "--workers", "0"],
-}  # fmt: skip
+    "plateau": [
+        "--scheduler",
+        "plateau",
+        "--plateau-patience",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--epochs",
+        "4",
+        "--workers",
+        "0",
+    ],
+}
 
 
 @pytest.mark.slow
@@ -376,8 +434,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, case):
     options = [arg.replace("{weights}", str(weights)) for arg in KILL_CASES[case]]
     args = ["train", "--data", str(data), "--img-size", "16", "--batch-size", "8", "--patience", "0", *options]
     run_dir = run_killed_and_resumed(args, tmp_path)
-    reference = run_edgeft([*args, "--name", "reference"], cwd=tmp_path,
-                           env=offline_env(tmp_path / ".torch_home", OMP_NUM_THREADS="1"))  # fmt: skip
+    reference = run_edgeft(
+        [*args, "--name", "reference"], cwd=tmp_path, env=offline_env(tmp_path / ".torch_home", OMP_NUM_THREADS="1")
+    )
     assert reference.returncode == 0, reference.stderr
     assert_same_run(run_dir, tmp_path / "runs" / "reference")
     assert not (tmp_path / "runs" / "killed-2").exists()  # continued in place
@@ -389,8 +448,11 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     from edgeft.config import ExportConfig
     from edgeft.export import export
 
-    result = train(TrainConfig(model="mobilenet_v3_small", img_size=16, epochs=1, compile=True,
-                               out=str(tmp_path / "runs"), name="compiled"))  # fmt: skip
+    result = train(
+        TrainConfig(
+            model="mobilenet_v3_small", img_size=16, epochs=1, compile=True, out=str(tmp_path / "runs"), name="compiled"
+        )
+    )
     state = load_checkpoint(result.best_checkpoint)["state_dict"]
     assert not any(key.startswith(("_orig_mod.", "module.")) for key in state)
     assert export(ExportConfig(checkpoint=result.best_checkpoint, out=str(tmp_path / "exported"))).passed
@@ -424,8 +486,15 @@ HAND_TABLES = {
 
 @pytest.mark.parametrize(("scheduler", "warmup", "frozen"), list(HAND_TABLES))
 def test_rate_per_step_matches_the_hand_computed_table(scheduler, warmup, frozen):
-    config = TrainConfig(lr=1.0, epochs=3, scheduler=scheduler, warmup_epochs=warmup, freeze_epochs=frozen,
-                         weights="w.pt" if frozen else "none", unfreeze_lr_scale=0.1)  # fmt: skip
+    config = TrainConfig(
+        lr=1.0,
+        epochs=3,
+        scheduler=scheduler,
+        warmup_epochs=warmup,
+        freeze_epochs=frozen,
+        weights="w.pt" if frozen else "none",
+        unfreeze_lr_scale=0.1,
+    )
     rate = LearningRate(config, SPE)
     assert [rate.at(step) for step in range(6)] == pytest.approx(HAND_TABLES[scheduler, warmup, frozen], abs=1e-12)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
@@ -434,8 +503,17 @@ def test_rate_per_step_matches_the_hand_computed_table(scheduler, warmup, frozen
 
 
 def test_plateau_cuts_after_patience_flat_epochs_and_restarts_at_unfreeze():
-    config = TrainConfig(lr=1.0, epochs=8, scheduler="plateau", warmup_epochs=0, plateau_patience=2,
-                         plateau_factor=0.5, freeze_epochs=6, weights="w.pt", unfreeze_lr_scale=0.1)  # fmt: skip
+    config = TrainConfig(
+        lr=1.0,
+        epochs=8,
+        scheduler="plateau",
+        warmup_epochs=0,
+        plateau_patience=2,
+        plateau_factor=0.5,
+        freeze_epochs=6,
+        weights="w.pt",
+        unfreeze_lr_scale=0.1,
+    )
     rate = LearningRate(config, 1)
     used = []
     for epoch, val_loss in enumerate([1.0, 0.9, 0.9, 0.90001, 0.8, 0.8, 5.0, 5.0]):
@@ -453,9 +531,19 @@ def test_plateau_run_drops_the_rate_it_trains_with(tmp_path, tiny_run):
     `plateau_patience` flat epochs, and the optimizer holds the logged rate."""
     _, _, source_dir = tiny_run
     data = make_image_folder(tmp_path / "shapes", {"a": 6, "b": 6})
-    config = tiny_config(tmp_path, data=str(data), weights=str(source_dir / "best.pt"), epochs=5, freeze_epochs=4,
-                         lr=1e-9, scheduler="plateau", plateau_patience=2, warmup_epochs=0, batch_size=8,
-                         name="plateau")  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        data=str(data),
+        weights=str(source_dir / "best.pt"),
+        epochs=5,
+        freeze_epochs=4,
+        lr=1e-9,
+        scheduler="plateau",
+        plateau_patience=2,
+        warmup_epochs=0,
+        batch_size=8,
+        name="plateau",
+    )
     result = train(config)
     logged = [float(row["lr"]) for row in read_history(Path(result.run_dir))]
     assert logged == pytest.approx([1e-9, 1e-9, 1e-9, 0.2e-9, 0.1e-9], rel=1e-9)
@@ -543,8 +631,16 @@ def test_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
 # --- the CLI: bad values, bad folders, the image size --------------------------------------------
 
 
-@pytest.mark.parametrize("option", [["--lr", "-1"], ["--optimizer", "sgd", "--momentum", "-1"], ["--workers", "-1"],
-                                    ["--max-bad-fraction", "-1"], ["--plateau-patience", "0"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--lr", "-1"],
+        ["--optimizer", "sgd", "--momentum", "-1"],
+        ["--workers", "-1"],
+        ["--max-bad-fraction", "-1"],
+        ["--plateau-patience", "0"],
+    ],
+)
 def test_cli_bad_values_exit_2_before_any_folder(tmp_path, option):
     proc = run_edgeft(["train", *option], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -576,7 +672,9 @@ def test_cli_resume_extends_and_refuses_other_options(tmp_path, tiny_run):
 
 def test_cli_shows_the_image_size_chosen_from_the_data(tmp_path):
     make_image_folder(tmp_path / "small", {"a": 4, "b": 4}, size=25, modes=("L",))
-    proc = run_edgeft(["train", "--data", "small", "--epochs", "1", "--batch-size", "4", "--workers", "0"], cwd=tmp_path)
+    proc = run_edgeft(
+        ["train", "--data", "small", "--epochs", "1", "--batch-size", "4", "--workers", "0"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "32 px" in proc.stdout
     config = json.loads(next((tmp_path / "runs").glob("*/config.json")).read_text())

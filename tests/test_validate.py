@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import one_line_error, run_edgeft
 from onnx import numpy_helper
 
 from edgeft.artifact import content_digest, read_metadata, write_metadata
@@ -18,6 +17,8 @@ from edgeft.config import ExportConfig
 from edgeft.errors import InputError
 from edgeft.export import export
 from edgeft.validate import FP32_LOGIT_RTOL, FP32_PROB_ATOL, validate_file
+
+from conftest import one_line_error, run_edgeft
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +130,9 @@ def test_shipped_metadata_has_no_path_of_this_machine(fp32_files, digits_checkpo
         text = proc.stdout
         assert str(Path.home()) not in text and str(digits_checkpoint.parent.parent) not in text
         assert json.loads(text)["source_checkpoint"] == {
-            "file": "best.pt", "run": "r18", "sha256": json.loads(text)["source_checkpoint"]["sha256"]
+            "file": "best.pt",
+            "run": "r18",
+            "sha256": json.loads(text)["source_checkpoint"]["sha256"],
         }
         shown = run_edgeft(["info", str(path)], cwd=tmp_path).stdout
         assert json.loads(text)["content_sha256"][:20] in shown.replace("\n", "").replace("│", "").replace(" ", "")
@@ -145,14 +148,16 @@ def test_unusable_cuda_is_one_line_and_exit_2(fp32_files, digits_checkpoint, tmp
 
 
 def test_folder_data_runs_the_files_through_both_and_leaves_out_undecodable_ones(tmp_path):
-    from conftest import make_image_folder
-
     from edgeft.train import TrainConfig, train
+
+    from conftest import make_image_folder
 
     data = tmp_path / "shapes"
     make_image_folder(data / "train", {"a": 12, "b": 12, "c": 12})
     make_image_folder(data / "val", {"a": 4, "b": 4, "c": 4}, seed=1)
-    best = train(TrainConfig(data=str(data), img_size=16, epochs=1, out=str(tmp_path / "runs"), name="shapes")).best_checkpoint
+    best = train(
+        TrainConfig(data=str(data), img_size=16, epochs=1, out=str(tmp_path / "runs"), name="shapes")
+    ).best_checkpoint
     result = export(ExportConfig(checkpoint=best, out=str(tmp_path / "exported")))
     validation = result.files[0].validation
     assert validation.passed and validation.n_images == 12 and validation.dataset == "shapes"

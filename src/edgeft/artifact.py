@@ -13,14 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft import formats, jsonio
 from edgeft.config import PRECISIONS
 from edgeft.errors import InputError
 from edgeft.preprocess import Preprocess
-from edgeft import formats, jsonio
 
 __all__ = [
-    "METADATA_FORMAT", "artifact_format", "check_digest", "check_outputs", "content_digest", "parse_metadata",
-    "read_metadata", "write_metadata",
+    "METADATA_FORMAT",
+    "artifact_format",
+    "check_digest",
+    "check_outputs",
+    "content_digest",
+    "parse_metadata",
+    "read_metadata",
+    "write_metadata",
 ]
 
 METADATA_FORMAT = "edgeft.export/2"
@@ -34,9 +40,17 @@ def artifact_format(path: str | os.PathLike) -> str:
 # --- the metadata document ----------------------------------------------------------------
 
 _REQUIRED = {
-    "format": str, "arch": str, "num_classes": int, "classes": list, "preprocess": dict, "precision": str,
-    "input": dict, "output": dict, "content_sha256": str, "source_checkpoint": dict,
-}  # fmt: skip
+    "format": str,
+    "arch": str,
+    "num_classes": int,
+    "classes": list,
+    "preprocess": dict,
+    "precision": str,
+    "input": dict,
+    "output": dict,
+    "content_sha256": str,
+    "source_checkpoint": dict,
+}
 
 
 def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
@@ -49,8 +63,11 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
         raise InputError(f"{source}: its edgeft metadata is not valid JSON ({exc}); export the model again") from None
     if not isinstance(metadata, dict):
         raise InputError(f"{source}: its edgeft metadata is a {type(metadata).__name__}, not an object; export again")
-    wrong = [key for key, kind in _REQUIRED.items()
-             if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool)]  # bool is an int
+    wrong = [
+        key
+        for key, kind in _REQUIRED.items()
+        if not isinstance(metadata.get(key), kind) or isinstance(metadata.get(key), bool)
+    ]  # bool is an int
     if wrong:
         raise InputError(f"{source}: its edgeft metadata lacks or mistypes {', '.join(wrong)}; export the model again")
     if metadata["format"] != METADATA_FORMAT:
@@ -58,7 +75,9 @@ def parse_metadata(text: str | bytes | None, source: str | os.PathLike) -> dict:
     classes = metadata["classes"]
     if not classes or not all(isinstance(c, str) for c in classes) or len(classes) != metadata["num_classes"]:
         raise InputError(f"{source}: its metadata needs {metadata['num_classes']} class names, got {len(classes)}")
-    if not isinstance(metadata["source_checkpoint"].get("sha256"), str) or not isinstance(metadata.get("versions", {}), dict):
+    if not isinstance(metadata["source_checkpoint"].get("sha256"), str) or not isinstance(
+        metadata.get("versions", {}), dict
+    ):
         raise InputError(f"{source}: its metadata's source_checkpoint or versions is malformed; export the model again")
     validation = metadata.get("validation")
     if validation is not None and not (isinstance(validation, dict) and isinstance(validation.get("passed"), bool)):
@@ -91,8 +110,10 @@ def read_metadata(path: str | os.PathLike, *, verify: bool = True) -> dict:
 def check_digest(path: str | os.PathLike, metadata: dict, digest: str) -> None:
     """Refuse a file whose model content (`digest`) no longer matches the one recorded at export."""
     if digest != metadata["content_sha256"]:
-        raise InputError(f"{path}: its model content was modified after export (digest mismatch); "
-                         f"do not use it, export the model again")  # fmt: skip
+        raise InputError(
+            f"{path}: its model content was modified after export (digest mismatch); "
+            f"do not use it, export the model again"
+        )
 
 
 def write_metadata(path: str | os.PathLike, metadata: dict) -> None:
@@ -111,6 +132,8 @@ def content_digest(path: str | os.PathLike) -> str:
 def check_outputs(logits: np.ndarray, classes: list[str], source: str | os.PathLike) -> np.ndarray:
     """Logits with one column per class name, or an InputError naming the disagreement."""
     if logits.ndim != 2 or logits.shape[1] != len(classes):
-        raise InputError(f"{source}: the model gives [{logits.shape[-1]}] outputs but its metadata says "
-                         f"[{len(classes)}]; export it again")  # fmt: skip
+        raise InputError(
+            f"{source}: the model gives [{logits.shape[-1]}] outputs but its metadata says "
+            f"[{len(classes)}]; export it again"
+        )
     return logits

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeft import formats, jsonio
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
 from edgeft.cpu import cpu_description
@@ -30,7 +31,6 @@ from edgeft.interrupts import atomic_write_text
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.timing import run_measurement
-from edgeft import formats, jsonio
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "combine_rounds", "machine_info", "run_bench"]
 
@@ -139,8 +139,12 @@ def _int8_settings() -> dict[str, str]:
 def _nvidia_driver() -> str | None:
     """The NVIDIA driver version (one driver serves every GPU of a machine), or None."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return None
@@ -153,7 +157,11 @@ def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]
     plan = []
     for runtime in config.runtimes:
         for precision in precisions:
-            reason = _eager_unavailable(precision, device) if runtime == "eager" else _runtime_unavailable(runtime, precision, device)
+            reason = (
+                _eager_unavailable(precision, device)
+                if runtime == "eager"
+                else _runtime_unavailable(runtime, precision, device)
+            )
             if reason and precision == "int8" and not config.precisions and "int8" not in _precisions(runtime):
                 continue  # int8 by default only where the runtime has int8 files
             plan.append((runtime, precision, reason))
@@ -184,8 +192,10 @@ def _sources(config: BenchConfig) -> list[_Source]:
     else:
         paths = list(dict.fromkeys(Path(c).resolve() for c in config.checkpoints))
         archs = [load_checkpoint(path)["arch"] for path in paths]
-        sources = [_Source(arch if archs.count(arch) == 1 else f"{arch} ({path.parent.name}/{path.name})", arch, str(path))
-                   for arch, path in zip(archs, paths)]  # fmt: skip
+        sources = [
+            _Source(arch if archs.count(arch) == 1 else f"{arch} ({path.parent.name}/{path.name})", arch, str(path))
+            for arch, path in zip(archs, paths)
+        ]
         labels = [s.label for s in sources]
         sources = [replace(s, label=f"{s.arch} ({s.checkpoint})") if labels.count(s.label) > 1 else s for s in sources]
     for source in sources:
@@ -223,9 +233,16 @@ def _artifacts(source: _Source, run: _Run, folder: Path, needed) -> dict:
             accuracy[key] = exported.validation.exported_acc
             accuracy[("eager", "fp32")] = exported.validation.reference_acc
         else:
-            files[key] = _write_random_weights(model, spec, runtime, precision, run.device, folder / f"{source.arch}-{precision}")
-    return {"files": files, "accuracy": accuracy, "size": spec.size, "channels": content["in_chans"],
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}  # fmt: skip
+            files[key] = _write_random_weights(
+                model, spec, runtime, precision, run.device, folder / f"{source.arch}-{precision}"
+            )
+    return {
+        "files": files,
+        "accuracy": accuracy,
+        "size": spec.size,
+        "channels": content["in_chans"],
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
 
 
 def _random_weights_checkpoint(arch: str, img_size: int, folder: Path) -> str:
@@ -233,16 +250,35 @@ def _random_weights_checkpoint(arch: str, img_size: int, folder: Path) -> str:
     path = folder / f"{arch}.pt"
     model = get_model(arch, num_classes=1000, in_chans=3)
     spec = default_preprocess(size=img_size, channels=3)
-    save_checkpoint(path, {"arch": arch, "num_classes": 1000, "in_chans": 3, "classes": [str(i) for i in range(1000)],
-                           "preprocess": spec.to_dict(), "state_dict": model.state_dict()})  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "arch": arch,
+            "num_classes": 1000,
+            "in_chans": 3,
+            "classes": [str(i) for i in range(1000)],
+            "preprocess": spec.to_dict(),
+            "state_dict": model.state_dict(),
+        },
+    )
     return str(path)
 
 
 def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run, folder: Path):
     """The validated export of `source`'s checkpoint that `runtime` loads."""
     fmt = formats.by_runtime(runtime).name
-    result = export(ExportConfig(checkpoint=source.checkpoint, format=fmt, precision=precision, out=str(folder),
-                                 data=run.config.data, name=f"{source.arch}-{runtime}", device=run.device, force=True))  # fmt: skip
+    result = export(
+        ExportConfig(
+            checkpoint=source.checkpoint,
+            format=fmt,
+            precision=precision,
+            out=str(folder),
+            data=run.config.data,
+            name=f"{source.arch}-{runtime}",
+            device=run.device,
+            force=True,
+        )
+    )
     return result.files[0]
 
 
@@ -254,8 +290,10 @@ def _write_random_weights(model, spec, runtime: str, precision: str, device: str
     rng = np.random.default_rng(0)
 
     def calibration(count: int):
-        return (rng.standard_normal((min(8, count - i), spec.channels, spec.size, spec.size), dtype=np.float32)
-                for i in range(0, count, 8))  # fmt: skip
+        return (
+            rng.standard_normal((min(8, count - i), spec.channels, spec.size, spec.size), dtype=np.float32)
+            for i in range(0, count, 8)
+        )
 
     config = ExportConfig(checkpoint="", format=fmt.name, precision=precision, calib_size=16, device=device)
     with tempfile.TemporaryDirectory(dir=stem.parent) as workdir:
@@ -268,10 +306,15 @@ def _resolve(config: BenchConfig) -> _Run:
     """The device (its index kept: cuda:1 stays cuda:1), threads and timing counts of a bench."""
     quick = config.quick
     rounds = 1 if quick else config.rounds
-    return _Run(config, device=str(torch_device(config.device)),  # CUDA that is not usable here: InputError
-                threads=config.threads or os.cpu_count() or 1, warmup=1 if quick else config.warmup,
-                iterations=min(config.iterations, 10) if quick else -(-config.iterations // rounds),
-                budget_s=min(config.budget_s, 2.0) if quick else config.budget_s / rounds, rounds=rounds)  # fmt: skip
+    return _Run(
+        config,
+        device=str(torch_device(config.device)),  # CUDA that is not usable here: InputError
+        threads=config.threads or os.cpu_count() or 1,
+        warmup=1 if quick else config.warmup,
+        iterations=min(config.iterations, 10) if quick else -(-config.iterations // rounds),
+        budget_s=min(config.budget_s, 2.0) if quick else config.budget_s / rounds,
+        rounds=rounds,
+    )
 
 
 @contextlib.contextmanager
@@ -295,16 +338,26 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     plan = _plan(config, run.device)
     report = BenchReport(
         machine={**machine_info(run.device), "matmul_peak": _matmul_peak(run.device, run.threads)},
-        settings={**asdict(config), "device": run.device, "threads": run.threads, "warmup": run.warmup,
-                  "iterations": run.iterations, "budget_s": run.budget_s, "rounds": run.rounds,
-                  "int8": _int8_settings()},  # fmt: skip
+        settings={
+            **asdict(config),
+            "device": run.device,
+            "threads": run.threads,
+            "warmup": run.warmup,
+            "iterations": run.iterations,
+            "budget_s": run.budget_s,
+            "rounds": run.rounds,
+            "int8": _int8_settings(),
+        },
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar, _files_folder(config, stamp) as folder:
+    with (
+        Progress(*columns, console=Console(stderr=True), disable=not progress) as bar,
+        _files_folder(config, stamp) as folder,
+    ):
         update = functools.partial(bar.update, bar.add_task("bench", total=len(sources) * len(plan)))
         for source in sources:
             report.rows += _bench_source(source, plan, run, folder / _folder_name(source.label), update)
@@ -324,10 +377,15 @@ def _bench_source(source: _Source, plan, run: _Run, folder: Path, update) -> lis
     if hasattr(os, "sync"):
         os.sync()  # the files just written are flushed now, not by the kernel while the first row is timed
     update(description=f"{source.label}: timing")
-    measured = {**{(r, p): reason for r, p, reason in plan if reason is not None}, **_time_rows(runnable, art, run, update)}
+    measured = {
+        **{(r, p): reason for r, p, reason in plan if reason is not None},
+        **_time_rows(runnable, art, run, update),
+    }
     rows = []
     for runtime, precision, _ in plan:
-        group = [BenchRow(source.label, runtime, precision, b, run.device, arch=source.arch) for b in run.config.batch_sizes]
+        group = [
+            BenchRow(source.label, runtime, precision, b, run.device, arch=source.arch) for b in run.config.batch_sizes
+        ]
         result = measured[(runtime, precision)]
         if isinstance(result, str):
             log.warning("%s %s %s: %s", source.label, runtime, precision, result)
@@ -363,22 +421,44 @@ def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
     for per_batch in zip(*rounds, strict=True):
         runs = sum(r["iterations"] for r in per_batch)
         mean = sum(r["mean_ms"] * r["iterations"] for r in per_batch) / runs
-        medians = {k: float(np.median([r[k] for r in per_batch])) for k in ("p50_ms", "p90_ms", "p99_ms", "first_ms", "load_s")}
-        combined.append({**per_batch[0], **medians, "mean_ms": mean, "iterations": runs, "images_per_s": per_batch[0]["batch"] * 1000 / mean,
-                         "peak_rss_mb": max(r["peak_rss_mb"] for r in per_batch)})  # fmt: skip
+        medians = {
+            k: float(np.median([r[k] for r in per_batch])) for k in ("p50_ms", "p90_ms", "p99_ms", "first_ms", "load_s")
+        }
+        combined.append(
+            {
+                **per_batch[0],
+                **medians,
+                "mean_ms": mean,
+                "iterations": runs,
+                "images_per_s": per_batch[0]["batch"] * 1000 / mean,
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in per_batch),
+            }
+        )
     return combined
 
 
 def _time_file(file: str, runtime: str, precision: str, art: dict, run: _Run) -> list[dict] | str:
     """One result per batch size from a fresh process, or why it failed."""
     batches = list(run.config.batch_sizes)
-    spec = {"runtime": runtime, "precision": precision, "device": run.device, "threads": run.threads, "file": file,
-            "batches": batches, "size": art["size"], "channels": art["channels"], "warmup": run.warmup,
-            "iterations": run.iterations, "budget_s": run.budget_s}  # fmt: skip
+    spec = {
+        "runtime": runtime,
+        "precision": precision,
+        "device": run.device,
+        "threads": run.threads,
+        "file": file,
+        "batches": batches,
+        "size": art["size"],
+        "channels": art["channels"],
+        "warmup": run.warmup,
+        "iterations": run.iterations,
+        "budget_s": run.budget_s,
+    }
     return run_measurement(spec, timeout=120 + run.budget_s * 4 * len(batches))
 
 
-def _fill_measured(rows: list[BenchRow], measured: list[dict], art: dict, key: tuple[str, str], arch: str, config: BenchConfig) -> None:
+def _fill_measured(
+    rows: list[BenchRow], measured: list[dict], art: dict, key: tuple[str, str], arch: str, config: BenchConfig
+) -> None:
     """Copy the measurements into `rows` (one per batch size) with the file's size, the model's
     size and cost, the export's accuracy, and with `keep_files` the file's path."""
     file = art["files"][key]
@@ -422,8 +502,13 @@ def _write_reports(report: BenchReport, out: Path, stamp: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"bench-{stamp}"
     report.files.update(md=f"{base}.md", json=f"{base}.json", png=f"{base}.png")
-    atomic_write_text(report.files["json"], jsonio.dumps({"machine": report.machine, "settings": report.settings,
-                                                          "rows": [asdict(r) for r in report.rows]}, indent=2) + "\n")  # fmt: skip
+    atomic_write_text(
+        report.files["json"],
+        jsonio.dumps(
+            {"machine": report.machine, "settings": report.settings, "rows": [asdict(r) for r in report.rows]}, indent=2
+        )
+        + "\n",
+    )
     atomic_write_text(report.files["md"], markdown_report(report))
     plot_benchmark([asdict(r) for r in report.rows], report.files["png"])
 
@@ -432,8 +517,28 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-_COLUMNS = ("model", "runtime", "precision", "batch", "p50 ms", "x fp32", "p90 ms", "p99 ms", "mean ms", "img/s", "GFLOP/s",
-            "% peak", "load s", "first ms", "peak MB", "file MB", "params M", "GMACs", "accuracy", "provider")  # fmt: skip
+_COLUMNS = (
+    "model",
+    "runtime",
+    "precision",
+    "batch",
+    "p50 ms",
+    "x fp32",
+    "p90 ms",
+    "p99 ms",
+    "mean ms",
+    "img/s",
+    "GFLOP/s",
+    "% peak",
+    "load s",
+    "first ms",
+    "peak MB",
+    "file MB",
+    "params M",
+    "GMACs",
+    "accuracy",
+    "provider",
+)
 
 
 def markdown_table(rows: list[BenchRow]) -> str:
@@ -446,10 +551,24 @@ def markdown_table(rows: list[BenchRow]) -> str:
         if r.status != "ok":
             cells += [r.status] + [""] * (len(_COLUMNS) - 5)
         else:
-            cells += [_fmt(r.p50_ms, ".2f"), _fmt(r.vs_fp32, ".2f"), _fmt(r.p90_ms, ".2f"), _fmt(r.p99_ms, ".2f"), _fmt(r.mean_ms, ".2f"),
-                      _fmt(r.images_per_s, ".1f"), _fmt(r.gflop_per_s, ".1f"), _fmt(r.pct_of_peak, ".0f"), _fmt(r.load_s, ".2f"),
-                      _fmt(r.first_ms, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.file_mb, ".1f"), _fmt(r.params_m, ".1f"),
-                      _fmt(r.gflops, ".2f"), _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), r.provider]  # fmt: skip
+            cells += [
+                _fmt(r.p50_ms, ".2f"),
+                _fmt(r.vs_fp32, ".2f"),
+                _fmt(r.p90_ms, ".2f"),
+                _fmt(r.p99_ms, ".2f"),
+                _fmt(r.mean_ms, ".2f"),
+                _fmt(r.images_per_s, ".1f"),
+                _fmt(r.gflop_per_s, ".1f"),
+                _fmt(r.pct_of_peak, ".0f"),
+                _fmt(r.load_s, ".2f"),
+                _fmt(r.first_ms, ".1f"),
+                _fmt(r.peak_rss_mb, ".0f"),
+                _fmt(r.file_mb, ".1f"),
+                _fmt(r.params_m, ".1f"),
+                _fmt(r.gflops, ".2f"),
+                _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"),
+                r.provider,
+            ]
         if with_file:
             cells.append(r.file or "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -462,7 +581,8 @@ def markdown_report(report: BenchReport) -> str:
     gpu = f"{m['gpu']} (driver {m['driver']}, CUDA {m.get('cuda')})" if m["gpu"] else "none"
     return (
         f"# edgeft bench\n\n"
-        f"- machine: {m['cpu']}, {m['cores']} cores, CPU flags: {', '.join(m['cpu_features']) or 'none of note'}; GPU: {gpu}\n"
+        f"- machine: {m['cpu']}, {m['cores']} cores, "
+        f"CPU flags: {', '.join(m['cpu_features']) or 'none of note'}; GPU: {gpu}\n"
         f"- software: Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"{', '.join(f'{k} {v}' for k, v in m['runtimes'].items() if isinstance(v, str))}; {m['os']}\n"
         f"- settings: device {s['device']}, {s['img_size']} px, {s['threads']} threads, {s['warmup']} warm-up runs, "
@@ -473,5 +593,6 @@ def markdown_report(report: BenchReport) -> str:
         f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
         f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n"
         + ("- file: the file each row timed, kept, relative to this report's folder\n" if s["keep_files"] else "")
-        + "\n" + markdown_table(report.rows)
+        + "\n"
+        + markdown_table(report.rows)
     )

@@ -43,7 +43,9 @@ class Attempt:
     def from_validation(cls, candidate: str, precision: str, validation: ValidationResult | None) -> Attempt:
         if validation is None:
             return cls(candidate, precision, None, None, True, "not validated")
-        return cls(candidate, precision, validation.exported_acc, validation.acc_drop, validation.passed, validation.reason)
+        return cls(
+            candidate, precision, validation.exported_acc, validation.acc_drop, validation.passed, validation.reason
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,10 +69,19 @@ def _timing_spec(path: Path, batch_sizes: tuple[int, ...], device: str) -> dict:
     """What `edgeft.timing` needs to run `path` as predict would: its runtime, input shape and
     the runtime's default number of threads."""
     preprocess = read_metadata(path)["preprocess"]
-    return {"runtime": formats.for_path(path).runtime, "precision": "", "device": device,
-            "threads": None, "file": str(path), "batches": list(batch_sizes),
-            "size": preprocess["size"], "channels": preprocess["channels"], "warmup": 3, "iterations": 200,
-            "budget_s": _BUDGET_S}  # fmt: skip
+    return {
+        "runtime": formats.for_path(path).runtime,
+        "precision": "",
+        "device": device,
+        "threads": None,
+        "file": str(path),
+        "batches": list(batch_sizes),
+        "size": preprocess["size"],
+        "channels": preprocess["channels"],
+        "warmup": 3,
+        "iterations": 200,
+        "budget_s": _BUDGET_S,
+    }
 
 
 def choose_fastest(attempts: list[Attempt], *, force: bool = False) -> Attempt | None:
@@ -93,8 +104,14 @@ def attempts_table(attempts: list[Attempt]) -> list[list[str]]:
     batch = max((a.batch for a in attempts), default=1)
     rows = [["candidate", "accuracy", "drop", "p50 ms", f"p50 ms b{batch}", "passed"]]
     for a in attempts:
-        cells = [a.candidate + (" (kept)" if a.chosen else ""), _pct(a.accuracy), _num(a.drop, ".2f"),
-                 _num(a.p50_ms, ".2f"), _num(a.p50_batch_ms, ".2f"), "yes" if a.passed else f"no: {a.reason}"]  # fmt: skip
+        cells = [
+            a.candidate + (" (kept)" if a.chosen else ""),
+            _pct(a.accuracy),
+            _num(a.drop, ".2f"),
+            _num(a.p50_ms, ".2f"),
+            _num(a.p50_batch_ms, ".2f"),
+            "yes" if a.passed else f"no: {a.reason}",
+        ]
         rows.append(cells)
     return rows
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from edgeft import jsonio
 from edgeft.config import TrainConfig
 from edgeft.errors import InputError
 from edgeft.interrupts import atomic_write_text
 from edgeft.plots import plot_comparison
 from edgeft.train import TrainResult, check_inputs, train
-from edgeft import jsonio
 
 __all__ = ["CompareResult", "compare"]
 
@@ -48,16 +48,25 @@ def compare(config: TrainConfig, *, weights: str, freeze_epochs: int = 2, progre
     files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}
     atomic_write_text(files["md"], f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")
     summary = {name: {k: v for k, v in asdict(r).items() if k != "history"} for name, r in runs.items()}
-    atomic_write_text(files["json"], jsonio.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n")
-    plot_comparison({name: r.history for name, r in runs.items()}, files["png"], title=f"{config.model} on {config.data}")
+    atomic_write_text(
+        files["json"],
+        jsonio.dumps({"weights": weights, "freeze_epochs": freeze_epochs, "runs": summary}, indent=2) + "\n",
+    )
+    plot_comparison(
+        {name: r.history for name, r in runs.items()}, files["png"], title=f"{config.model} on {config.data}"
+    )
     return CompareResult(str(folder), runs, table, files)
 
 
 def _table(runs: dict[str, TrainResult], variants: dict[str, TrainConfig]) -> str:
-    lines = ["| run | weights | frozen epochs | best val acc | best epoch | final val loss | img/s | wall s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| run | weights | frozen epochs | best val acc | best epoch | final val loss | img/s | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in runs.items():
         v = variants[name]
-        lines.append(f"| {name} | {v.weights} | {v.freeze_epochs} | {100 * r.best_val_acc:.2f} % | {r.best_epoch} "
-                     f"| {r.history[-1]['val_loss']:.4f} | {r.train_images_per_s:.0f} | {r.wall_s:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {v.weights} | {v.freeze_epochs} | {100 * r.best_val_acc:.2f} % | {r.best_epoch} "
+            f"| {r.history[-1]['val_loss']:.4f} | {r.train_images_per_s:.0f} | {r.wall_s:.1f} |"
+        )
     return "\n".join(lines) + "\n"

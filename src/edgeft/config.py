@@ -7,16 +7,30 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeft import formats
 from edgeft.devices import parse_device
 from edgeft.errors import InputError
-from edgeft import formats
 from edgeft.formats.onnx import DEFAULT_OPSET, OPSETS
 from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
 __all__ = [
-    "AUGMENTATIONS", "DEFAULT_OPSET", "FORMATS", "MAX_BATCH", "MAX_NAME_BYTES", "MAX_WORKERS", "OPSETS", "OPTIMIZERS",
-    "PRECISIONS", "RUNTIMES", "SCHEDULERS", "BenchConfig", "ExportConfig", "TrainConfig", "check_max_acc_drop", "check_range",
-]  # fmt: skip
+    "AUGMENTATIONS",
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "MAX_BATCH",
+    "MAX_NAME_BYTES",
+    "MAX_WORKERS",
+    "OPSETS",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "RUNTIMES",
+    "SCHEDULERS",
+    "BenchConfig",
+    "ExportConfig",
+    "TrainConfig",
+    "check_max_acc_drop",
+    "check_range",
+]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
@@ -151,7 +165,9 @@ class ExportConfig:
 
     checkpoint: str  # an edgeft checkpoint (runs/<name>/best.pt)
     format: str = "onnx"  # onnx | torchscript | executorch | all (executorch: with the extra installed)
-    precision: str = "fp32"  # fp32 | fp16 | int8 | auto (int8: ONNX and ExecuTorch; auto: ONNX; TorchScript fp16: CUDA only)
+    precision: str = (
+        "fp32"  # fp32 | fp16 | int8 | auto (int8: ONNX and ExecuTorch; auto: ONNX; TorchScript fp16: CUDA only)
+    )
     out: str = "exported"  # output folder
     name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
     opset: int | None = None  # ONNX opset; None: DEFAULT_OPSET
@@ -167,17 +183,21 @@ class ExportConfig:
     quant_format: str | None = None  # qdq | qoperator; None: qdq
     reduce_range: bool | None = None  # 7-bit int8 weights; None: on for x86 CPUs without VNNI
     fallback: bool | None = None  # ONNX int8 that fails its gate: try the next settings of the ladder; None: on
-    max_acc_drop: float | None = None  # accuracy-drop gate in points; None: the precision's default (< 0 fails every file)
+    max_acc_drop: float | None = (
+        None  # accuracy-drop gate in points; None: the precision's default (< 0 fails every file)
+    )
     batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
 
     def __post_init__(self) -> None:
         _one_of("--format", self.format, FORMATS)
         _one_of("--precision", self.precision, (*PRECISIONS, "auto"))
-        for option, value, choices in (("--calib-method", self.calib_method, CALIBRATION_METHODS),
-                                       ("--activation-type", self.activation_type, ACTIVATION_TYPES),
-                                       ("--weight-type", self.weight_type, WEIGHT_TYPES),
-                                       ("--quant-format", self.quant_format, QUANT_FORMATS)):  # fmt: skip
+        for option, value, choices in (
+            ("--calib-method", self.calib_method, CALIBRATION_METHODS),
+            ("--activation-type", self.activation_type, ACTIVATION_TYPES),
+            ("--weight-type", self.weight_type, WEIGHT_TYPES),
+            ("--quant-format", self.quant_format, QUANT_FORMATS),
+        ):
             if value is not None:
                 _one_of(option, value, choices)
         if self.opset is not None and self.opset not in OPSETS:
@@ -199,8 +219,9 @@ def _refuse_unread_options(config: ExportConfig) -> None:
     for option in sorted(set().union(*(f.options for f in formats.all_formats()))):
         if getattr(config, option) is not None and not any(option in f.options for f in chosen):
             readers = ", ".join(f.name for f in formats.all_formats() if option in f.options)
-            raise InputError(f"--{option.replace('_', '-')} is read by --format {readers} only, "
-                             f"not by --format {config.format}")  # fmt: skip
+            raise InputError(
+                f"--{option.replace('_', '-')} is read by --format {readers} only, not by --format {config.format}"
+            )
 
 
 def check_max_acc_drop(value: float | None) -> None:
@@ -252,7 +273,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         """Every value checked before any work (model names are checked against the registry by
         `run_bench`, which has torchvision at hand)."""
-        for option, values, known in (("--runtimes", self.runtimes, RUNTIMES), ("--precisions", self.precisions, PRECISIONS)):
+        for option, values, known in (
+            ("--runtimes", self.runtimes, RUNTIMES),
+            ("--precisions", self.precisions, PRECISIONS),
+        ):
             unknown = [v for v in values if v not in known]
             if unknown:
                 raise InputError(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
@@ -263,11 +287,13 @@ class BenchConfig:
         if not self.batch_sizes or any(not isinstance(b, int) or not 1 <= b <= MAX_BATCH for b in self.batch_sizes):
             given = ",".join(map(str, self.batch_sizes)) or "none"
             raise InputError(f"--batch-sizes must be positive integers up to {MAX_BATCH}, got {given}")
-        for option, value, smallest, largest in (("--img-size", self.img_size, 8, 1024),
-                                                 ("--threads", self.threads, 0, 1024),
-                                                 ("--warmup", self.warmup, 0, 10_000),
-                                                 ("--iterations", self.iterations, 1, 10**6),
-                                                 ("--rounds", self.rounds, 1, 1000)):  # fmt: skip
+        for option, value, smallest, largest in (
+            ("--img-size", self.img_size, 8, 1024),
+            ("--threads", self.threads, 0, 1024),
+            ("--warmup", self.warmup, 0, 10_000),
+            ("--iterations", self.iterations, 1, 10**6),
+            ("--rounds", self.rounds, 1, 1000),
+        ):
             check_range(option, value, smallest, largest)
         if not 0 < self.budget_s <= 86_400:
             raise InputError(f"--budget-s must be positive and at most 86400 (a day), got {self.budget_s}")

@@ -85,8 +85,14 @@ class FolderImages(torch.utils.data.Dataset):
     position (raises on an unreadable file), or by (position, seed) as the batch loader does:
     the augmentation then depends on that seed only, and an unreadable file gives None."""
 
-    def __init__(self, files: list[tuple[Path, int]], preprocess: Preprocess, augment: str = "none", flips: bool = True,
-                 unreadable: UnreadableFiles | None = None):  # fmt: skip
+    def __init__(
+        self,
+        files: list[tuple[Path, int]],
+        preprocess: Preprocess,
+        augment: str = "none",
+        flips: bool = True,
+        unreadable: UnreadableFiles | None = None,
+    ):
         self.files = files
         self.preprocess = preprocess
         self.labels = torch.tensor([label for _, label in files], dtype=torch.int64)
@@ -208,7 +214,9 @@ def _digits(spec: Preprocess, val_split: float, seed: int) -> DataBundle:
 def _torchvision_dataset(name: str, root: Path, spec: Preprocess) -> DataBundle:
     import torchvision.datasets as tvd
 
-    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[
+        name
+    ]
     splits = []
     for train in (True, False):
         try:
@@ -227,7 +235,12 @@ def _torchvision_dataset(name: str, root: Path, spec: Preprocess) -> DataBundle:
 
 
 def _folder(
-    root: Path, size: int | None, channels: int | None, val_split: float, seed: int, max_bad: float,
+    root: Path,
+    size: int | None,
+    channels: int | None,
+    val_split: float,
+    seed: int,
+    max_bad: float,
     preprocess: Preprocess | None,
 ) -> DataBundle:
     split_folders = (root / "train").is_dir() and (root / "val").is_dir()
@@ -249,9 +262,12 @@ def _folder(
     keep = lambda files: [(p, label) for p, label in files if p not in bad]  # noqa: E731
     train, val = keep(train_files), keep(val_files)
     if not val:
-        raise InputError(f"{root}/val holds no readable images; add some" if split_folders else
-                         f"{root}: the validation split is empty: a class needs at least 2 images to be split "
-                         f"(one for validation); add images, or give {root}/train and {root}/val")  # fmt: skip
+        raise InputError(
+            f"{root}/val holds no readable images; add some"
+            if split_folders
+            else f"{root}: the validation split is empty: a class needs at least 2 images to be split "
+            f"(one for validation); add images, or give {root}/train and {root}/val"
+        )
     return DataBundle(
         name=str(root),
         classes=classes,
@@ -447,9 +463,21 @@ def iterate_batches(
                 x = augment_batch(x, augment, flips=flips, generator=generator)
             yield (x - mean) / std, split.labels[index].to(device, non_blocking=True)
         return
-    settings = dict(batch_size=batch_size, preprocess=preprocess, augment=augment, flips=flips, workers=workers,
-                    rank=rank, world=world, pad=pad, shuffle=shuffle, device=device)  # fmt: skip
-    loader = loaders.get(split, **settings) if loaders is not None else _folder_loader(split, persistent=False, **settings)
+    settings = dict(
+        batch_size=batch_size,
+        preprocess=preprocess,
+        augment=augment,
+        flips=flips,
+        workers=workers,
+        rank=rank,
+        world=world,
+        pad=pad,
+        shuffle=shuffle,
+        device=device,
+    )
+    loader = (
+        loaders.get(split, **settings) if loaders is not None else _folder_loader(split, persistent=False, **settings)
+    )
     loader.sampler.seed = seed
     for x, y, failed in loader:
         if failed and split.unreadable is None:
@@ -490,9 +518,21 @@ class FolderLoaders:
         self._loaders.clear()
 
 
-def _folder_loader(split: FolderImages, *, persistent: bool, batch_size: int, preprocess: Preprocess, augment: str,
-                   flips: bool, workers: int, rank: int, world: int, pad: bool, shuffle: bool,
-                   device: torch.device) -> torch.utils.data.DataLoader:  # fmt: skip
+def _folder_loader(
+    split: FolderImages,
+    *,
+    persistent: bool,
+    batch_size: int,
+    preprocess: Preprocess,
+    augment: str,
+    flips: bool,
+    workers: int,
+    rank: int,
+    world: int,
+    pad: bool,
+    shuffle: bool,
+    device: torch.device,
+) -> torch.utils.data.DataLoader:
     """A DataLoader of (index, seed) items of `split`; `persistent` keeps its workers between passes."""
     dataset = FolderImages(split.files, preprocess, augment, flips) if augment != "none" else split
     return torch.utils.data.DataLoader(
@@ -524,7 +564,9 @@ class _ShardSampler(torch.utils.data.Sampler):
         self.n, self.shuffle, self.rank, self.world, self.pad, self.seed = n, shuffle, rank, world, pad, 0
 
     def _indices(self) -> torch.Tensor:
-        return shard_indices(self.n, shuffle=self.shuffle, seed=self.seed, rank=self.rank, world=self.world, pad=self.pad)
+        return shard_indices(
+            self.n, shuffle=self.shuffle, seed=self.seed, rank=self.rank, world=self.world, pad=self.pad
+        )
 
     def __iter__(self):
         base = (self.seed * 1_000_003) % 2**62

@@ -73,8 +73,12 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     process); each rank gets its own GPU (cuda:LOCAL_RANK, NCCL) or shares the CPU (gloo)."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return Dist(), device
-    ctx = Dist(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
-               local_rank=int(os.environ.get("LOCAL_RANK", "0")), launched=True)  # fmt: skip
+    ctx = Dist(
+        rank=int(os.environ["RANK"]),
+        world=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        launched=True,
+    )
     if device.type == "cuda":
         if ctx.local_rank >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} CUDA device(s) here")

@@ -69,8 +69,10 @@ def selected_formats(config: ExportConfig) -> list[formats.Format]:
     chosen = list(formats.all_formats()) if config.format == "all" else [formats.get(config.format)]
     if config.precision == "auto" and (len(chosen) > 1 or "int8" not in chosen[0].precisions or not config.validate):
         writers = ", ".join(f.name for f in formats.all_formats() if "int8" in f.precisions)
-        raise InputError(f"--precision auto gates and times the candidates of one format: use it with --format "
-                         f"one of {writers}, and validation on")  # fmt: skip
+        raise InputError(
+            f"--precision auto gates and times the candidates of one format: use it with --format "
+            f"one of {writers}, and validation on"
+        )
     kept = []
     for fmt in chosen:
         reason = fmt.unavailable("fp32" if config.precision == "auto" else config.precision, config.device)
@@ -115,8 +117,12 @@ def _alive(pid: int) -> bool:
 
 
 def _versions(fmt: formats.Format) -> dict[str, str]:
-    return {"edgeft": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            **fmt.versions()}  # fmt: skip
+    return {
+        "edgeft": __version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        **fmt.versions(),
+    }
 
 
 def _metadata(checkpoint: dict, source: Path, config: ExportConfig) -> dict:
@@ -129,11 +135,16 @@ def _metadata(checkpoint: dict, source: Path, config: ExportConfig) -> dict:
         "classes": list(checkpoint["classes"]),
         "preprocess": spec.to_dict(),
         "precision": config.precision,
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "shape": ["batch", spec.channels, spec.size, spec.size]},
+        "input": {
+            "name": "input",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": ["batch", spec.channels, spec.size, spec.size],
+        },
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", checkpoint["num_classes"]]},
         "source_checkpoint": {"file": source.name, "run": source.resolve().parent.name, "sha256": file_sha256(source)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -152,7 +163,9 @@ def export(config: ExportConfig) -> ExportResult:
     with _scratch(out / f".{stem}.{os.getpid()}.{_TEMP_TAG}.work") as job.workdir:
         if config.precision == "auto":
             return ExportResult([job.write_auto(chosen[0], out, stem)])
-        return ExportResult([job.write(fmt, out / f"{_stem(stem, config.precision)}{fmt.suffixes[0]}") for fmt in chosen])
+        return ExportResult(
+            [job.write(fmt, out / f"{_stem(stem, config.precision)}{fmt.suffixes[0]}") for fmt in chosen]
+        )
 
 
 @contextlib.contextmanager
@@ -208,7 +221,9 @@ class _Job:
         precisions = [p for p in precisions if fmt.unavailable(p, self.config.device) is None]
         temps = {p: _temporary(out / f"{stem}{fmt.suffixes[0]}", p) for p in (*precisions, "int8")}
         try:
-            validations = {p: self._seal_and_gate(temps[p], fmt, p, self._write_file(fmt, temps[p], p)) for p in precisions}
+            validations = {
+                p: self._seal_and_gate(temps[p], fmt, p, self._write_file(fmt, temps[p], p)) for p in precisions
+            }
             floats = [Attempt.from_validation(p, p, validations[p]) for p in precisions]
             int8_attempts, _, _ = self._int8_ladder(fmt, temps["int8"])
             finalists = {**dict(zip(precisions, floats)), "int8": int8_attempts[-1]}
@@ -226,7 +241,9 @@ class _Job:
     def _place_chosen(self, fmt, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
         """Move the chosen candidate into place, its metadata carrying every candidate's row."""
         meta = read_metadata(tmp)
-        _write_metadata(tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}})
+        _write_metadata(
+            tmp, {**meta, "precision_auto": {"chosen": chosen.candidate, "candidates": [a.to_dict() for a in attempts]}}
+        )
         validation = ValidationResult(**meta["validation"])
         return self._place(fmt, tmp, final, chosen.precision, validation, attempts, meta.get("delegation"))
 
@@ -253,8 +270,9 @@ class _Job:
 
     def _write_file(self, fmt: formats.Format, tmp: Path, precision: str, rung=None) -> dict:
         """Write one file through its format; returns what its metadata adds."""
-        request = formats.WriteRequest(self.model, self.spec, precision, self.config.device, self.config, self.workdir,
-                                       rung, self._calibration)  # fmt: skip
+        request = formats.WriteRequest(
+            self.model, self.spec, precision, self.config.device, self.config, self.workdir, rung, self._calibration
+        )
         return {"versions": _versions(fmt), **fmt.write(request, tmp)}
 
     def _calibration(self, count: int) -> Iterator[np.ndarray]:
@@ -263,18 +281,32 @@ class _Job:
     def _seal_and_gate(self, tmp: Path, fmt: formats.Format, precision: str, extra: dict) -> ValidationResult | None:
         """Write the metadata and content digest, then gate the file as `edgeft predict` reads it."""
         config = self.config
-        meta = {**self.metadata, "precision": precision, "opset": None, **extra,
-                "content_sha256": content_digest(tmp)}  # fmt: skip
+        meta = {**self.metadata, "precision": precision, "opset": None, **extra, "content_sha256": content_digest(tmp)}
         _write_metadata(tmp, meta)
         if not config.validate:
             return None
-        validation = gate(tmp, self.checkpoint, self.bundle, model=self.model, device=config.device,
-                          batch_sizes=(1, config.batch_size), max_acc_drop=config.max_acc_drop)  # fmt: skip
+        validation = gate(
+            tmp,
+            self.checkpoint,
+            self.bundle,
+            model=self.model,
+            device=config.device,
+            batch_sizes=(1, config.batch_size),
+            max_acc_drop=config.max_acc_drop,
+        )
         _write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation
 
-    def _place(self, fmt: formats.Format, tmp: Path, final: Path, precision: str, validation: ValidationResult | None,
-               attempts: list[Attempt], delegation: dict | None) -> ExportedFile:  # fmt: skip
+    def _place(
+        self,
+        fmt: formats.Format,
+        tmp: Path,
+        final: Path,
+        precision: str,
+        validation: ValidationResult | None,
+        attempts: list[Attempt],
+        delegation: dict | None,
+    ) -> ExportedFile:
         """Move every file of the artifact into place (the one named last) when it is kept."""
         kept = validation is None or validation.passed or self.config.force
         size = sum(p.stat().st_size for p in fmt.files(tmp))
@@ -318,7 +350,9 @@ def _calibration(config: ExportConfig, bundle: DataBundle | None, spec: Preproce
     checkpoint's training split."""
     if config.calib_data:
         return _folder_batches(Path(config.calib_data), count, spec)
-    batches = iterate_batches(bundle.train, batch_size=_CALIB_BATCH, preprocess=spec, device=torch.device("cpu"), shuffle=True)
+    batches = iterate_batches(
+        bundle.train, batch_size=_CALIB_BATCH, preprocess=spec, device=torch.device("cpu"), shuffle=True
+    )
     return first_images((x.numpy() for x, _ in batches), count)
 
 
@@ -330,5 +364,3 @@ def _folder_batches(folder: Path, count: int, spec: Preprocess) -> Iterator[np.n
     with ThreadPoolExecutor(max_workers=4) as pool:
         for start in range(0, len(chosen), _CALIB_BATCH):
             yield np.stack(list(pool.map(lambda p: preprocess_image(p, spec), chosen[start : start + _CALIB_BATCH])))
-
-

@@ -37,13 +37,26 @@ log = logging.getLogger(__name__)
 # Backbones whose stem is the first Conv2d and whose head is the last Linear (torchvision builds
 # them all that way), so the same head replacement and channel adaptation work for each.
 _MODELS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-    "wide_resnet50_2", "wide_resnet101_2",
-    "densenet121", "densenet161", "densenet169", "densenet201",
-    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "efficientnet_b0", "efficientnet_b1",
-)  # fmt: skip
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+)
 
 
 @dataclass(frozen=True)
@@ -134,8 +147,12 @@ def _small_stem(model: nn.Module) -> None:
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
     """The model an edgeft checkpoint holds, in eval mode on the CPU."""
-    model = get_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], in_chans=checkpoint["in_chans"],
-                      stem=checkpoint.get("stem", "torchvision"))  # fmt: skip
+    model = get_model(
+        checkpoint["arch"],
+        num_classes=checkpoint["num_classes"],
+        in_chans=checkpoint["in_chans"],
+        stem=checkpoint.get("stem", "torchvision"),
+    )
     model.load_state_dict({_strip_prefixes(k): v for k, v in checkpoint["state_dict"].items()})
     return model.eval()
 
@@ -191,14 +208,21 @@ def _load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sou
     stem = _first_conv_name(model) + ".weight"
     foreign = [key for key in state_dict if key not in own]
     if foreign:
-        raise InputError(f"{source}: {len(foreign)} tensors this model lacks (e.g. {foreign[0]}); weights of another architecture?")
+        raise InputError(
+            f"{source}: {len(foreign)} tensors this model lacks (e.g. {foreign[0]}); weights of another architecture?"
+        )
     usable = {}
     new_stem = False
     for key, value in state_dict.items():
         if key.startswith(head):
             continue
         if key == stem and value.shape[2:] != own[key].shape[2:]:
-            log.info("%s: stem kernel %s does not fit %s; the stem stays new", source, tuple(value.shape), tuple(own[key].shape))
+            log.info(
+                "%s: stem kernel %s does not fit %s; the stem stays new",
+                source,
+                tuple(value.shape),
+                tuple(own[key].shape),
+            )
             new_stem = True
             continue
         if key == stem and value.shape[1] != own[key].shape[1]:
@@ -208,7 +232,10 @@ def _load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sou
         usable[key] = value
     missing = [key for key in own if key not in usable and not key.startswith(head) and not (new_stem and key == stem)]
     if missing:
-        raise InputError(f"{source}: {len(missing)} tensors of this model are missing (e.g. {missing[0]}); weights of another architecture?")
+        raise InputError(
+            f"{source}: {len(missing)} tensors of this model are missing (e.g. {missing[0]}); "
+            "weights of another architecture?"
+        )
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s", len(usable), source)
 
@@ -238,9 +265,15 @@ def _set_in_chans(model: nn.Module, in_chans: int) -> None:
     if conv.in_channels == in_chans:
         return
     new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None,
-    )  # fmt: skip
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
     with torch.no_grad():
         new.weight.copy_(_adapt_stem(conv.weight, in_chans))
         if conv.bias is not None:

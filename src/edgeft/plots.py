@@ -54,8 +54,17 @@ def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
     width = 0.8 / max(1, len(variants))
     for ax, batch in zip(axes[0], batches):
         for i, variant in enumerate(variants):
-            values = [next((r["p50_ms"] for r in ok if r["model"] == m and r["batch"] == batch
-                            and f"{r['runtime']} {r['precision']}" == variant), 0.0) for m in models]  # fmt: skip
+            values = [
+                next(
+                    (
+                        r["p50_ms"]
+                        for r in ok
+                        if r["model"] == m and r["batch"] == batch and f"{r['runtime']} {r['precision']}" == variant
+                    ),
+                    0.0,
+                )
+                for m in models
+            ]
             ax.bar([x + i * width for x in range(len(models))], values, width, label=variant)
         ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(models))], models)
         ax.set(ylabel="p50 latency (ms)", title=f"latency at batch {batch} (lower is better)")
@@ -65,7 +74,11 @@ def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
         ax = axes[0][-1]
         for r in with_accuracy:
             ax.scatter(r["p50_ms"], 100 * r["accuracy"])
-            ax.annotate(f"{r['model']} {r['runtime']} {r['precision']} b{r['batch']}", (r["p50_ms"], 100 * r["accuracy"]), fontsize=7)
+            ax.annotate(
+                f"{r['model']} {r['runtime']} {r['precision']} b{r['batch']}",
+                (r["p50_ms"], 100 * r["accuracy"]),
+                fontsize=7,
+            )
         ax.set(xlabel="p50 latency (ms)", ylabel="accuracy (%)", title="accuracy against latency")
         ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
@@ -76,7 +89,11 @@ def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
 def plot_comparison(histories: dict[str, list[dict]], path: str | Path, *, title: str = "") -> Path:
     """Validation accuracy, validation loss and training loss per epoch, one line per run."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    panels = (("val_acc", "validation accuracy (%)", 100), ("val_loss", "validation loss", 1), ("train_loss", "training loss", 1))
+    panels = (
+        ("val_acc", "validation accuracy (%)", 100),
+        ("val_loss", "validation loss", 1),
+        ("train_loss", "training loss", 1),
+    )
     for ax, (key, label, scale) in zip(axes, panels):
         for name, history in histories.items():
             ax.plot([r["epoch"] for r in history], [scale * r[key] for r in history], "o-", label=name)

@@ -30,6 +30,7 @@ from edgeft.preprocess import IMAGE_EXTENSIONS, MAX_PIXELS, FileScan, Preprocess
 
 __all__ = ["Label", "Prediction", "Predictor", "check_options", "collect_images", "gate_failure", "newest_model"]
 
+
 @dataclass(frozen=True)
 class Label:
     label: str
@@ -59,7 +60,11 @@ def newest_model(folder: str | os.PathLike = "exported") -> Path:
     although it failed its accuracy gate."""
     folder = Path(folder)
     suffixes = tuple(suffix for fmt in formats.all_formats() if fmt.torch_free for suffix in fmt.suffixes)
-    found = {p: _mtime(p) for p in folder.iterdir() if p.name.lower().endswith(suffixes) and not p.name.startswith(".")} if folder.is_dir() else {}
+    found = (
+        {p: _mtime(p) for p in folder.iterdir() if p.name.lower().endswith(suffixes) and not p.name.startswith(".")}
+        if folder.is_dir()
+        else {}
+    )
     failed: list[Path] = []
     for path in sorted(found, key=found.__getitem__, reverse=True):
         try:
@@ -70,11 +75,14 @@ def newest_model(folder: str | os.PathLike = "exported") -> Path:
             return path
         failed.append(path)
     if failed:
-        raise InputError(f"no --model given and every {'/'.join(suffixes)} file in {folder}/ failed its accuracy gate; "
-                         f"give --model {failed[0]} to use one anyway")  # fmt: skip
+        raise InputError(
+            f"no --model given and every {'/'.join(suffixes)} file in {folder}/ failed its accuracy gate; "
+            f"give --model {failed[0]} to use one anyway"
+        )
     skipped = f" ({len(found)} unreadable or not exported by edgeft)" if found else ""
-    raise InputError(f"no --model given and no usable {'/'.join(suffixes)} file in {folder}/{skipped}; "
-                     f"run `edgeft export` first")  # fmt: skip
+    raise InputError(
+        f"no --model given and no usable {'/'.join(suffixes)} file in {folder}/{skipped}; run `edgeft export` first"
+    )
 
 
 def _mtime(path: Path) -> float:
@@ -180,10 +188,14 @@ class Predictor:
         expected = {"input": [spec.channels, spec.size, spec.size], "output": [len(self.classes)]}
         actual = {"input": runner.input_shape, "output": runner.output_shape}
         for kind in expected:
-            if actual[kind] is not None and any(isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])):
+            if actual[kind] is not None and any(
+                isinstance(a, int) and a != e for a, e in zip(actual[kind], expected[kind])
+            ):
                 verb = "gives" if kind == "output" else "takes"
-                raise InputError(f"{self.path}: the model {verb} {list(actual[kind])} {kind}s but its metadata says "
-                                 f"{expected[kind]}; export it again")  # fmt: skip
+                raise InputError(
+                    f"{self.path}: the model {verb} {list(actual[kind])} {kind}s but its metadata says "
+                    f"{expected[kind]}; export it again"
+                )
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a float32 NCHW batch that is already preprocessed."""

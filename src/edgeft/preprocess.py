@@ -78,17 +78,24 @@ class Preprocess:
     def __post_init__(self) -> None:
         _check_mean_std(self.mean, self.std)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.size, self.resize, self.channels)):
-            raise InputError(f"preprocess: size, resize and channels must be integers, got {self.size}, {self.resize}, {self.channels}")
+            raise InputError(
+                "preprocess: size, resize and channels must be integers, "
+                f"got {self.size}, {self.resize}, {self.channels}"
+            )
         if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise InputError(f"preprocess: channels={self.channels} needs that many mean/std values, "
-                             f"got {len(self.mean)} and {len(self.std)}")  # fmt: skip
+            raise InputError(
+                f"preprocess: channels={self.channels} needs that many mean/std values, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
         if self.interpolation not in _RESAMPLE:
             raise InputError(f"preprocess: interpolation must be one of {', '.join(_RESAMPLE)}")
         if not 0 < self.size <= MAX_SIDE:
             raise InputError(f"preprocess: size must be between 1 and {MAX_SIDE} pixels, got {self.size}")
         if not self.size <= self.resize <= MAX_SIDE:
-            raise InputError(f"preprocess: resize (the shorter side before the centre crop) must be between size "
-                             f"({self.size}) and {MAX_SIDE}, got {self.resize}")  # fmt: skip
+            raise InputError(
+                f"preprocess: resize (the shorter side before the centre crop) must be between size "
+                f"({self.size}) and {MAX_SIDE}, got {self.resize}"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -150,8 +157,12 @@ class FileScan:
 
     def log_skipped(self, what: str | os.PathLike) -> None:
         if self.skipped_links or self.duplicates:
-            log.info("%s: skipped %d symlinked folders (never followed) and %d files listed twice",
-                     what, self.skipped_links, self.duplicates)  # fmt: skip
+            log.info(
+                "%s: skipped %d symlinked folders (never followed) and %d files listed twice",
+                what,
+                self.skipped_links,
+                self.duplicates,
+            )
 
 
 def _entries(folder: str | os.PathLike) -> list[os.DirEntry]:
@@ -183,13 +194,13 @@ def _check_mean_std(mean: tuple, std: tuple) -> None:
         m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
         extremes = np.concatenate([(np.float32(0) - m) / s, (np.float32(1) - m) / s]) if len(m) == len(s) else m
     if not (np.isfinite(m).all() and np.isfinite(s).all() and (s > 0).all() and np.isfinite(extremes).all()):
-        raise InputError(f"preprocess: mean and std must fit float32 and normalize pixels to finite values, "
-                         f"got {list(mean)}, {list(std)}")  # fmt: skip
+        raise InputError(
+            f"preprocess: mean and std must fit float32 and normalize pixels to finite values, "
+            f"got {list(mean)}, {list(std)}"
+        )
 
 
-def load_image(
-    source: str | os.PathLike | Image.Image, *, channels: int = 3, resize: int | None = None
-) -> Image.Image:
+def load_image(source: str | os.PathLike | Image.Image, *, channels: int = 3, resize: int | None = None) -> Image.Image:
     """Decode a file into an 'L' (channels=1) or 'RGB' image: first frame, EXIF orientation
     applied, alpha composited on white, 16-bit scaled to 8-bit. Raises InputError for anything
     that is not a readable, reasonably sized image. With `resize` (the shorter side the image
@@ -236,7 +247,9 @@ def check_size(name: str | os.PathLike, size: tuple[int, int], *, resize: int | 
     shorter side is `resize`, over MAX_RESIZED_PIXELS (a long, thin image): InputError naming `name`."""
     width, height = size
     if width * height > MAX_PIXELS:
-        raise InputError(f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit (decompression bomb?)")
+        raise InputError(
+            f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,} pixel limit (decompression bomb?)"
+        )
     if resize is not None:
         new_width, new_height = resized_size(size, resize)
         if new_width * new_height > MAX_RESIZED_PIXELS:

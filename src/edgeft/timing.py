@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 __all__ = ["matmul_peak", "measure", "run_measurement"]
 
 
@@ -28,7 +27,9 @@ def _load(spec: dict) -> Callable[[np.ndarray], object]:
     if spec["runtime"] != "eager":
         from edgeft import formats
 
-        runner = formats.by_runtime(spec["runtime"]).open(Path(spec["file"]), device=spec["device"], threads=spec["threads"])
+        runner = formats.by_runtime(spec["runtime"]).open(
+            Path(spec["file"]), device=spec["device"], threads=spec["threads"]
+        )
         spec["provider"] = runner.provider
         return runner.infer
     return _load_eager(spec)
@@ -76,14 +77,16 @@ def _peak_rss_mb() -> float:
     parent across fork and exec, so a child of a big process would report its parent's size."""
     try:
         with open("/proc/self/status") as status:
-            line = next(l for l in status if l.startswith("VmHWM:"))
+            line = next(entry for entry in status if entry.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _time_batch(run: Callable[[np.ndarray], object], spec: dict, batch: int) -> dict:
-    x = np.random.default_rng(0).standard_normal((batch, spec["channels"], spec["size"], spec["size"]), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal(
+        (batch, spec["channels"], spec["size"], spec["size"]), dtype=np.float32
+    )
     t = time.perf_counter()
     run(x)
     first_ms = 1000 * (time.perf_counter() - t)
@@ -136,8 +139,13 @@ def run_measurement(spec: dict, timeout: float) -> list[dict] | dict | str:
     process; its results, or the reason it failed."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "edgeft.timing", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, env=env)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgeft.timing", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout:.0f} s"
     if proc.returncode != 0:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeft import __version__
+from edgeft import __version__, jsonio
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import TrainConfig
 from edgeft.cpu import has_bf16
@@ -31,12 +31,18 @@ from edgeft.errors import InputError
 from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
-from edgeft import jsonio
 
 __all__ = [
-    "LearningRate", "TrainConfig", "TrainResult", "TrainState", "autocast_dtype", "check_inputs", "evaluate",
-    "resume", "train",
-]  # fmt: skip
+    "LearningRate",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "autocast_dtype",
+    "check_inputs",
+    "evaluate",
+    "resume",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +86,11 @@ class LearningRate:
     def at(self, step: int) -> float:
         """The rate of optimizer step `step` (0-based, counted over the whole run)."""
         c, freeze_steps = self.config, self.config.freeze_epochs * self.steps_per_epoch
-        start, end, scale = (0, freeze_steps, 1.0) if step < freeze_steps else (
-            freeze_steps, c.epochs * self.steps_per_epoch, c.unfreeze_lr_scale if freeze_steps else 1.0)  # fmt: skip
+        start, end, scale = (
+            (0, freeze_steps, 1.0)
+            if step < freeze_steps
+            else (freeze_steps, c.epochs * self.steps_per_epoch, c.unfreeze_lr_scale if freeze_steps else 1.0)
+        )
         warmup, t = min(c.warmup_epochs * self.steps_per_epoch, (end - start) / 2), step - start
         if t < warmup:
             return self.base * scale * (t + 1) / (warmup + 1)
@@ -241,8 +250,10 @@ def _check_own_folder(last: Path, checkpoint: dict) -> None:
     config.json and summary.json beside another run's best.pt)."""
     reason = _foreign(last.parent, checkpoint)
     if reason:
-        raise InputError(f"{last} does not belong to the run in {last.parent}: {reason}; "
-                         f"resume from the folder the run was trained in")  # fmt: skip
+        raise InputError(
+            f"{last} does not belong to the run in {last.parent}: {reason}; "
+            f"resume from the folder the run was trained in"
+        )
 
 
 def _foreign(folder: Path, checkpoint: dict) -> str | None:
@@ -291,11 +302,21 @@ def _fit(config: TrainConfig, *, checkpoint: dict | None, run_dir: Path | None, 
                 break
             _enter_phase(run, epoch)
             train_metrics = _one_epoch(run, epoch, bar)
-            val_loss, val_acc = evaluate(run.state.model, run.bundle, device=run.device, autocast_dtype=run.autocast,
-                                         channels_last=run.channels_last, dist=run.ctx, workers=config.workers,
-                                         loaders=run.loaders)  # fmt: skip
+            val_loss, val_acc = evaluate(
+                run.state.model,
+                run.bundle,
+                device=run.device,
+                autocast_dtype=run.autocast,
+                channels_last=run.channels_last,
+                dist=run.ctx,
+                workers=config.workers,
+                loaders=run.loaders,
+            )
             row = _end_epoch(run, epoch, train_metrics, val_loss, val_acc)
-            bar.update(bar.task_ids[-1], metrics=f"{bar.tasks[-1].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
+            bar.update(
+                bar.task_ids[-1],
+                metrics=f"{bar.tasks[-1].fields['metrics']}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}",
+            )
             _checkpoint(run, row, improved=run.state.best["epoch"] == epoch + 1)
     return _finish(run)
 
@@ -325,8 +346,12 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
     batch_size = config.batch_size // ctx.world
     steps_per_epoch = math.ceil(math.ceil(len(bundle.train) / ctx.world) / batch_size)
     dtype = autocast_dtype(device, config.amp)
-    state = TrainState(model, _optimizer(config, model), LearningRate(config, steps_per_epoch),
-                       torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))  # fmt: skip
+    state = TrainState(
+        model,
+        _optimizer(config, model),
+        LearningRate(config, steps_per_epoch),
+        torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+    )
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
         log.warning("resuming %s at epoch %d", run_dir, state.epoch + 1)
@@ -334,8 +359,20 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
         run_dir = run_dir or _new_run_dir(config)
         atomic_write_text(run_dir / "config.json", jsonio.dumps(asdict(config), indent=2) + "\n")
     run_id = (checkpoint or {}).get("run_id") or uuid.uuid4().hex
-    return _Run(config, ctx, device, bundle, state, run_dir if ctx.is_main else None, _meta(config, bundle, run_id),
-                batch_size, steps_per_epoch, dtype, channels_last, started)  # fmt: skip
+    return _Run(
+        config,
+        ctx,
+        device,
+        bundle,
+        state,
+        run_dir if ctx.is_main else None,
+        _meta(config, bundle, run_id),
+        batch_size,
+        steps_per_epoch,
+        dtype,
+        channels_last,
+        started,
+    )
 
 
 def _load_bundle(config: TrainConfig, device: torch.device) -> DataBundle:
@@ -344,10 +381,19 @@ def _load_bundle(config: TrainConfig, device: torch.device) -> DataBundle:
     img_size = config.img_size
     if img_size is None and config.weights == "imagenet" and config.data not in BUILTIN_DATASETS:
         img_size = 224
-    bundle = load_data(config.data, root=config.data_root, img_size=img_size, channels=config.channels,
-                       val_split=config.val_split, seed=config.seed, max_bad_fraction=config.max_bad_fraction)  # fmt: skip
+    bundle = load_data(
+        config.data,
+        root=config.data_root,
+        img_size=img_size,
+        channels=config.channels,
+        val_split=config.val_split,
+        seed=config.seed,
+        max_bad_fraction=config.max_bad_fraction,
+    )
     if bundle.size_from_data:
-        log.warning("image size %d px, from the data (median shorter side; --img-size to choose)", bundle.preprocess.size)
+        log.warning(
+            "image size %d px, from the data (median shorter side; --img-size to choose)", bundle.preprocess.size
+        )
     if device.type == "cuda" and isinstance(bundle.train, TensorImages):
         bundle.train = TensorImages(bundle.train.images.to(device), bundle.train.labels.to(device))
         bundle.val = TensorImages(bundle.val.images.to(device), bundle.val.labels.to(device))
@@ -358,13 +404,23 @@ def _resolved(config: TrainConfig, bundle: DataBundle) -> TrainConfig:
     """The config as it ran: the chosen image size, and paths that resolve from any directory."""
     data = config.data if config.data in BUILTIN_DATASETS else str(Path(config.data).resolve())
     weights = str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights
-    return replace(config, img_size=bundle.preprocess.size, data=data, weights=weights,
-                   data_root=str(Path(config.data_root).resolve()))  # fmt: skip
+    return replace(
+        config,
+        img_size=bundle.preprocess.size,
+        data=data,
+        weights=weights,
+        data_root=str(Path(config.data_root).resolve()),
+    )
 
 
 def _build_model(config: TrainConfig, bundle: DataBundle, device: torch.device, *, weights: str) -> nn.Module:
-    model = get_model(config.model, num_classes=len(bundle.classes), in_chans=bundle.preprocess.channels,
-                      weights=weights, stem=config.stem).to(device)  # fmt: skip
+    model = get_model(
+        config.model,
+        num_classes=len(bundle.classes),
+        in_chans=bundle.preprocess.channels,
+        weights=weights,
+        stem=config.stem,
+    ).to(device)
     if config.sync_bn and torch.distributed.is_initialized():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -443,15 +499,26 @@ def _enter_phase(run: _Run, epoch: int) -> None:
 def _one_epoch(run: _Run, epoch: int, bar) -> dict:
     """Train one epoch; loss and accuracy sums over every rank, the rate used, images/s."""
     c, s, device = run.config, run.state, run.device
-    task = bar.add_task(f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""),
-                        total=run.steps_per_epoch, metrics="")  # fmt: skip
+    task = bar.add_task(
+        f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""), total=run.steps_per_epoch, metrics=""
+    )
     started = time.perf_counter()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
     losses, seen, rate = [], 0, s.lr.at(epoch * run.steps_per_epoch)
-    batches = iterate_batches(run.bundle.train, batch_size=run.batch_size, preprocess=run.bundle.preprocess,
-                              device=device, shuffle=True, augment=c.augment, flips=run.bundle.flips,
-                              seed=c.seed * 100_003 + epoch, workers=c.workers, rank=run.ctx.rank, world=run.ctx.world,
-                              loaders=run.loaders)  # fmt: skip
+    batches = iterate_batches(
+        run.bundle.train,
+        batch_size=run.batch_size,
+        preprocess=run.bundle.preprocess,
+        device=device,
+        shuffle=True,
+        augment=c.augment,
+        flips=run.bundle.flips,
+        seed=c.seed * 100_003 + epoch,
+        workers=c.workers,
+        rank=run.ctx.rank,
+        world=run.ctx.world,
+        loaders=run.loaders,
+    )
     for step, (x, y) in enumerate(batches):
         rate = s.lr.apply(s.optimizer, epoch * run.steps_per_epoch + step)
         x = x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
@@ -475,13 +542,26 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
     loss_sum, correct, seen_all = run.ctx.sum(loss_sum, correct, torch.tensor(float(seen), device=device))
     s.step_losses += torch.stack(losses).tolist() if losses else []
     n = max(1, int(seen_all.item()))
-    return {"lr": rate, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "started": started,
-            "images_per_s": n / seconds}  # fmt: skip
+    return {
+        "lr": rate,
+        "train_loss": loss_sum.item() / n,
+        "train_acc": correct.item() / n,
+        "started": started,
+        "images_per_s": n / seconds,
+    }
 
 
 def evaluate(
-    model: nn.Module, bundle: DataBundle, *, device: torch.device, batch_size: int = 256, autocast_dtype=None,
-    channels_last: bool = False, dist: Dist = Dist(), workers: int = 0, loaders: FolderLoaders | None = None,
+    model: nn.Module,
+    bundle: DataBundle,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    autocast_dtype=None,
+    channels_last: bool = False,
+    dist: Dist = Dist(),
+    workers: int = 0,
+    loaders: FolderLoaders | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy on the validation split (each rank takes a share;
     folder images are decoded by `workers` processes, those of `loaders` if given; unreadable
@@ -492,8 +572,17 @@ def evaluate(
     seen = torch.zeros((), device=device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with torch.inference_mode(), autocast:
-        batches = iterate_batches(bundle.val, batch_size=batch_size, preprocess=bundle.preprocess, device=device,
-                                  rank=dist.rank, world=dist.world, pad=False, workers=workers, loaders=loaders)  # fmt: skip
+        batches = iterate_batches(
+            bundle.val,
+            batch_size=batch_size,
+            preprocess=bundle.preprocess,
+            device=device,
+            rank=dist.rank,
+            world=dist.world,
+            pad=False,
+            workers=workers,
+            loaders=loaders,
+        )
         for x, y in batches:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -547,8 +636,10 @@ def _checkpoint(run: _Run, row: dict, *, improved: bool) -> None:
     with deferred_interrupts():
         if improved:
             save_checkpoint(run.run_dir / "best.pt", {**run.meta, "metrics": s.best, "state_dict": weights})
-        save_checkpoint(run.run_dir / "last.pt",
-                        {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())})  # fmt: skip
+        save_checkpoint(
+            run.run_dir / "last.pt",
+            {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())},
+        )
         _write_history(run.run_dir / "history.csv", s.history)
         with atomic_write(run.run_dir / "curves.png") as f:
             plot_training_curves(s.history, s.step_losses, f, title=f"{run.config.model} on {run.bundle.name}")
@@ -582,8 +673,13 @@ def _finish(run: _Run) -> TrainResult:
     if not ranks_identical:
         log.error("the %d ranks ended with different weights", ctx.world)
     summary: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "history"}
-    summary.update(ranks_identical=ranks_identical, model=run.config.model, data=run.bundle.name,
-                   classes=list(run.bundle.classes), skipped_examples=examples)  # fmt: skip
+    summary.update(
+        ranks_identical=ranks_identical,
+        model=run.config.model,
+        data=run.bundle.name,
+        classes=list(run.bundle.classes),
+        skipped_examples=examples,
+    )
     atomic_write_text(run.run_dir / "summary.json", jsonio.dumps(summary, indent=2) + "\n")
     return result
 

@@ -110,15 +110,22 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def spec_mismatches(metadata: dict, checkpoint: dict) -> list[str]:
     """How the file's own description of its model disagrees with the checkpoint's."""
     spec = checkpoint["preprocess"]
-    reasons = [f"preprocess {key} is {metadata['preprocess'].get(key)!r} in the file, {value!r} in the checkpoint"
-               for key, value in spec.items() if _plain(metadata["preprocess"].get(key)) != _plain(value)]  # fmt: skip
+    reasons = [
+        f"preprocess {key} is {metadata['preprocess'].get(key)!r} in the file, {value!r} in the checkpoint"
+        for key, value in spec.items()
+        if _plain(metadata["preprocess"].get(key)) != _plain(value)
+    ]
     if list(metadata["classes"]) != list(checkpoint["classes"]):
-        reasons.append(f"the class list differs from the checkpoint's ({metadata['classes']} vs {checkpoint['classes']})")
+        reasons.append(
+            f"the class list differs from the checkpoint's ({metadata['classes']} vs {checkpoint['classes']})"
+        )
     if metadata["arch"] != checkpoint["arch"]:
         reasons.append(f"arch is {metadata['arch']} in the file, {checkpoint['arch']} in the checkpoint")
     expected_input = ["batch", checkpoint["in_chans"], spec["size"], spec["size"]]
     if metadata["input"].get("shape") != expected_input:
-        reasons.append(f"input shape is {metadata['input'].get('shape')} in the file, {expected_input} for the checkpoint")
+        reasons.append(
+            f"input shape is {metadata['input'].get('shape')} in the file, {expected_input} for the checkpoint"
+        )
     return reasons
 
 
@@ -139,10 +146,16 @@ def _chunks(bundle: DataBundle, chunk: int, spec, pool: ThreadPoolExecutor, skip
             start += len(y)
         return
     for start in range(0, len(split), chunk):
-        pairs = list(pool.map(lambda i: _decode_both(split, i, spec, skipped), range(start, min(start + chunk, len(split)))))
+        pairs = list(
+            pool.map(lambda i: _decode_both(split, i, spec, skipped), range(start, min(start + chunk, len(split))))
+        )
         good = [pair for pair in pairs if pair is not None]
         if good:
-            yield torch.stack([x for x, _, _ in good]), np.array([y for _, y, _ in good]), np.stack([e for _, _, e in good])
+            yield (
+                torch.stack([x for x, _, _ in good]),
+                np.array([y for _, y, _ in good]),
+                np.stack([e for _, _, e in good]),
+            )
 
 
 def _decode_both(split, index: int, spec, skipped: list[str]):
@@ -155,9 +168,17 @@ def _decode_both(split, index: int, spec, skipped: list[str]):
         return None
 
 
-def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, model: torch.nn.Module | None = None,
-         batch_sizes: tuple[int, ...] = (1, 8), max_acc_drop: float | None = None, device: str = "cpu",
-         workers: int = 2) -> ValidationResult:  # fmt: skip
+def gate(
+    path: str | os.PathLike,
+    checkpoint: dict,
+    bundle: DataBundle,
+    *,
+    model: torch.nn.Module | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    max_acc_drop: float | None = None,
+    device: str = "cpu",
+    workers: int = 2,
+) -> ValidationResult:
     """Run the checkpoint (`model`, when already built from it) and the exported file at `path` (as
     `edgeft predict` runs it) on the validation split, the file at each of `batch_sizes`, and judge
     the result by its precision's gate. A file that disagrees with its checkpoint is not run: its
@@ -171,15 +192,25 @@ def gate(path: str | os.PathLike, checkpoint: dict, bundle: DataBundle, *, model
         reference = (model or model_from_checkpoint(checkpoint)).eval()
         reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped)
         provider = runner.provider
-    result = _verdict(tallies, reference_correct, mismatches, bundle=bundle, precision=metadata["precision"],
-                      provider=provider, max_acc_drop=max_acc_drop)  # fmt: skip
+    result = _verdict(
+        tallies,
+        reference_correct,
+        mismatches,
+        bundle=bundle,
+        precision=metadata["precision"],
+        provider=provider,
+        max_acc_drop=max_acc_drop,
+    )
     if skipped:
-        result.notes.append(f"{len(skipped)} validation file(s) could not be decoded and were left out, e.g. {skipped[0]}")
+        result.notes.append(
+            f"{len(skipped)} validation file(s) could not be decoded and were left out, e.g. {skipped[0]}"
+        )
     return result
 
 
-def _compare(runner, reference: torch.nn.Module, bundle: DataBundle, tallies: dict[int, _Tally], workers: int,
-             skipped: list[str]) -> int:  # fmt: skip
+def _compare(
+    runner, reference: torch.nn.Module, bundle: DataBundle, tallies: dict[int, _Tally], workers: int, skipped: list[str]
+) -> int:
     """Stream the validation split through both; returns the reference's correct count."""
     reference_correct = 0
     biggest = max(tallies)
@@ -194,8 +225,16 @@ def _compare(runner, reference: torch.nn.Module, bundle: DataBundle, tallies: di
     return reference_correct
 
 
-def _verdict(tallies: dict[int, _Tally], reference_correct: int, mismatches: list[str], *, bundle: DataBundle,
-             precision: str, provider: str, max_acc_drop: float | None) -> ValidationResult:  # fmt: skip
+def _verdict(
+    tallies: dict[int, _Tally],
+    reference_correct: int,
+    mismatches: list[str],
+    *,
+    bundle: DataBundle,
+    precision: str,
+    provider: str,
+    max_acc_drop: float | None,
+) -> ValidationResult:
     n = max(t.n for t in tallies.values())
     rate = lambda count: count / n if n else 0.0  # noqa: E731
     reference_acc = rate(reference_correct)
@@ -211,17 +250,31 @@ def _verdict(tallies: dict[int, _Tally], reference_correct: int, mismatches: lis
         reasons.append(f"top-1 agreement {agreement:.2%} is below {min_agreement:.1%}")
     if n and precision == "fp32" and max_acc_drop is None:
         if worst("max_rel") > FP32_LOGIT_RTOL:
-            reasons.append(f"logits differ by up to {worst('max_rel'):.2g} x max(1, |logit|) (allowed {FP32_LOGIT_RTOL:g})")
+            reasons.append(
+                f"logits differ by up to {worst('max_rel'):.2g} x max(1, |logit|) (allowed {FP32_LOGIT_RTOL:g})"
+            )
         if worst("max_prob") > FP32_PROB_ATOL:
             reasons.append(f"probabilities differ by up to {worst('max_prob'):.2g} (allowed {FP32_PROB_ATOL:g})")
     return ValidationResult(
-        reference_acc=reference_acc, exported_acc=exported_acc, acc_drop=drop if n else 0.0,
-        top1_agreement=agreement, top5_agreement=min(rate(t.agree5) for t in tallies.values()),
-        max_abs_logit_diff=worst("max_abs"), max_rel_logit_diff=worst("max_rel"), max_prob_diff=worst("max_prob"),
-        mean_prob_diff=max(t.sum_prob / t.n if t.n else 0.0 for t in tallies.values()), n_images=n,
-        batch_sizes=sorted(tallies), dataset=Path(bundle.name).name, precision=precision, max_acc_drop=max_drop,
-        min_agreement=min_agreement, passed=not reasons, reason="; ".join(reasons), provider=provider,
-    )  # fmt: skip
+        reference_acc=reference_acc,
+        exported_acc=exported_acc,
+        acc_drop=drop if n else 0.0,
+        top1_agreement=agreement,
+        top5_agreement=min(rate(t.agree5) for t in tallies.values()),
+        max_abs_logit_diff=worst("max_abs"),
+        max_rel_logit_diff=worst("max_rel"),
+        max_prob_diff=worst("max_prob"),
+        mean_prob_diff=max(t.sum_prob / t.n if t.n else 0.0 for t in tallies.values()),
+        n_images=n,
+        batch_sizes=sorted(tallies),
+        dataset=Path(bundle.name).name,
+        precision=precision,
+        max_acc_drop=max_drop,
+        min_agreement=min_agreement,
+        passed=not reasons,
+        reason="; ".join(reasons),
+        provider=provider,
+    )
 
 
 def _return_large_frees_to_the_system() -> None:
@@ -282,7 +335,15 @@ def validate_file(
     bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
     model = model_from_checkpoint(checkpoint)
     del checkpoint["state_dict"]  # the model holds the weights now: memory is the point here
-    result = gate(path, checkpoint, bundle, model=model, batch_sizes=(1, batch_size), max_acc_drop=max_acc_drop,
-                  device=device, workers=workers)  # fmt: skip
+    result = gate(
+        path,
+        checkpoint,
+        bundle,
+        model=model,
+        batch_sizes=(1, batch_size),
+        max_acc_drop=max_acc_drop,
+        device=device,
+        workers=workers,
+    )
     result.notes += notes
     return result

@@ -23,7 +23,9 @@ app = typer.Typer(
 )
 _verbose = False
 # what Ctrl-C says was kept; a command may say more with `interrupt_note`
-_interrupt_note = "interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
+_interrupt_note = (
+    "interrupted; nothing half-written was kept: checkpoints and exported files already written are intact"
+)
 
 
 def format_choices() -> dict[str, str]:
@@ -61,10 +63,12 @@ def _root(
 ) -> None:
     global _verbose
     _verbose = verbose
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
-from . import bench as _bench, compare as _compare, export as _export, models as _models, predict as _predict, train as _train  # noqa: E402,F401 - registers the commands
+from . import bench, compare, export, models, predict, train  # noqa: E402, F401 - each registers its commands
 
 
 def main() -> None:

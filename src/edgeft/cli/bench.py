@@ -18,21 +18,48 @@ def _split(text: str) -> tuple[str, ...]:
 @app.command("bench")
 def bench_command(
     models: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(C.models),
-    runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {format_choices()['runtimes']}.")] = ",".join(C.runtimes),
-    precisions: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")] = "",
+    runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {format_choices()['runtimes']}.")] = ",".join(
+        C.runtimes
+    ),
+    precisions: Annotated[
+        str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")
+    ] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, C.batch_sizes)),
     img_size: Annotated[int, typer.Option(help="Input side in pixels.")] = C.img_size,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).")] = C.device,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).")
+    ] = C.device,
     threads: Annotated[int, typer.Option(help="Intra-op threads for every runtime (0: all cores).")] = C.threads,
     warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = C.warmup,
     iterations: Annotated[int, typer.Option(help="Timed runs per row, at most, over all rounds.")] = C.iterations,
-    budget_s: Annotated[float, typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).")] = C.budget_s,
-    rounds: Annotated[int, typer.Option(help="Fresh processes per row, taking turns with the model's other rows; p50 is their median.")] = C.rounds,
+    budget_s: Annotated[
+        float, typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).")
+    ] = C.budget_s,
+    rounds: Annotated[
+        int,
+        typer.Option(help="Fresh processes per row, taking turns with the model's other rows; p50 is their median."),
+    ] = C.rounds,
     quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row, 1 round.")] = C.quick,
-    checkpoints: Annotated[Optional[list[str]], typer.Option("--checkpoints", "--checkpoint", help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Accuracy data for --checkpoints (default: each checkpoint's validation split).")] = None,
+    checkpoints: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--checkpoints",
+            "--checkpoint",
+            help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.",
+        ),
+    ] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(help="Accuracy data for --checkpoints (default: each checkpoint's validation split)."),
+    ] = None,
     out: Annotated[str, typer.Option(help="Report folder.")] = C.out,
-    keep_files: Annotated[bool, typer.Option(help="Keep the files it timed in bench-<stamp>-files/ beside the report (each row names its file; up to ~800 MB for the default backbones).")] = C.keep_files,
+    keep_files: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the files it timed in bench-<stamp>-files/ beside the report "
+            "(each row names its file; up to ~800 MB for the default backbones)."
+        ),
+    ] = C.keep_files,
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
     from rich.console import Console
@@ -44,10 +71,24 @@ def bench_command(
         sizes = tuple(int(b) for b in _split(batch_sizes))
     except ValueError:
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-    config = C(models=_split(models), runtimes=_split(runtimes), precisions=_split(precisions), batch_sizes=sizes,
-               img_size=img_size, device=device, threads=threads, warmup=warmup, iterations=iterations,
-               budget_s=budget_s, rounds=rounds, quick=quick, checkpoints=tuple(checkpoints or ()), data=data, out=out,
-               keep_files=keep_files)  # fmt: skip
+    config = C(
+        models=_split(models),
+        runtimes=_split(runtimes),
+        precisions=_split(precisions),
+        batch_sizes=sizes,
+        img_size=img_size,
+        device=device,
+        threads=threads,
+        warmup=warmup,
+        iterations=iterations,
+        budget_s=budget_s,
+        rounds=rounds,
+        quick=quick,
+        checkpoints=tuple(checkpoints or ()),
+        data=data,
+        out=out,
+        keep_files=keep_files,
+    )
     report = run_bench(config, progress=True)
     console = Console()
     print_report(report, console)
@@ -68,13 +109,24 @@ def print_report(report, console) -> None:
     peak = report.machine["matmul_peak"]["gflop_per_s"]
     for model in dict.fromkeys(r.model for r in report.rows):
         rows = [r for r in report.rows if r.model == model]
-        table = Table(title=escape(model), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+        table = Table(
+            title=escape(model), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0)
+        )
         for name in ("runtime", "prec", "batch", "p50 ms", "x fp32", "img/s", "GFLOP/s", "% peak", "acc %"):
             table.add_column(name, justify="left" if name in ("runtime", "prec") else "right")
         for r in (r for r in rows if r.status == "ok"):
             acc = None if r.accuracy is None else 100 * r.accuracy
-            table.add_row(r.runtime, r.precision, str(r.batch), f"{r.p50_ms:.2f}", cell(r.vs_fp32, ".2f"), f"{r.images_per_s:.1f}",
-                          cell(r.gflop_per_s, ".1f"), cell(r.pct_of_peak, ".0f"), cell(acc, ".2f"))  # fmt: skip
+            table.add_row(
+                r.runtime,
+                r.precision,
+                str(r.batch),
+                f"{r.p50_ms:.2f}",
+                cell(r.vs_fp32, ".2f"),
+                f"{r.images_per_s:.1f}",
+                cell(r.gflop_per_s, ".1f"),
+                cell(r.pct_of_peak, ".0f"),
+                cell(acc, ".2f"),
+            )
         console.print(table)
         for r in dict.fromkeys((r.runtime, r.precision, r.status) for r in rows if r.status != "ok"):
             console.print(f"[yellow]{escape(model)} {escape(r[0])} {escape(r[1])}: {escape(r[2])}[/]")

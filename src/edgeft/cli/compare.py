@@ -15,7 +15,9 @@ from . import app
 def compare_command(
     weights: Annotated[str, typer.Option(help="imagenet, or an edgeft checkpoint trained on other data (offline).")],
     model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
-    data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.")] = C.data,
+    data: Annotated[
+        str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.")
+    ] = C.data,
     data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.")] = C.data_root,
     freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs of the 'frozen' run.")] = 2,
     epochs: Annotated[int, typer.Option()] = C.epochs,
@@ -28,8 +30,20 @@ def compare_command(
     out: Annotated[str, typer.Option(help="Parent of the comparison folder.")] = C.out,
 ) -> None:
     """Train one backbone three ways on the same data and compare the curves."""
-    config = C(model=model, data=data, data_root=data_root, epochs=epochs, batch_size=batch_size, img_size=img_size,
-               stem=stem, lr=lr, device=device, seed=seed, out=out, patience=0)  # fmt: skip
+    config = C(
+        model=model,
+        data=data,
+        data_root=data_root,
+        epochs=epochs,
+        batch_size=batch_size,
+        img_size=img_size,
+        stem=stem,
+        lr=lr,
+        device=device,
+        seed=seed,
+        out=out,
+        patience=0,
+    )
     from rich.console import Console
     from rich.markdown import Markdown
     from rich.markup import escape

@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from edgeft.config import DEFAULT_OPSET, OPSETS, ExportConfig as C
+from edgeft import jsonio
+from edgeft.config import DEFAULT_OPSET, OPSETS
+from edgeft.config import ExportConfig as C
 from edgeft.errors import GateError, InputError
 
-from edgeft import jsonio
 from . import app, format_choices
 
 _CHOICES = format_choices()
@@ -26,8 +27,10 @@ def _newest_checkpoint(runs: Path = Path("runs")) -> Path:
 
 def _validation_rows(v) -> list[tuple[str, str]]:
     if not v.n_images:
-        return [("comparison", "not run: the file does not describe the checkpoint's model"),
-                ("gate", f"[red]FAILED[/]: {escape(v.reason)}")]  # fmt: skip
+        return [
+            ("comparison", "not run: the file does not describe the checkpoint's model"),
+            ("gate", f"[red]FAILED[/]: {escape(v.reason)}"),
+        ]
     rows = [
         ("reference accuracy", f"{v.reference_acc:.2%}"),
         ("exported accuracy", f"{v.exported_acc:.2%}  (drop {v.acc_drop:.2f} pt, gate {v.max_acc_drop:g} pt)"),
@@ -42,27 +45,80 @@ def _validation_rows(v) -> list[tuple[str, str]]:
 
 @app.command("export")
 def export_command(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")
+    ] = None,
     format: Annotated[str, typer.Option(help=f"{_CHOICES['formats']}.")] = C.format,
-    precision: Annotated[str, typer.Option(help=f"fp32 | fp16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 TorchScript: CUDA). auto: the fastest candidate here that passes its gate.")] = C.precision,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help=f"fp32 | fp16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
+            "CUDA). auto: the fastest candidate here that passes its gate."
+        ),
+    ] = C.precision,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
-    name: Annotated[Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")] = C.name,
-    opset: Annotated[Optional[int], typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).", show_default=False)] = C.opset,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")] = C.device,
-    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result.")] = C.validate,
-    data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = C.data,
-    data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")] = C.data_root,
-    calib_data: Annotated[Optional[str], typer.Option(help="int8 calibration images (default: the checkpoint's training data).")] = C.calib_data,
+    name: Annotated[
+        Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")
+    ] = C.name,
+    opset: Annotated[
+        Optional[int],
+        typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).", show_default=False),
+    ] = C.opset,
+    device: Annotated[
+        str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")
+    ] = C.device,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result."
+        ),
+    ] = C.validate,
+    data: Annotated[
+        Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")
+    ] = C.data,
+    data_root: Annotated[
+        Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")
+    ] = C.data_root,
+    calib_data: Annotated[
+        Optional[str], typer.Option(help="int8 calibration images (default: the checkpoint's training data).")
+    ] = C.calib_data,
     calib_size: Annotated[int, typer.Option(help="int8 calibration images used.")] = C.calib_size,
-    calib_method: Annotated[Optional[str], typer.Option(help="int8 calibration: minmax | entropy | percentile (default: minmax).")] = C.calib_method,
-    activation_type: Annotated[Optional[str], typer.Option(help="int8 activations: uint8 | int8 (default: uint8 on x86, int8 on ARM).")] = C.activation_type,
-    weight_type: Annotated[Optional[str], typer.Option(help="int8 weights: int8 | uint8 (default: int8).")] = C.weight_type,
-    quant_format: Annotated[Optional[str], typer.Option(help="int8 graph: qdq | qoperator (default: qdq).")] = C.quant_format,
-    reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit int8 weights (default: on for x86 without VNNI).", show_default=False)] = C.reduce_range,
-    fallback: Annotated[Optional[bool], typer.Option("--fallback/--no-fallback", show_default=False, help="int8 that fails its gate: try more calibration images, another method, first conv + classifier in float.")] = C.fallback,
-    max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")] = C.max_acc_drop,
+    calib_method: Annotated[
+        Optional[str], typer.Option(help="int8 calibration: minmax | entropy | percentile (default: minmax).")
+    ] = C.calib_method,
+    activation_type: Annotated[
+        Optional[str], typer.Option(help="int8 activations: uint8 | int8 (default: uint8 on x86, int8 on ARM).")
+    ] = C.activation_type,
+    weight_type: Annotated[
+        Optional[str], typer.Option(help="int8 weights: int8 | uint8 (default: int8).")
+    ] = C.weight_type,
+    quant_format: Annotated[
+        Optional[str], typer.Option(help="int8 graph: qdq | qoperator (default: qdq).")
+    ] = C.quant_format,
+    reduce_range: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--reduce-range/--no-reduce-range",
+            help="7-bit int8 weights (default: on for x86 without VNNI).",
+            show_default=False,
+        ),
+    ] = C.reduce_range,
+    fallback: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--fallback/--no-fallback",
+            show_default=False,
+            help="ONNX int8 that fails its gate: try more calibration images, another method, "
+            "first conv + classifier in float.",
+        ),
+    ] = C.fallback,
+    max_acc_drop: Annotated[
+        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")
+    ] = C.max_acc_drop,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
-    force: Annotated[bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")] = C.force,
+    force: Annotated[
+        bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")
+    ] = C.force,
 ) -> None:
     """Write exported files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
@@ -78,7 +134,9 @@ def export_command(
     for f in result.files:
         if f.attempts:
             console.print(_attempts_table(f.attempts, auto=precision == "auto"))
-        table = Table(title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False)
+        table = Table(
+            title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False
+        )
         if f.validation is not None:
             for row in _validation_rows(f.validation):
                 table.add_row(*row)
@@ -110,20 +168,36 @@ def _attempts_table(attempts, *, auto: bool):
 @app.command("validate")
 def validate_command(
     file: Annotated[Path, typer.Argument(help=f"An exported file ({_CHOICES['files']}).")],
-    reference: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one it was exported from).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")] = None,
+    reference: Annotated[
+        Optional[Path], typer.Option(help="Reference checkpoint (default: the one it was exported from).")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")
+    ] = None,
     data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
-    max_acc_drop: Annotated[Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")] = None,
+    max_acc_drop: Annotated[
+        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
-    device: Annotated[str, typer.Option(help="cpu | cuda[:N]: where the exported file runs (the checkpoint runs on the CPU).")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu | cuda[:N]: where the exported file runs (the checkpoint runs on the CPU).")
+    ] = "cpu",
     workers: Annotated[int, typer.Option(help="Threads that decode the validation images.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compare an exported file with its checkpoint on real images; exit 1 when the gate fails."""
     from edgeft.validate import validate_file
 
-    result = validate_file(file, reference=reference, data=data, data_root=data_root, max_acc_drop=max_acc_drop,
-                           batch_size=batch_size, device=device, workers=workers)  # fmt: skip
+    result = validate_file(
+        file,
+        reference=reference,
+        data=data,
+        data_root=data_root,
+        max_acc_drop=max_acc_drop,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+    )
     if as_json:
         typer.echo(jsonio.dumps(result.to_dict(), indent=2))
     else:
@@ -161,7 +235,9 @@ def info_command(
 
 def _outside_delegate(delegation: dict) -> str:
     """What an ExecuTorch program runs outside the XNNPACK delegate, in one line."""
-    ops = ", ".join(f"{name} x{count}" for name, count in dict(delegation.get("outside_by_op", {})).items()) or "nothing"
+    ops = (
+        ", ".join(f"{name} x{count}" for name, count in dict(delegation.get("outside_by_op", {})).items()) or "nothing"
+    )
     return f"{ops} ({delegation.get('delegated_ops')} ops in {delegation.get('delegated_subgraphs')} XNNPACK subgraphs)"
 
 
@@ -178,12 +254,22 @@ def _info_rows(metadata: dict) -> list[tuple[str, str]]:
     return [
         ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
         ("classes", ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")),
-        ("input", f"{metadata['input'].get('name')} float32 {metadata['input'].get('layout')} {metadata['input'].get('shape')}"),
-        ("preprocess", f"resize {p['resize']} ({p['interpolation']}), crop {p['size']}, mean {p['mean']}, std {p['std']}"),
+        (
+            "input",
+            f"{metadata['input'].get('name')} float32 {metadata['input'].get('layout')} "
+            f"{metadata['input'].get('shape')}",
+        ),
+        (
+            "preprocess",
+            f"resize {p['resize']} ({p['interpolation']}), crop {p['size']}, mean {p['mean']}, std {p['std']}",
+        ),
         ("content sha256", f"{metadata['content_sha256']} (verified)"),
         ("source", f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)"),
-        ("validation", "not run" if not v else
-            f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}"),
+        ("validation", "not run" if not v else f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}"),
         ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
         ("created", str(metadata.get("created"))),
-    ] + ([("outside XNNPACK", _outside_delegate(metadata["delegation"]))] if isinstance(metadata.get("delegation"), dict) else [])  # fmt: skip
+    ] + (
+        [("outside XNNPACK", _outside_delegate(metadata["delegation"]))]
+        if isinstance(metadata.get("delegation"), dict)
+        else []
+    )

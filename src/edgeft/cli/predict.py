@@ -10,13 +10,16 @@ from typing import Annotated, Optional
 import typer
 
 from edgeft import jsonio
+
 from . import app, interrupt_note
 
 
 @app.command("predict")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (walked for images).")],
-    model: Annotated[Optional[Path], typer.Option(help="An exported file (default: the newest good .onnx in ./exported/).")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="An exported file (default: the newest good .onnx in ./exported/).")
+    ] = None,
     top_k: Annotated[int, typer.Option(help="Labels shown per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per image.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] (cuda never falls back silently).")] = "auto",
@@ -33,10 +36,17 @@ def predict_command(
         print(f"edgeft: using {model}", file=sys.stderr)
     predictor = Predictor(model, device=device)
     if predictor.gate_failure:
-        print(f"edgeft: warning: {model} failed its accuracy gate at export and was kept with --force "
-              f"({predictor.gate_failure}); its predictions may be wrong", file=sys.stderr)  # fmt: skip
+        print(
+            f"edgeft: warning: {model} failed its accuracy gate at export and was kept with --force "
+            f"({predictor.gate_failure}); its predictions may be wrong",
+            file=sys.stderr,
+        )
     fmt = predictor.format
-    note = "" if fmt.torch_free else f" ({fmt.title} files run through {fmt.runtime}, which imports torch: a slower start than ONNX)"
+    note = (
+        ""
+        if fmt.torch_free
+        else f" ({fmt.title} files run through {fmt.runtime}, which imports torch: a slower start than ONNX)"
+    )
     print(f"edgeft: running on {predictor.provider}{note}", file=sys.stderr)
     interrupt_note("interrupted; the predictions printed above are complete")
     predictions = predictor.predict_iter(collect_images(inputs), top_k=top_k, batch_size=batch_size)

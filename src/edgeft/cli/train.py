@@ -23,40 +23,110 @@ _RUN = "Run"
 def train_command(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
-    data: Annotated[str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA)] = C.data,
-    data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)] = C.data_root,
-    weights: Annotated[str, typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.")] = C.weights,
-    stem: Annotated[str, typer.Option(help="torchvision | small (3x3 stride-1 conv, no max-pool) for images <= 64 px.")] = C.stem,
-    img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: 32 for built-in data; folders: 224 with ImageNet weights, else from the images).", rich_help_panel=_DATA)] = C.img_size,
-    channels: Annotated[Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)] = C.channels,
-    val_split: Annotated[float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)] = C.val_split,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA
+        ),
+    ] = C.data,
+    data_root: Annotated[
+        str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)
+    ] = C.data_root,
+    weights: Annotated[
+        str, typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.")
+    ] = C.weights,
+    stem: Annotated[
+        str, typer.Option(help="torchvision | small (3x3 stride-1 conv, no max-pool) for images <= 64 px.")
+    ] = C.stem,
+    img_size: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Input side in pixels (default: 32 for built-in data; folders: 224 with ImageNet weights, "
+            "else from the images).",
+            rich_help_panel=_DATA,
+        ),
+    ] = C.img_size,
+    channels: Annotated[
+        Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)
+    ] = C.channels,
+    val_split: Annotated[
+        float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)
+    ] = C.val_split,
     augment: Annotated[str, typer.Option(help="none | light | standard.", rich_help_panel=_DATA)] = C.augment,
-    max_bad_fraction: Annotated[float, typer.Option(help="Abort when more of a folder's files are unreadable.", rich_help_panel=_DATA)] = C.max_bad_fraction,
+    max_bad_fraction: Annotated[
+        float, typer.Option(help="Abort when more of a folder's files are unreadable.", rich_help_panel=_DATA)
+    ] = C.max_bad_fraction,
     epochs: Annotated[int, typer.Option(rich_help_panel=_OPT)] = C.epochs,
     batch_size: Annotated[int, typer.Option(rich_help_panel=_OPT)] = C.batch_size,
     optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd.", rich_help_panel=_OPT)] = C.optimizer,
-    lr: Annotated[Optional[float], typer.Option(help="(default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd)", rich_help_panel=_OPT)] = C.lr,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(help="(default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd)", rich_help_panel=_OPT),
+    ] = C.lr,
     weight_decay: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.weight_decay,
     momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=_OPT)] = C.momentum,
     scheduler: Annotated[str, typer.Option(help="cosine | plateau | none.", rich_help_panel=_OPT)] = C.scheduler,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up at the start of each phase.", rich_help_panel=_OPT)] = C.warmup_epochs,
-    plateau_patience: Annotated[int, typer.Option(help="plateau: cut the LR after this many epochs without lower val loss.", rich_help_panel=_OPT)] = C.plateau_patience,
-    plateau_factor: Annotated[float, typer.Option(help="plateau: LR factor of each cut.", rich_help_panel=_OPT)] = C.plateau_factor,
+    warmup_epochs: Annotated[
+        float, typer.Option(help="Linear warm-up at the start of each phase.", rich_help_panel=_OPT)
+    ] = C.warmup_epochs,
+    plateau_patience: Annotated[
+        int,
+        typer.Option(help="plateau: cut the LR after this many epochs without lower val loss.", rich_help_panel=_OPT),
+    ] = C.plateau_patience,
+    plateau_factor: Annotated[
+        float, typer.Option(help="plateau: LR factor of each cut.", rich_help_panel=_OPT)
+    ] = C.plateau_factor,
     label_smoothing: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.label_smoothing,
-    freeze_epochs: Annotated[int, typer.Option(help="Epochs training only the new head (backbone and its BatchNorm frozen).", rich_help_panel=_OPT)] = C.freeze_epochs,
-    unfreeze_lr_scale: Annotated[float, typer.Option(help="LR factor after unfreezing.", rich_help_panel=_OPT)] = C.unfreeze_lr_scale,
-    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without lower val loss; 0 never.", rich_help_panel=_OPT)] = C.patience,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Autocast: bf16 (fp16 + loss scaling on GPUs without bf16; CPUs: only with native bf16) (default: on for CUDA).", rich_help_panel=_RUN)] = C.amp,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="(default: on for CUDA)", rich_help_panel=_RUN)] = C.channels_last,
+    freeze_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Epochs training only the new head (backbone and its BatchNorm frozen).", rich_help_panel=_OPT
+        ),
+    ] = C.freeze_epochs,
+    unfreeze_lr_scale: Annotated[
+        float, typer.Option(help="LR factor after unfreezing.", rich_help_panel=_OPT)
+    ] = C.unfreeze_lr_scale,
+    patience: Annotated[
+        int,
+        typer.Option(help="Early stop after this many epochs without lower val loss; 0 never.", rich_help_panel=_OPT),
+    ] = C.patience,
+    amp: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--amp/--no-amp",
+            help="Autocast: bf16 (fp16 + loss scaling on GPUs without bf16; CPUs: only with native bf16) "
+            "(default: on for CUDA).",
+            rich_help_panel=_RUN,
+        ),
+    ] = C.amp,
+    channels_last: Annotated[
+        Optional[bool],
+        typer.Option("--channels-last/--no-channels-last", help="(default: on for CUDA)", rich_help_panel=_RUN),
+    ] = C.channels_last,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)] = C.device,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)] = C.compile,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun ranks (CUDA).", rich_help_panel=_RUN)] = C.sync_bn,
-    nproc: Annotated[int, typer.Option(help="Processes on this machine: runs itself under torchrun (one per GPU).", rich_help_panel=_RUN)] = 1,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)
+    ] = C.compile,
+    sync_bn: Annotated[
+        bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun ranks (CUDA).", rich_help_panel=_RUN)
+    ] = C.sync_bn,
+    nproc: Annotated[
+        int,
+        typer.Option(help="Processes on this machine: runs itself under torchrun (one per GPU).", rich_help_panel=_RUN),
+    ] = 1,
     seed: Annotated[int, typer.Option(rich_help_panel=_RUN)] = C.seed,
     workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
     out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
-    name: Annotated[Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)] = C.name,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue a run (its folder or last.pt) with its own config; with --epochs, extend it.", rich_help_panel=_RUN)] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)
+    ] = C.name,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Continue a run (its folder or last.pt) with its own config; with --epochs, extend it.",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune (--weights imagenet|PATH) or train from scratch; writes runs/<name>/."""
     options = dict(locals())
@@ -85,7 +155,9 @@ def train_command(
     table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}")
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     if result.img_size_from_data:
-        table.add_row("image size", f"{result.img_size} px (from the images' median shorter side; --img-size to choose)")
+        table.add_row(
+            "image size", f"{result.img_size} px (from the images' median shorter side; --img-size to choose)"
+        )
     if result.skipped_files:
         table.add_row("skipped files", f"[yellow]{result.skipped_files}[/] (unreadable; listed in summary.json)")
     table.add_row("run folder", escape(result.run_dir))
@@ -97,11 +169,15 @@ def train_command(
 def _epochs_with_resume(context: typer.Context) -> int | None:
     """--epochs when given with --resume (it extends the run); any other option is refused,
     since a resumed run keeps its own config."""
-    given = [name for name in context.params if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+    given = [
+        name for name in context.params if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"
+    ]
     others = sorted(set(given) - {"resume", "epochs", "nproc"})
     if others:
         flags = ", ".join("--" + name.replace("_", "-") for name in others)
-        raise InputError(f"--resume continues a run with its own config; {flags} cannot change (only --epochs, to extend it)")
+        raise InputError(
+            f"--resume continues a run with its own config; {flags} cannot change (only --epochs, to extend it)"
+        )
     return context.params["epochs"] if "epochs" in given else None
 
 
@@ -115,6 +191,15 @@ def _exec_torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "edgeft", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "edgeft",
+        *args,
+    ]
     print("edgeft: " + " ".join(command[1:]), file=sys.stderr)
     os.execv(sys.executable, command)

@@ -60,8 +60,10 @@ def for_path(path: str | os.PathLike) -> Format:
         if name.endswith(fmt.suffixes):
             return fmt
     if name.endswith(_CHECKPOINT_SUFFIXES) and _looks_like_a_checkpoint(Path(path)):
-        raise InputError(f"{path}: a PyTorch checkpoint or weights file, not an exported model; "
-                         f"turn it into one with `edgeft export {path}`")  # fmt: skip
+        raise InputError(
+            f"{path}: a PyTorch checkpoint or weights file, not an exported model; "
+            f"turn it into one with `edgeft export {path}`"
+        )
     suffixes = ", ".join(s for f in all_formats() for s in f.suffixes)
     raise InputError(f"{path}: not an exported model (expected {suffixes})")
 

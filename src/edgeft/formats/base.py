@@ -16,13 +16,9 @@ import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from edgeft.config import ExportConfig
-    from edgeft.preprocess import Preprocess
 
 __all__ = ["Format", "Rung", "Runner", "WriteRequest"]
 
@@ -47,10 +43,10 @@ class WriteRequest:
     """What a format is given to write one file."""
 
     model: Any  # a torch.nn.Module in eval mode, float32
-    spec: Preprocess  # the input the file takes: channels, size (NCHW, float32)
+    spec: Any  # an edgeft.preprocess.Preprocess: the input the file takes: channels, size (NCHW, float32)
     precision: str
     device: str  # cpu or cuda[:N]: where the model is traced (fp16 TorchScript: cuda)
-    config: ExportConfig  # the options; a format reads only its own (`Format.options`)
+    config: Any  # the edgeft.config.ExportConfig; the options; a format reads only its own (`Format.options`)
     workdir: Path  # a scratch folder of this export, removed when it ends
     rung: Any = None  # int8: the ladder's setting (a `Rung`, or the format's own kind)
     calibration: Callable[[int], Iterator[np.ndarray]] | None = None  # int8: count -> float32 NCHW batches
@@ -108,7 +104,7 @@ class Format:
             return f"{self.title} files run on the CPU here; use --device cpu"
         return self.missing(write=write)
 
-    def int8_rungs(self, config: ExportConfig) -> list:
+    def int8_rungs(self, config) -> list:
         """The int8 settings to try in order, each when the one before failed its gate."""
         return [Rung(calibration_size=config.calib_size)]
 

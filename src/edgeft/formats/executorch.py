@@ -34,9 +34,16 @@ from edgeft.errors import InputError
 from edgeft.formats.base import Format, Rung, Runner, WriteRequest
 
 __all__ = [
-    "FORMAT", "MAX_BATCH", "ExecuTorchFormat", "delegation_summary", "load_pte_runner", "pte_content_digest",
-    "read_pte_metadata", "write_pte", "write_pte_metadata",
-]  # fmt: skip
+    "FORMAT",
+    "MAX_BATCH",
+    "ExecuTorchFormat",
+    "delegation_summary",
+    "load_pte_runner",
+    "pte_content_digest",
+    "read_pte_metadata",
+    "write_pte",
+    "write_pte_metadata",
+]
 
 MAX_BATCH = 32  # the program's batch dimension is dynamic in [1, MAX_BATCH]; the runner splits larger batches
 _MAGIC = b"EDGEFTMD"
@@ -92,7 +99,10 @@ def _quantize_int8(module, example, dynamic, calibration):
     """PT2E post-training quantization for XNNPACK: symmetric int8, per-channel weights,
     observers fed the calibration batches one at a time."""
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if calibration is None:
@@ -148,8 +158,11 @@ def delegation_summary(graph_module) -> dict:
     from executorch.devtools.backend_debug import get_delegation_info
 
     info = get_delegation_info(graph_module)
-    outside = {name: b.non_delegated for name, b in info.delegation_by_operator.items()
-               if b.non_delegated and name not in _BOOKKEEPING_OPS}  # fmt: skip
+    outside = {
+        name: b.non_delegated
+        for name, b in info.delegation_by_operator.items()
+        if b.non_delegated and name not in _BOOKKEEPING_OPS
+    }
     inside = sum(b.delegated for name, b in info.delegation_by_operator.items() if name not in _BOOKKEEPING_OPS)
     return {
         "backend": "XnnpackBackend",
@@ -254,8 +267,10 @@ def load_pte_runner(
             raise InputError(f"{path}: the program takes N x {program_shape} inputs, got {list(x.shape)}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         # outputs live in the program's planned memory: copy each before the next call
-        outs = [method.execute((torch.from_numpy(x[i : i + max_batch]),))[0].numpy().copy()
-                for i in range(0, len(x), max_batch)]  # fmt: skip
+        outs = [
+            method.execute((torch.from_numpy(x[i : i + max_batch]),))[0].numpy().copy()
+            for i in range(0, len(x), max_batch)
+        ]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     backends = runtime.backend_registry.registered_backend_names

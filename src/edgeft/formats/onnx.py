@@ -33,8 +33,9 @@ _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 class OnnxFormat(Format):
     name, title, suffixes, runtime = "onnx", "ONNX", (".onnx",), "onnxruntime"
     precisions = ("fp32", "fp16", "int8")
-    options = frozenset({"opset", "calib_method", "activation_type", "weight_type", "quant_format", "reduce_range",
-                         "fallback"})  # fmt: skip
+    options = frozenset(
+        {"opset", "calib_method", "activation_type", "weight_type", "quant_format", "reduce_range", "fallback"}
+    )
     needs, needs_to_write = ("onnxruntime",), ("onnx", "onnxscript")
     cuda, torch_free, rank = True, True, 0
 
@@ -54,8 +55,13 @@ class OnnxFormat(Format):
         source = request.workdir / "fp32-source.onnx"  # written once, quantized by every rung
         if not source.exists():
             write_onnx(request.model, request.spec, source, opset=opset, precision="fp32")
-        summary = quantize_onnx(source, path, calibration=request.calibration(request.rung.calibration_size),
-                                settings=request.rung, workdir=request.workdir / "quantize")  # fmt: skip
+        summary = quantize_onnx(
+            source,
+            path,
+            calibration=request.calibration(request.rung.calibration_size),
+            settings=request.rung,
+            workdir=request.workdir / "quantize",
+        )
         _check_onnx(path, opset)
         return {"opset": opset, "quantization": {**settings_dict(request.rung), "summary": summary.line()}}
 
@@ -73,12 +79,17 @@ class OnnxFormat(Format):
         session = _session(ort, path, device, threads)
         provider = session.get_providers()[0]
         if device.startswith("cuda") and provider != _CUDA:
-            raise InputError(f"--device {device}: onnxruntime cannot use CUDA here "
-                             f"(providers: {ort.get_available_providers()}); use --device cpu")  # fmt: skip
+            raise InputError(
+                f"--device {device}: onnxruntime cannot use CUDA here "
+                f"(providers: {ort.get_available_providers()}); use --device cpu"
+            )
         name = session.get_inputs()[0].name
-        return Runner(lambda batch: session.run(None, {name: batch})[0], provider,
-                      input_shape=tuple(session.get_inputs()[0].shape[1:]),
-                      output_shape=tuple(session.get_outputs()[0].shape[1:]))  # fmt: skip
+        return Runner(
+            lambda batch: session.run(None, {name: batch})[0],
+            provider,
+            input_shape=tuple(session.get_inputs()[0].shape[1:]),
+            output_shape=tuple(session.get_outputs()[0].shape[1:]),
+        )
 
     def details(self) -> dict:
         import onnxruntime
@@ -93,9 +104,16 @@ def quant_settings(config):
     """This CPU's default int8 settings, with the ones `config` names instead."""
     from edgeft.formats.onnx_int8 import default_settings
 
-    chosen = {"activation_type": config.activation_type, "weight_type": config.weight_type, "format": config.quant_format,
-              "reduce_range": config.reduce_range, "calibrate_method": config.calib_method}  # fmt: skip
-    return replace(default_settings(), calibration_size=config.calib_size, **{k: v for k, v in chosen.items() if v is not None})
+    chosen = {
+        "activation_type": config.activation_type,
+        "weight_type": config.weight_type,
+        "format": config.quant_format,
+        "reduce_range": config.reduce_range,
+        "calibrate_method": config.calib_method,
+    }
+    return replace(
+        default_settings(), calibration_size=config.calib_size, **{k: v for k, v in chosen.items() if v is not None}
+    )
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -115,10 +133,16 @@ def write_onnx(model, spec, path: Path, *, opset: int = DEFAULT_OPSET, precision
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model.eval(), (example,), input_names=["input"], output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset, dynamo=True,
-            external_data=False, verbose=False,
-        )  # fmt: skip
+            model.eval(),
+            (example,),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     program.save(str(path), external_data=False)
     exported = _without_provenance(onnx.load(str(path)))
     onnx.save(_to_fp16(exported) if precision == "fp16" else exported, str(path))
@@ -164,7 +188,9 @@ def _check_onnx(path: Path, opset: int) -> None:
 
     check_external_data(path)
     onnx.checker.check_model(str(path), full_check=True)
-    written = {o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")}
+    written = {
+        o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
+    }
     if written != {opset}:
         raise RunError(f"asked for opset {opset}, the exporter wrote {sorted(written)}")
 

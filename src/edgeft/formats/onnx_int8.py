@@ -54,10 +54,19 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
-    "ACTIVATION_TYPES", "CALIBRATION_METHODS", "FLOAT_NODE_GROUPS", "QUANT_FORMATS", "WEIGHT_TYPES",
-    "QuantSettings", "QuantSummary", "batchnorms_as_depthwise_convs", "default_settings", "fallback_ladder",
-    "quantize_onnx", "settings_dict",
-]  # fmt: skip
+    "ACTIVATION_TYPES",
+    "CALIBRATION_METHODS",
+    "FLOAT_NODE_GROUPS",
+    "QUANT_FORMATS",
+    "WEIGHT_TYPES",
+    "QuantSettings",
+    "QuantSummary",
+    "batchnorms_as_depthwise_convs",
+    "default_settings",
+    "fallback_ladder",
+    "quantize_onnx",
+    "settings_dict",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +95,12 @@ class QuantSettings:
     batchnorms_as_convs: bool = True  # batch norms with no conv before them run as int8 depthwise convs
 
     def __post_init__(self):
-        for name, value, allowed in (("activation type", self.activation_type, ACTIVATION_TYPES),
-                                     ("weight type", self.weight_type, WEIGHT_TYPES),
-                                     ("quantization format", self.format, QUANT_FORMATS),
-                                     ("calibration method", self.calibrate_method, CALIBRATION_METHODS)):  # fmt: skip
+        for name, value, allowed in (
+            ("activation type", self.activation_type, ACTIVATION_TYPES),
+            ("weight type", self.weight_type, WEIGHT_TYPES),
+            ("quantization format", self.format, QUANT_FORMATS),
+            ("calibration method", self.calibrate_method, CALIBRATION_METHODS),
+        ):
             if value not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.calibration_size < 1:
@@ -121,14 +132,20 @@ class QuantSummary:
 
     def line(self) -> str:
         converted = f" ({self.batchnorms_as_convs} of them batch norms)" if self.batchnorms_as_convs else ""
-        return (f"int8 ({self.settings.label()}): {self.quantized} of {self.quantized + self.left_float} "
-                f"conv/gemm/matmul nodes quantized{converted}, {self.left_float} left in float; "
-                f"calibrated on {self.calibration_images} images")  # fmt: skip
+        return (
+            f"int8 ({self.settings.label()}): {self.quantized} of {self.quantized + self.left_float} "
+            f"conv/gemm/matmul nodes quantized{converted}, {self.left_float} left in float; "
+            f"calibrated on {self.calibration_images} images"
+        )
 
 
 def settings_dict(settings: QuantSettings) -> dict:
     """The settings as plain JSON values (for the metadata)."""
-    return {**dataclasses.asdict(settings), "keep_float": list(settings.keep_float), "op_types": list(settings.op_types)}
+    return {
+        **dataclasses.asdict(settings),
+        "keep_float": list(settings.keep_float),
+        "op_types": list(settings.op_types),
+    }
 
 
 def _is_x86() -> bool:
@@ -155,8 +172,15 @@ def fallback_ladder(settings: QuantSettings) -> list[QuantSettings]:
     return [more, method, dataclasses.replace(method, keep_float=ends)]
 
 
-def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: Iterable[np.ndarray],
-                  settings: QuantSettings, input_name: str = "input", workdir: Path | None = None) -> QuantSummary:  # fmt: skip
+def quantize_onnx(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    *,
+    calibration: Iterable[np.ndarray],
+    settings: QuantSettings,
+    input_name: str = "input",
+    workdir: Path | None = None,
+) -> QuantSummary:
     """Write the int8 version of the float file `fp32_path` to `out_path`, calibrated on the
     first `settings.calibration_size` images of `calibration` (float32 NCHW batches, read one
     batch at a time). Intermediate files go to `workdir`, a folder created and removed here
@@ -171,8 +195,14 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, *, calibration: I
         converted = batchnorms_as_depthwise_convs(prepared) if settings.batchnorms_as_convs else 0
         excluded = _resolve_float_nodes(prepared, settings.keep_float)
         cache, images = _calibrate(prepared, Path(tmp), calibration, settings, input_name)
-        quantize_static(str(prepared), str(out_path), None, calibration_cache_path=str(cache),
-                        **_quantizer_options(settings), nodes_to_exclude=excluded)  # fmt: skip
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            None,
+            calibration_cache_path=str(cache),
+            **_quantizer_options(settings),
+            nodes_to_exclude=excluded,
+        )
     quantized, left_float = _count_quantized(out_path)
     summary = QuantSummary(settings, quantized, left_float, images, converted)
     log.info("%s", summary.line())
@@ -214,12 +244,16 @@ def _quantizer_options(settings: QuantSettings) -> dict:
 def _calibration_method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]  # fmt: skip
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[name]
 
 
-def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], settings: QuantSettings,
-               input_name: str) -> tuple[Path, int]:  # fmt: skip
+def _calibrate(
+    prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], settings: QuantSettings, input_name: str
+) -> tuple[Path, int]:
     """Ranges of every tensor from `settings.calibration_size` images, one batch in memory at a
     time; saved as onnxruntime's calibration cache. Returns (cache path, images used)."""
     from onnxruntime.quantization import CalibrationDataReader, create_calibrator
@@ -235,8 +269,12 @@ def _calibrate(prepared: Path, tmp: Path, calibration: Iterable[np.ndarray], set
             return None if batch is None else {input_name: batch}
 
     op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # the tensors quantize_static calibrates
-    calibrator = create_calibrator(prepared, op_types, augmented_model_path=str(tmp / "augmented.onnx"),
-                                   calibrate_method=_calibration_method(settings.calibrate_method))  # fmt: skip
+    calibrator = create_calibrator(
+        prepared,
+        op_types,
+        augmented_model_path=str(tmp / "augmented.onnx"),
+        calibrate_method=_calibration_method(settings.calibrate_method),
+    )
     images = 0
     for batch in first_images(calibration, settings.calibration_size):
         calibrator.collect_data(OneBatch(batch))
@@ -263,18 +301,35 @@ def batchnorms_as_depthwise_convs(path: Path) -> int:
     nodes, converted = [], 0
     for node in graph.node:
         stats = node.input[1:5]
-        if node.op_type != "BatchNormalization" or len(node.output) != 1 or ranks.get(node.input[0]) != 4 \
-                or len(stats) != 4 or not all(name in constants for name in stats):  # fmt: skip
+        if (
+            node.op_type != "BatchNormalization"
+            or len(node.output) != 1
+            or ranks.get(node.input[0]) != 4
+            or len(stats) != 4
+            or not all(name in constants for name in stats)
+        ):
             nodes.append(node)
             continue
         scale, shift, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64) for name in stats)
         epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         weight = scale / np.sqrt(var + epsilon)
         names = (f"{node.name}.depthwise_weight", f"{node.name}.depthwise_bias")
-        graph.initializer.extend([numpy_helper.from_array(weight.reshape(-1, 1, 1, 1).astype(np.float32), names[0]),
-                                  numpy_helper.from_array((shift - mean * weight).astype(np.float32), names[1])])  # fmt: skip
-        nodes.append(helper.make_node("Conv", [node.input[0], *names], list(node.output), name=f"{node.name}.depthwise",
-                                      group=len(weight), kernel_shape=[1, 1]))  # fmt: skip
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(weight.reshape(-1, 1, 1, 1).astype(np.float32), names[0]),
+                numpy_helper.from_array((shift - mean * weight).astype(np.float32), names[1]),
+            ]
+        )
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [node.input[0], *names],
+                list(node.output),
+                name=f"{node.name}.depthwise",
+                group=len(weight),
+                kernel_shape=[1, 1],
+            )
+        )
         converted += 1
     if converted:
         graph.ClearField("node")

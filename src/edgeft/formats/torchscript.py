@@ -118,8 +118,10 @@ def _archive_entries(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.
     infos = archive.infolist()
     prefixes = {info.filename.split("/", 1)[0] for info in infos}
     if len(prefixes) != 1 or any("/" not in info.filename for info in infos):
-        raise InputError(f"{path}: a TorchScript archive has one top-level folder, this one has "
-                         f"{len(prefixes)}; modified after export, export the model again")  # fmt: skip
+        raise InputError(
+            f"{path}: a TorchScript archive has one top-level folder, this one has "
+            f"{len(prefixes)}; modified after export, export the model again"
+        )
     entries = {info.filename.split("/", 1)[1]: info for info in infos}
     if len({name.casefold() for name in entries}) != len(infos):
         raise InputError(f"{path}: duplicate entries in the archive; modified after export, export the model again")

@@ -54,6 +54,30 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+_HIDING_SITECUSTOMIZE = """
+import os, sys
+_HIDDEN = tuple(os.environ["EDGEFT_TEST_HIDDEN_MODULES"].split(","))
+
+class _Hidden:
+    def find_spec(self, name, path=None, target=None):
+        if name in _HIDDEN or name.startswith(tuple(h + "." for h in _HIDDEN)):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _Hidden())
+"""
+
+
+def env_without_modules(tmp_path: Path, *modules: str) -> dict[str, str]:
+    """An `edgeft` subprocess environment in which `modules` (and their submodules) cannot be
+    imported, as if their extra were not installed."""
+    shadow = tmp_path / "hide-modules"
+    shadow.mkdir(exist_ok=True)
+    (shadow / "sitecustomize.py").write_text(_HIDING_SITECUSTOMIZE)
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    return offline_env(tmp_path / ".torch_home", PYTHONPATH=path, EDGEFT_TEST_HIDDEN_MODULES=",".join(modules))
+
+
 def time_limit(seconds: float) -> float:
     """A subprocess time limit: `seconds` on an idle machine, times EDGEFT_TEST_TIMEOUT_SCALE
     (default 3) for a loaded one. A limit only stops a hung test; no test asserts a duration."""

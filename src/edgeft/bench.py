@@ -23,7 +23,7 @@ import torch
 from edgeft import formats, jsonio
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
-from edgeft.cpu import cpu_description
+from edgeft.cpu import cpu_description, has_bf16
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
@@ -153,7 +153,7 @@ def _nvidia_driver() -> str | None:
 def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]:
     """(runtime, precision, reason to skip or None) for each requested combination; what runs
     where is each format's own answer (eager PyTorch is the baseline, not a format)."""
-    precisions = config.precisions or (("fp32", "fp16") if device.startswith("cuda") else ("fp32", "int8"))
+    precisions = config.precisions or default_precisions(device)
     plan = []
     for runtime in config.runtimes:
         for precision in precisions:
@@ -162,10 +162,18 @@ def _plan(config: BenchConfig, device: str) -> list[tuple[str, str, str | None]]
                 if runtime == "eager"
                 else _runtime_unavailable(runtime, precision, device)
             )
-            if reason and precision == "int8" and not config.precisions and "int8" not in _precisions(runtime):
-                continue  # int8 by default only where the runtime has int8 files
+            if reason and precision != "fp32" and not config.precisions and precision not in _precisions(runtime):
+                continue  # by default, each runtime's rows are the precisions it has files of
             plan.append((runtime, precision, reason))
     return plan
+
+
+def default_precisions(device: str) -> tuple[str, ...]:
+    """What a bench times when not told: fp32 and what this device computes faster (CUDA: fp16;
+    a CPU: int8, and bf16 where native)."""
+    if device.startswith("cuda"):
+        return ("fp32", "fp16")
+    return ("fp32", "bf16", "int8") if has_bf16() else ("fp32", "int8")
 
 
 def _precisions(runtime: str) -> tuple[str, ...]:
@@ -177,8 +185,9 @@ def _runtime_unavailable(runtime: str, precision: str, device: str) -> str | Non
 
 
 def _eager_unavailable(precision: str, device: str) -> str | None:
-    if precision == "int8":
-        return f"int8 runs through {', '.join(f.runtime for f in formats.all_formats() if 'int8' in f.precisions)} only"
+    if precision not in ("fp32", "fp16"):
+        runtimes = ", ".join(f.runtime for f in formats.all_formats() if precision in f.precisions)
+        return f"{precision} runs through {runtimes} only"
     if precision == "fp16" and device == "cpu":
         return "fp16 PyTorch on CPU is not a deployment target; use --device cuda"
     return None

@@ -156,7 +156,7 @@ def _not_a_file(option: str, path: str) -> None:
 
 
 FORMATS = (*formats.names(), "all")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass

@@ -213,12 +213,12 @@ class _Job:
             _remove(fmt, tmp)
 
     def write_auto(self, fmt: formats.Format, out: Path, stem: str) -> ExportedFile:
-        """Every candidate of `fmt` that runs here (its float precisions the device computes,
-        int8 by its ladder), gated and timed side by side; the fastest that passes is kept, with
+        """Every candidate of `fmt` that runs here (its float precisions the device computes
+        natively, int8 by its ladder), gated and timed side by side; the fastest that passes is kept, with
         the decision table in its metadata."""
         on_cuda = self.config.device.startswith("cuda")
-        precisions = [p for p in fmt.precisions if p == "fp32" or (p == "fp16" and on_cuda)]
-        precisions = [p for p in precisions if fmt.unavailable(p, self.config.device) is None]
+        wanted = [p for p in fmt.precisions if p != "int8" and (p != "fp16" or on_cuda)]  # fp16 pays on GPUs only
+        precisions = [p for p in wanted if fmt.unavailable(p, self.config.device) is None]
         temps = {p: _temporary(out / f"{stem}{fmt.suffixes[0]}", p) for p in (*precisions, "int8")}
         try:
             validations = {

@@ -35,7 +35,7 @@ __all__ = ["GATES", "ValidationResult", "file_sha256", "find_reference", "gate",
 
 log = logging.getLogger(__name__)
 
-GATES = {"fp32": 0.0, "fp16": 0.1, "int8": 1.0}  # largest accuracy drop allowed, in points
+GATES = {"fp32": 0.0, "fp16": 0.1, "bf16": 0.5, "int8": 1.0}  # largest accuracy drop allowed, in points
 FP32_MIN_AGREEMENT = 0.999  # fp32: the same top-1 on >= 99.9 % of the images
 FP32_LOGIT_RTOL = 1e-3  # fp32: every |logit - reference| <= 1e-3 * max(1, |reference|)
 FP32_PROB_ATOL = 1e-4  # fp32: every |softmax - reference softmax| <= 1e-4

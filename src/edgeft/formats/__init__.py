@@ -59,6 +59,10 @@ def for_path(path: str | os.PathLike) -> Format:
     for fmt in all_formats():
         if name.endswith(fmt.suffixes):
             return fmt
+    for fmt in all_formats():  # a file that belongs to an artifact named by another (OpenVINO's .bin)
+        for sibling in (Path(path).with_suffix(s) for s in fmt.suffixes):
+            if sibling.is_file() and Path(path) in fmt.files(sibling) and Path(path) != sibling:
+                raise InputError(f"{path}: part of the {fmt.title} file {sibling}; give that one")
     if name.endswith(_CHECKPOINT_SUFFIXES) and _looks_like_a_checkpoint(Path(path)):
         raise InputError(
             f"{path}: a PyTorch checkpoint or weights file, not an exported model; "

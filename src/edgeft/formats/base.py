@@ -11,8 +11,13 @@ the same for every format. Heavy libraries are imported inside the methods that 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import logging
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +25,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Format", "Rung", "Runner", "WriteRequest"]
+__all__ = ["Format", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
+
+log = logging.getLogger("edgeft.formats")
 
 
 @dataclass(frozen=True)
@@ -150,3 +157,27 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def quiet_native_output() -> Iterator[None]:
+    """Keep what converters print (progress bars, absl and C++ log lines, on stdout and stderr,
+    from Python or native code) off the user's console; logged at INFO (`-v` shows it)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            printed = sink.read().decode("utf-8", "replace").strip()
+            if printed:
+                log.info("converter output:\n%s", printed)

@@ -36,6 +36,15 @@ def offline_env(torch_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_file_cache(tmp_path_factory) -> Path:
+    """Every test (and every edgeft it starts) caches bench files in a folder of this session,
+    never in the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("edgeft-cache")
+    os.environ["EDGEFT_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch) -> Path:
     """An empty TORCH_HOME for this test, with downloads refused, so the user's cache is never

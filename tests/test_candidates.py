@@ -15,7 +15,7 @@ from edgeft.export import export
 from edgeft.formats.onnx import quant_settings
 from edgeft.predict import Predictor
 
-from conftest import run_edgeft
+from conftest import env_without_modules, run_edgeft
 
 
 def attempt(name: str, p50: float | None, passed: bool = True) -> Attempt:
@@ -38,8 +38,57 @@ def test_force_keeps_the_candidate_that_lost_least_when_none_passed():
 
 def test_decision_table_names_each_candidate():
     head, *rows = attempts_table([attempt("fp32", 10.0), attempt("int8 a", 3.0, passed=False)])
-    assert head[:4] == ["candidate", "accuracy", "drop", "p50 ms"] and head[-1] == "passed"
-    assert rows[0][:4] == ["fp32", "90.00 %", "0.10", "10.00"] and rows[1][-1] == "no: accuracy dropped"
+    assert head[:4] == ["candidate", "accuracy", "drop", "p50 ms"] and head[-1] == "result"
+    assert rows[0][:4] == ["fp32", "90.00 %", "0.10", "10.00"] and rows[1][-1] == "failed: accuracy dropped"
+
+
+def test_decision_table_says_why_each_candidate_was_not_kept():
+    kept, slower, failed = attempt("int8 a", 4.0), attempt("fp32", 10.0), attempt("int8 b", 2.0, passed=False)
+    unbuilt = Attempt("bf16", "bf16", None, None, False, "OpenVINO bf16 needs a CPU with native bf16")
+    kept.format, slower.format, failed.format, unbuilt.format = "onnx", "onnx", "openvino", "openvino"
+    choose_fastest([kept, slower, failed])
+    head, *rows = attempts_table([kept, slower, failed, unbuilt])
+    assert head[0] == "format" and [row[0] for row in rows] == ["onnx", "onnx", "openvino", "openvino"]
+    assert [row[-1] for row in rows] == [
+        "kept",
+        "2.50x slower",
+        "failed: accuracy dropped",
+        "not built: OpenVINO bf16 needs a CPU with native bf16",
+    ]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"candidate_formats": "onnx"}, "--formats chooses the candidates of --format auto"),
+        ({"format": "auto", "candidate_formats": "onnx,tflite2"}, "--formats must be one of"),
+        ({"format": "auto", "candidate_formats": " , "}, "--formats: give one or more of"),
+    ],
+)
+def test_candidate_formats_are_checked_before_any_work(options, message):
+    with pytest.raises(InputError, match=message):
+        ExportConfig(checkpoint="x.pt", **options)
+
+
+def test_format_auto_means_precision_auto_unless_one_is_asked_for():
+    assert ExportConfig(checkpoint="x.pt", format="auto").precision == "auto"
+    assert ExportConfig(checkpoint="x.pt", format="auto", precision="int8").precision == "int8"
+    assert ExportConfig(checkpoint="x.pt").precision == "fp32"
+    assert ExportConfig(checkpoint="x.pt", format="auto", candidate_formats="openvino,onnx,onnx").candidate_formats == (
+        "openvino,onnx"
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"format": "all", "precision": "auto"}, "keeps one file"),
+        ({"format": "auto", "validate": False}, "gates the candidates"),
+    ],
+)
+def test_choices_that_cannot_be_made_are_refused(options, message):
+    with pytest.raises(InputError, match=message):
+        export(ExportConfig(checkpoint="x.pt", **options))
 
 
 def test_quant_options_override_the_cpu_defaults(tmp_path):
@@ -109,9 +158,7 @@ def test_cli_auto_prints_the_candidates(digits_checkpoint, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (
-        "candidates" in proc.stdout and "fp32" in proc.stdout and "int8 qdq" in proc.stdout and "(kept)" in proc.stdout
-    )
+    assert "candidates" in proc.stdout and "fp32" in proc.stdout and "int8 qdq" in proc.stdout and "kept" in proc.stdout
     assert "out-of-range" not in proc.stdout + proc.stderr
 
 
@@ -148,3 +195,26 @@ def test_auto_with_force_keeps_a_file_marked_failed_when_no_candidate_passes(dig
     assert [c["candidate"] for c in metadata["precision_auto"]["candidates"] if c["chosen"]] == [
         metadata["precision_auto"]["chosen"]
     ]
+
+
+@pytest.mark.slow
+def test_format_auto_compares_runtimes_and_keeps_the_fastest_that_passed(digits_checkpoint, tmp_path):
+    """Candidates of several runtimes gated and timed side by side; a format whose extra is missing
+    is a row with its reason, not a failed export; the kept file carries the table and `info` shows it."""
+    env = env_without_modules(tmp_path, "executorch")
+    args = ["--format", "auto", "--formats", "onnx,openvino,executorch", "--calib-size", "32", "--out", "out"]
+    proc = run_edgeft(["export", str(digits_checkpoint), *args], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (kept,) = [p for p in (tmp_path / "out").iterdir() if p.suffix in (".onnx", ".xml")]
+    candidates = [Attempt(**row) for row in read_metadata(kept)["precision_auto"]["candidates"]]
+    assert {c.format for c in candidates} == {"onnx", "openvino", "executorch"}
+    unbuilt = [c for c in candidates if c.format == "executorch"]
+    assert unbuilt and all(not c.passed and "edgeft[executorch]" in c.reason for c in unbuilt)
+    finalists = [c for c in candidates if c.passed and c.p50_ms is not None]
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert chosen.p50_ms == min(c.p50_ms for c in finalists) and len(finalists) >= 4
+    assert Predictor(kept).metadata["precision"] == chosen.precision and kept.suffix == (
+        ".onnx" if chosen.format == "onnx" else ".xml"
+    )
+    info = run_edgeft(["info", str(kept)], cwd=tmp_path, env=env)
+    assert info.returncode == 0 and "not built" in info.stdout and "kept" in info.stdout

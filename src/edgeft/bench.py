@@ -20,17 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeft import formats, jsonio
+from edgeft import __version__, formats, jsonio
+from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
 from edgeft.cpu import cpu_description, has_bf16
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
+from edgeft.filecache import FileCache, default_cache_folder
 from edgeft.interrupts import atomic_write_text
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.timing import run_measurement
+from edgeft.validate import file_sha256
 
 __all__ = ["BenchConfig", "BenchReport", "BenchRow", "combine_rounds", "machine_info", "run_bench"]
 
@@ -219,32 +222,37 @@ def _folder_name(label: str) -> str:
     return re.sub(r"[^\w.-]+", "-", label).strip("-")
 
 
-def _artifacts(source: _Source, run: _Run, folder: Path, needed) -> dict:
-    """The files each (runtime, precision) loads, written into `folder`, their sizes, and
-    accuracies with a checkpoint."""
-    folder.mkdir(parents=True, exist_ok=True)
-    checkpoint = source.checkpoint or _random_weights_checkpoint(source.arch, run.config.img_size, folder)
+def _artifacts(source: _Source, run: _Run, cache: FileCache, needed, keep: Path | None) -> dict:
+    """The files each (runtime, precision) loads (made once per key, see `edgeft.filecache`), their
+    sizes, and accuracies with a checkpoint; with `keep`, copies of them in that folder."""
+    checkpoint = source.checkpoint or str(_random_weights_checkpoint(source.arch, run, cache))
     content = load_checkpoint(checkpoint)
     model = model_from_checkpoint(content)
     spec = default_preprocess(size=content["preprocess"]["size"], channels=content["in_chans"])
-    eager_file = checkpoint
-    if source.checkpoint and run.config.keep_files and any(runtime == "eager" for runtime, _ in needed):
-        eager_file = str(shutil.copy2(checkpoint, folder / Path(checkpoint).name))  # kept with the others
+    weights = file_sha256(checkpoint)
     files: dict[tuple[str, str], str] = {}
     accuracy: dict[tuple[str, str], float] = {}
     for runtime, precision in needed:
         key = (runtime, precision)
         if runtime == "eager":
-            files[key] = eager_file
+            files[key] = checkpoint
         elif source.checkpoint:  # a real export, with its validation
-            exported = _export_checkpoint(source, runtime, precision, run, folder)
-            files[key] = exported.path
-            accuracy[key] = exported.validation.exported_acc
-            accuracy[("eager", "fp32")] = exported.validation.reference_acc
-        else:
-            files[key] = _write_random_weights(
-                model, spec, runtime, precision, run.device, folder / f"{source.arch}-{precision}"
+            made = cache.file(
+                _file_key(weights, runtime, precision, run),
+                lambda folder, r=runtime, p=precision: _export_checkpoint(source, r, p, run, folder),
             )
+            files[key] = str(made)
+            validation = read_metadata(made).get("validation") or {}
+            accuracy[key], accuracy[("eager", "fp32")] = validation.get("exported_acc"), validation.get("reference_acc")
+        else:
+            files[key] = str(
+                cache.file(
+                    _file_key(weights, runtime, precision, run),
+                    lambda folder, r=runtime, p=precision: _write_random_weights(model, spec, r, p, run.device, folder),
+                )
+            )
+    if keep is not None:
+        files = {key: _keep_copy(path, key[0], keep) for key, path in files.items()}
     return {
         "files": files,
         "accuracy": accuracy,
@@ -254,10 +262,48 @@ def _artifacts(source: _Source, run: _Run, folder: Path, needed) -> dict:
     }
 
 
-def _random_weights_checkpoint(arch: str, img_size: int, folder: Path) -> str:
-    """A checkpoint of `arch` with random weights, 1000 classes and RGB `img_size` input."""
-    path = folder / f"{arch}.pt"
-    model = get_model(arch, num_classes=1000, in_chans=3)
+def _file_key(weights_sha256: str, runtime: str, precision: str, run: _Run) -> dict:
+    """What decides a timed file's content: the cache key of `edgeft.filecache`."""
+    fmt = formats.by_runtime(runtime)
+    return {
+        "weights_sha256": weights_sha256,
+        "data": run.config.data,  # a checkpoint's export is validated on it
+        "format": fmt.name,
+        "precision": precision,
+        "device": run.device,
+        "int8": _int8_settings()[runtime] if precision == "int8" else None,
+        "versions": {**_library_versions(), **fmt.versions()},
+    }
+
+
+def _library_versions() -> dict[str, str]:
+    import torchvision
+
+    return {"edgeft": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+
+
+def _keep_copy(path: str, runtime: str, folder: Path) -> str:
+    """A copy of a timed file (every file of its artifact) in `folder`, kept with the report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [Path(path)] if runtime == "eager" else formats.by_runtime(runtime).files(Path(path))
+    for part in parts:
+        shutil.copy2(part, folder / part.name)
+    return str(folder / Path(path).name)
+
+
+_SEED = 0  # random weights are the same on every run, so their files can be reused
+
+
+def _random_weights_checkpoint(arch: str, run: _Run, cache: FileCache) -> Path:
+    """A checkpoint of `arch` with random (seeded) weights, 1000 classes and RGB input of the bench's size."""
+    key = {"random_weights": arch, "seed": _SEED, "img_size": run.config.img_size, "versions": _library_versions()}
+    return cache.file(key, lambda folder: _write_random_checkpoint(arch, run.config.img_size, folder / f"{arch}.pt"))
+
+
+def _write_random_checkpoint(arch: str, img_size: int, path: Path) -> Path:
+    with torch.random.fork_rng():
+        torch.manual_seed(_SEED)
+        model = get_model(arch, num_classes=1000, in_chans=3)
     spec = default_preprocess(size=img_size, channels=3)
     save_checkpoint(
         path,
@@ -270,11 +316,11 @@ def _random_weights_checkpoint(arch: str, img_size: int, folder: Path) -> str:
             "state_dict": model.state_dict(),
         },
     )
-    return str(path)
+    return path
 
 
-def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run, folder: Path):
-    """The validated export of `source`'s checkpoint that `runtime` loads."""
+def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run, folder: Path) -> Path:
+    """The validated export of `source`'s checkpoint that `runtime` loads, written into `folder`."""
     fmt = formats.by_runtime(runtime).name
     result = export(
         ExportConfig(
@@ -288,14 +334,14 @@ def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run,
             force=True,
         )
     )
-    return result.files[0]
+    return Path(result.files[0].path)
 
 
-def _write_random_weights(model, spec, runtime: str, precision: str, device: str, stem: Path) -> str:
+def _write_random_weights(model, spec, runtime: str, precision: str, device: str, folder: Path) -> Path:
     """The file `runtime` loads for a model without a checkpoint (only speed is measured), written
-    by its format; int8 with the format's first setting, calibrated on random images."""
+    by its format into `folder`; int8 with the format's first setting, calibrated on random images."""
     fmt = formats.by_runtime(runtime)
-    path = stem.with_name(stem.name + fmt.suffixes[0])
+    path = folder / f"{precision}{fmt.suffixes[0]}"
     rng = np.random.default_rng(0)
 
     def calibration(count: int):
@@ -305,10 +351,10 @@ def _write_random_weights(model, spec, runtime: str, precision: str, device: str
         )
 
     config = ExportConfig(checkpoint="", format=fmt.name, precision=precision, calib_size=16, device=device)
-    with tempfile.TemporaryDirectory(dir=stem.parent) as workdir:
+    with tempfile.TemporaryDirectory(dir=folder) as workdir:
         rung = fmt.int8_rungs(config)[0] if precision == "int8" else None
         fmt.write(formats.WriteRequest(model, spec, precision, device, config, Path(workdir), rung, calibration), path)
-    return str(path)
+    return path
 
 
 def _resolve(config: BenchConfig) -> _Run:
@@ -327,16 +373,12 @@ def _resolve(config: BenchConfig) -> _Run:
 
 
 @contextlib.contextmanager
-def _files_folder(config: BenchConfig, stamp: str) -> Iterator[Path]:
-    """Where the timed files are written: bench-<stamp>-files/ beside the report with
-    `keep_files`, else a temporary folder removed afterwards."""
-    if not config.keep_files:
-        with tempfile.TemporaryDirectory() as tmp:
-            yield Path(tmp)
-        return
-    folder = Path(config.out) / f"bench-{stamp}-files"
-    folder.mkdir(parents=True, exist_ok=True)
-    yield folder
+def _file_cache(config: BenchConfig) -> Iterator[FileCache]:
+    """Where the timed files are made: the cache (`edgeft.filecache`), or with caching off a
+    temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_folder()
+        yield FileCache(folder, Path(scratch))
 
 
 def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
@@ -362,27 +404,34 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    kept = Path(config.out) / f"bench-{stamp}-files"  # with keep_files: copies of the timed files
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with (
         Progress(*columns, console=Console(stderr=True), disable=not progress) as bar,
-        _files_folder(config, stamp) as folder,
+        _file_cache(config) as cache,
     ):
         update = functools.partial(bar.update, bar.add_task("bench", total=len(sources) * len(plan)))
         for source in sources:
-            report.rows += _bench_source(source, plan, run, folder / _folder_name(source.label), update)
+            keep = kept / _folder_name(source.label) if config.keep_files else None
+            report.rows += _bench_source(source, plan, run, cache, keep, update)
         if config.keep_files:
-            report.files["timed"] = str(folder)
+            report.files["timed"] = str(kept)
+        report.settings["cache"] = {
+            "folder": str(cache.folder) if cache.folder else None,
+            "reused": cache.hits,
+            "made": cache.made,
+        }
     add_speed_columns(report.rows, report.machine["matmul_peak"]["gflop_per_s"])
     _write_reports(report, Path(config.out), stamp)
     return report
 
 
-def _bench_source(source: _Source, plan, run: _Run, folder: Path, update) -> list[BenchRow]:
-    """The rows of one model: its files written (exported, for a checkpoint) into `folder`, then
-    timed in `run.rounds` rounds, each row once per round in a fresh process."""
+def _bench_source(source: _Source, plan, run: _Run, cache: FileCache, keep: Path | None, update) -> list[BenchRow]:
+    """The rows of one model: its files made (exported, for a checkpoint) or found in the cache,
+    then timed in `run.rounds` rounds, each row once per round in a fresh process."""
     runnable = [(r, p) for r, p, reason in plan if reason is None]
     update(description=f"{source.label}: exporting")
-    art = _artifacts(source, run, folder, runnable) if runnable else None
+    art = _artifacts(source, run, cache, runnable, keep) if runnable else None
     if hasattr(os, "sync"):
         os.sync()  # the files just written are flushed now, not by the kernel while the first row is timed
     update(description=f"{source.label}: timing")
@@ -602,6 +651,21 @@ def markdown_report(report: BenchReport) -> str:
         f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
         f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n"
         + ("- file: the file each row timed, kept, relative to this report's folder\n" if s["keep_files"] else "")
+        + _quick_and_cache_lines(s)
         + "\n"
         + markdown_table(report.rows)
     )
+
+
+def _quick_and_cache_lines(settings: dict) -> str:
+    """What a quick bench leaves out, and how many files came from the cache."""
+    lines = ""
+    if settings["quick"]:
+        lines += (
+            "- quick: one round of at most 10 runs (2 s) per row, so p50s are rougher than a full bench's; "
+            "by default only resnet18 at batch 1 (a full bench: three backbones, batch 1 and 8, 3 rounds)\n"
+        )
+    cache = settings.get("cache") or {}
+    if cache.get("folder"):
+        lines += f"- files: {cache['made']} made, {cache['reused']} reused from the cache ({cache['folder']})\n"
+    return lines

@@ -38,6 +38,7 @@ class Attempt:
     batch: int = 1  # the larger batch size timed
     p50_batch_ms: float | None = None  # at `batch`
     chosen: bool = False
+    format: str = ""  # the format it was written in, where candidates of several are compared
 
     @classmethod
     def from_validation(cls, candidate: str, precision: str, validation: ValidationResult | None) -> Attempt:
@@ -100,20 +101,30 @@ def choose_fastest(attempts: list[Attempt], *, force: bool = False) -> Attempt |
 
 
 def attempts_table(attempts: list[Attempt]) -> list[list[str]]:
-    """Header and rows of the decision table (candidate, accuracy, drop, p50, passed)."""
+    """Header and rows of the decision table: each candidate's accuracy, drop, p50s and result
+    (kept, passed but slower, failed its gate, or not built, with the reason); a format column
+    where candidates of several formats are compared."""
     batch = max((a.batch for a in attempts), default=1)
-    rows = [["candidate", "accuracy", "drop", "p50 ms", f"p50 ms b{batch}", "passed"]]
+    several = len({a.format for a in attempts}) > 1
+    chosen = next((a for a in attempts if a.chosen), None)
+    rows = [[*(["format"] if several else []), "candidate", "accuracy", "drop", "p50 ms", f"p50 ms b{batch}", "result"]]
     for a in attempts:
-        cells = [
-            a.candidate + (" (kept)" if a.chosen else ""),
-            _pct(a.accuracy),
-            _num(a.drop, ".2f"),
-            _num(a.p50_ms, ".2f"),
-            _num(a.p50_batch_ms, ".2f"),
-            "yes" if a.passed else f"no: {a.reason}",
-        ]
-        rows.append(cells)
+        cells = [a.candidate, _pct(a.accuracy), _num(a.drop, ".2f"), _num(a.p50_ms, ".2f"), _num(a.p50_batch_ms, ".2f")]
+        rows.append([*([a.format] if several else []), *cells, _result(a, chosen)])
     return rows
+
+
+def _result(attempt: Attempt, chosen: Attempt | None) -> str:
+    """Why a candidate was or was not kept, in a few words."""
+    if attempt.chosen:
+        return "kept" if attempt.passed else f"kept (--force), failed: {attempt.reason}"
+    if not attempt.passed:
+        return f"{'failed' if attempt.accuracy is not None else 'not built'}: {attempt.reason}"
+    if attempt.accuracy is None:
+        return attempt.reason  # not validated
+    if chosen and chosen.p50_ms and attempt.p50_ms:
+        return f"{attempt.p50_ms / chosen.p50_ms:.2f}x slower"
+    return "passed"
 
 
 def _pct(value: float | None) -> str:

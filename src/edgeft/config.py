@@ -155,7 +155,7 @@ def _not_a_file(option: str, path: str) -> None:
         raise InputError(f"{option} {path} is a file, not a folder")
 
 
-FORMATS = (*formats.names(), "all")
+FORMATS = (*formats.names(), "all", "auto")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
@@ -164,10 +164,9 @@ class ExportConfig:
     """What `edgeft export` writes, and how it proves the files before keeping them."""
 
     checkpoint: str  # an edgeft checkpoint (runs/<name>/best.pt)
-    format: str = "onnx"  # onnx | torchscript | executorch | all (executorch: with the extra installed)
-    precision: str = (
-        "fp32"  # fp32 | fp16 | int8 | auto (int8: ONNX and ExecuTorch; auto: ONNX; TorchScript fp16: CUDA only)
-    )
+    format: str = "onnx"  # a registered format, all (each one), or auto (the fastest file that passes, of any)
+    precision: str | None = None  # fp32 | fp16 | bf16 | int8 | auto; None: auto with --format auto, else fp32
+    candidate_formats: str | None = None  # --format auto: the formats compared (comma-separated); None: every edge one
     out: str = "exported"  # output folder
     name: str | None = None  # file stem; None: the run folder's name, plus the precision unless fp32
     opset: int | None = None  # ONNX opset; None: DEFAULT_OPSET
@@ -191,7 +190,9 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _one_of("--format", self.format, FORMATS)
+        self.precision = self.precision or ("auto" if self.format == "auto" else "fp32")
         _one_of("--precision", self.precision, (*PRECISIONS, "auto"))
+        _check_candidate_formats(self)
         for option, value, choices in (
             ("--calib-method", self.calib_method, CALIBRATION_METHODS),
             ("--activation-type", self.activation_type, ACTIVATION_TYPES),
@@ -212,10 +213,35 @@ class ExportConfig:
         check_max_acc_drop(self.max_acc_drop)
 
 
+def _check_candidate_formats(config: ExportConfig) -> None:
+    """`--formats` names registered formats, and is given with `--format auto` only."""
+    if config.candidate_formats is None:
+        return
+    if config.format != "auto":
+        raise InputError("--formats chooses the candidates of --format auto; give --format auto")
+    names = [n.strip() for n in config.candidate_formats.split(",") if n.strip()]
+    if not names:
+        raise InputError("--formats: give one or more of " + ", ".join(formats.names()))
+    for name in names:
+        _one_of("--formats", name, formats.names())
+    config.candidate_formats = ",".join(dict.fromkeys(names))
+
+
+def candidate_formats(config: ExportConfig) -> list[formats.Format]:
+    """The formats an export writes (or, with --format auto, compares)."""
+    if config.format == "all":
+        return list(formats.all_formats())
+    if config.format != "auto":
+        return [formats.get(config.format)]
+    if config.candidate_formats:
+        return [formats.get(name) for name in config.candidate_formats.split(",")]
+    return [f for f in formats.all_formats() if f.deployable]
+
+
 def _refuse_unread_options(config: ExportConfig) -> None:
     """An option that only some formats read, given for formats that do not read it, is refused
     (never silently ignored)."""
-    chosen = formats.all_formats() if config.format == "all" else [formats.get(config.format)]
+    chosen = candidate_formats(config)
     for option in sorted(set().union(*(f.options for f in formats.all_formats()))):
         if getattr(config, option) is not None and not any(option in f.options for f in chosen):
             readers = ", ".join(f.name for f in formats.all_formats() if option in f.options)
@@ -269,6 +295,8 @@ class BenchConfig:
     data: str | None = None  # accuracy data for `checkpoints`; None: each one's validation split
     out: str = "reports"  # where bench-<timestamp>.md/.json/.png go
     keep_files: bool = False  # keep the timed files in bench-<timestamp>-files/ beside the report
+    cache: bool = True  # reuse files made by an earlier run with the same key (edgeft.filecache)
+    cache_dir: str | None = None  # None: edgeft.filecache.default_cache_folder()
 
     def __post_init__(self) -> None:
         """Every value checked before any work (model names are checked against the registry by

@@ -26,11 +26,11 @@ from edgeft import __version__, formats
 from edgeft.artifact import METADATA_FORMAT, content_digest, read_metadata, write_metadata
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import ExportConfig
+from edgeft.config import ExportConfig, candidate_formats
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
-from edgeft.errors import InputError
-from edgeft.interrupts import deferred_interrupts
+from edgeft.errors import InputError, RunError
+from edgeft.interrupts import deferred_interrupts, process_alive
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import Preprocess, first_images, image_files, preprocess_image
 from edgeft.validate import ValidationResult, file_sha256, gate
@@ -64,15 +64,13 @@ class ExportResult:
 
 
 def selected_formats(config: ExportConfig) -> list[formats.Format]:
-    """The formats to write, after refusing combinations that cannot work: a format asked for by
-    name is refused with the reason, one that `all` cannot write here is skipped with it."""
-    chosen = list(formats.all_formats()) if config.format == "all" else [formats.get(config.format)]
-    if config.precision == "auto" and (len(chosen) > 1 or "int8" not in chosen[0].precisions or not config.validate):
-        writers = ", ".join(f.name for f in formats.all_formats() if "int8" in f.precisions)
-        raise InputError(
-            f"--precision auto gates and times the candidates of one format: use it with --format "
-            f"one of {writers}, and validation on"
-        )
+    """The formats to write (or, for a choice, to compare), after refusing combinations that cannot
+    work: a format asked for by name is refused with the reason, one that `all` cannot write here
+    is skipped with it; a choice's candidates that cannot be built become rows of its table."""
+    chosen = candidate_formats(config)
+    if _is_choice(config):
+        _check_choice(config, chosen)
+        return chosen
     kept = []
     for fmt in chosen:
         reason = fmt.unavailable("fp32" if config.precision == "auto" else config.precision, config.device)
@@ -83,6 +81,26 @@ def selected_formats(config: ExportConfig) -> list[formats.Format]:
         else:
             log.warning("skipping %s: %s", fmt.title, reason)
     return kept
+
+
+def _is_choice(config: ExportConfig) -> bool:
+    """Whether the export keeps the fastest of several gated candidates (one file) rather than
+    writing each file asked for."""
+    return config.format == "auto" or config.precision == "auto"
+
+
+def _check_choice(config: ExportConfig, chosen: list[formats.Format]) -> None:
+    if not config.validate:
+        raise InputError(
+            f"--format {config.format} --precision {config.precision} gates the candidates: drop --no-validate"
+        )
+    if config.format == "all":
+        raise InputError("--precision auto keeps one file: use --format auto (every runtime) or one format, not all")
+    if config.format != "auto" and "int8" not in chosen[0].precisions:
+        raise InputError(
+            f"--precision auto compares a format's float and int8 files; {chosen[0].title} writes no int8: "
+            "use --format auto to compare runtimes"
+        )
 
 
 def _prepare_out(folder: Path) -> Path:
@@ -97,23 +115,13 @@ def _prepare_out(folder: Path) -> Path:
         raise InputError(f"--out {folder} is not writable")
     for stale in folder.glob(f".*.{_TEMP_TAG}*"):
         owner = re.search(rf"\.(\d+)\.{_TEMP_TAG}", stale.name)
-        if not (owner and _alive(int(owner.group(1)))):
+        if not (owner and process_alive(int(owner.group(1)))):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
             log.info("removed %s, left by an export that did not finish", stale)
     return folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _versions(fmt: formats.Format) -> dict[str, str]:
@@ -161,8 +169,8 @@ def export(config: ExportConfig) -> ExportResult:
     stem = config.name or (source.resolve().parent.name or source.stem)
     job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
     with _scratch(out / f".{stem}.{os.getpid()}.{_TEMP_TAG}.work") as job.workdir:
-        if config.precision == "auto":
-            return ExportResult([job.write_auto(chosen[0], out, stem)])
+        if _is_choice(config):
+            return ExportResult([job.write_auto(chosen, out, stem)])
         return ExportResult(
             [job.write(fmt, out / f"{_stem(stem, config.precision)}{fmt.suffixes[0]}") for fmt in chosen]
         )
@@ -212,31 +220,79 @@ class _Job:
         finally:
             _remove(fmt, tmp)
 
-    def write_auto(self, fmt: formats.Format, out: Path, stem: str) -> ExportedFile:
-        """Every candidate of `fmt` that runs here (its float precisions the device computes
-        natively, int8 by its ladder), gated and timed side by side; the fastest that passes is kept, with
-        the decision table in its metadata."""
-        on_cuda = self.config.device.startswith("cuda")
-        wanted = [p for p in fmt.precisions if p != "int8" and (p != "fp16" or on_cuda)]  # fp16 pays on GPUs only
-        precisions = [p for p in wanted if fmt.unavailable(p, self.config.device) is None]
-        temps = {p: _temporary(out / f"{stem}{fmt.suffixes[0]}", p) for p in (*precisions, "int8")}
+    def write_auto(self, fmts: list[formats.Format], out: Path, stem: str) -> ExportedFile:
+        """Every candidate (format, precision) of `fmts` that runs here, gated (int8: by its format's
+        ladder), then timed side by side in fresh processes; the fastest that passed is kept, with
+        the decision table (every row, those that could not be built included) in its metadata."""
+        plan, rows = self._auto_plan(fmts)
+        temps = {c: _temporary(out / f"{stem}{c[0].suffixes[0]}", f"{c[0].name}-{c[1]}") for c in plan}
         try:
-            validations = {
-                p: self._seal_and_gate(temps[p], fmt, p, self._write_file(fmt, temps[p], p)) for p in precisions
-            }
-            floats = [Attempt.from_validation(p, p, validations[p]) for p in precisions]
-            int8_attempts, _, _ = self._int8_ladder(fmt, temps["int8"])
-            finalists = {**dict(zip(precisions, floats)), "int8": int8_attempts[-1]}
-            self._time([temps[p] for p in finalists], list(finalists.values()))  # side by side, same load
-            chosen = choose_fastest(list(finalists.values()), force=self.config.force)
-            if chosen is None:  # nothing kept; the fp32 gate's reason is the failure
-                path = str(out / f"{stem}{fmt.suffixes[0]}")
-                return ExportedFile(path, fmt.name, "fp32", 0, validations["fp32"], False, floats + int8_attempts)
-            final = out / f"{_stem(stem, chosen.precision)}{fmt.suffixes[0]}"
-            return self._place_chosen(fmt, temps[chosen.precision], final, chosen, floats + int8_attempts)
+            built: dict[tuple, tuple[Attempt, ValidationResult]] = {}  # candidate -> its finalist, its gate
+            for number, (fmt, precision) in enumerate(plan, 1):
+                log.info("candidate %d/%d: %s %s", number, len(plan), fmt.title, precision)
+                attempts, validation = self._build_candidate(fmt, precision, temps[fmt, precision])
+                rows += attempts
+                if validation is not None:
+                    built[fmt, precision] = (attempts[-1], validation)
+            if not built:
+                raise RunError("no candidate could be written here: " + "; ".join(a.reason for a in rows))
+            finalists = [attempt for attempt, _ in built.values()]
+            log.info("timing %d candidates side by side, each in its own process", len(finalists))
+            self._time([temps[c] for c in built], finalists)
+            chosen = choose_fastest(finalists, force=self.config.force)
+            if chosen is None:  # nothing kept; the first candidate's gate is the failure shown
+                (fmt, precision), (_, validation) = next(iter(built.items()))
+                path = out / f"{_stem(stem, precision)}{fmt.suffixes[0]}"
+                return ExportedFile(str(path), fmt.name, precision, 0, validation, False, rows)
+            fmt, precision = next(c for c, (finalist, _) in built.items() if finalist is chosen)
+            final = out / f"{_stem(stem, precision)}{fmt.suffixes[0]}"
+            return self._place_chosen(fmt, temps[fmt, precision], final, chosen, rows)
         finally:
-            for tmp in temps.values():
+            for (fmt, _), tmp in temps.items():
                 _remove(fmt, tmp)
+
+    def _auto_plan(self, fmts: list[formats.Format]) -> tuple[list[tuple], list[Attempt]]:
+        """The (format, precision) candidates to build, and a row for each that cannot be built here
+        (its reason). fp16 is a candidate on CUDA only, where it pays."""
+        device, asked = self.config.device, self.config.precision
+        plan, rows = [], []
+        for fmt in fmts:
+            for precision in fmt.precisions:
+                if asked not in ("auto", precision) or (precision == "fp16" and not device.startswith("cuda")):
+                    continue
+                reason = fmt.unavailable(precision, device)
+                if reason is None:
+                    plan.append((fmt, precision))
+                else:
+                    rows.append(Attempt(precision, precision, None, None, False, reason, format=fmt.name))
+        if not plan:
+            raise InputError(
+                f"--format {self.config.format}: no candidate can be written here: {rows[0].reason}"
+                if rows
+                else f"--format {self.config.format}: no format writes {asked}"
+            )
+        return plan, rows
+
+    def _build_candidate(
+        self, fmt: formats.Format, precision: str, tmp: Path
+    ) -> tuple[list[Attempt], ValidationResult | None]:
+        """Write and gate one candidate (int8: its format's ladder; the last attempt is in `tmp`).
+        A candidate its converter cannot write is a failed row with the reason, not a failed export."""
+        try:
+            if precision == "int8":
+                attempts, validation, _ = self._int8_ladder(fmt, tmp)
+            else:
+                validation = self._seal_and_gate(tmp, fmt, precision, self._write_file(fmt, tmp, precision))
+                attempts = [Attempt.from_validation(precision, precision, validation)]
+        except Exception as exc:  # a converter's failure on this model: any exception type
+            log.debug("%s %s could not be written", fmt.title, precision, exc_info=True)
+            reason = (
+                f"could not be written: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            )
+            attempts, validation = [Attempt(precision, precision, None, None, False, reason)], None
+        for attempt in attempts:
+            attempt.format = fmt.name
+        return attempts, validation
 
     def _place_chosen(self, fmt, tmp: Path, final: Path, chosen: Attempt, attempts: list[Attempt]) -> ExportedFile:
         """Move the chosen candidate into place, its metadata carrying every candidate's row."""

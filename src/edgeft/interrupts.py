@@ -13,7 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Terminated", "atomic_write", "atomic_write_text", "deferred_interrupts", "install_handlers", "received"]
+__all__ = [
+    "Terminated",
+    "atomic_write",
+    "atomic_write_text",
+    "deferred_interrupts",
+    "install_handlers",
+    "process_alive",
+    "received",
+]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _depth = 0  # critical sections entered and not yet left (main thread only)
@@ -118,3 +126,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """`atomic_write` of UTF-8 text."""
     with atomic_write(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (its temporaries are in use)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

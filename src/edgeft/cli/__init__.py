@@ -37,10 +37,11 @@ def format_choices() -> dict[str, str]:
     every = formats.all_formats()
     extras = "; ".join(f'{f.name}: pip install "edgeft[{f.extra}]"' for f in every if f.extra)
     return {
-        "formats": escape(" | ".join((*formats.names(), "all")) + (f" ({extras})" if extras else "")),
+        "formats": escape(" | ".join((*formats.names(), "all", "auto")) + (f" ({extras})" if extras else "")),
         "precisions": escape("; ".join(f"{f.name} {'/'.join(f.precisions)}" for f in every)),
         "files": ", ".join(s for f in every for s in f.suffixes[:1]),
         "runtimes": ", ".join(("eager", *(f.runtime for f in every))),
+        "deployable": ",".join(f.name for f in every if f.deployable),
     }
 
 

@@ -17,14 +17,20 @@ def _split(text: str) -> tuple[str, ...]:
 
 @app.command("bench")
 def bench_command(
-    models: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(C.models),
+    models: Annotated[
+        Optional[str],
+        typer.Option(help=f"Comma-separated backbones (default: {','.join(C.models)}; --quick: resnet18)."),
+    ] = None,
     runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {format_choices()['runtimes']}.")] = ",".join(
         C.runtimes
     ),
     precisions: Annotated[
         str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")
     ] = "",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(map(str, C.batch_sizes)),
+    batch_sizes: Annotated[
+        Optional[str],
+        typer.Option(help=f"Comma-separated batch sizes (default: {','.join(map(str, C.batch_sizes))}; --quick: 1)."),
+    ] = None,
     img_size: Annotated[int, typer.Option(help="Input side in pixels.")] = C.img_size,
     device: Annotated[
         str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).")
@@ -39,7 +45,13 @@ def bench_command(
         int,
         typer.Option(help="Fresh processes per row, taking turns with the model's other rows; p50 is their median."),
     ] = C.rounds,
-    quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row, 1 round.")] = C.quick,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="A first look in a few minutes: every installed runtime and default precision, but resnet18 only, "
+            "batch 1, 1 round of <= 10 runs (<= 2 s) per row; options given explicitly still apply."
+        ),
+    ] = C.quick,
     checkpoints: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -60,6 +72,16 @@ def bench_command(
             "(each row names its file; up to ~800 MB for the default backbones)."
         ),
     ] = C.keep_files,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Reuse the files an earlier bench made from the same weights, format, precision and versions.",
+        ),
+    ] = C.cache,
+    cache_dir: Annotated[
+        Optional[str], typer.Option(help="Cache folder (default: $EDGEFT_CACHE or ~/.cache/edgeft, then bench/).")
+    ] = C.cache_dir,
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
     from rich.console import Console
@@ -67,6 +89,10 @@ def bench_command(
     from edgeft.bench import run_bench
     from edgeft.errors import InputError, RunError
 
+    if models is None:
+        models = "resnet18" if quick else ",".join(C.models)
+    if batch_sizes is None:
+        batch_sizes = "1" if quick else ",".join(map(str, C.batch_sizes))
     try:
         sizes = tuple(int(b) for b in _split(batch_sizes))
     except ValueError:
@@ -88,6 +114,8 @@ def bench_command(
         data=data,
         out=out,
         keep_files=keep_files,
+        cache=cache,
+        cache_dir=cache_dir,
     )
     report = run_bench(config, progress=True)
     console = Console()

@@ -48,14 +48,30 @@ def export_command(
     checkpoint: Annotated[
         Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")
     ] = None,
-    format: Annotated[str, typer.Option(help=f"{_CHOICES['formats']}.")] = C.format,
-    precision: Annotated[
+    format: Annotated[
         str,
         typer.Option(
-            help=f"fp32 | fp16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
-            "CUDA). auto: the fastest candidate here that passes its gate."
+            help=f"{_CHOICES['formats']}. all: one file of each; auto: the fastest file that passes its gate, "
+            "of every edge runtime installed (see --formats)."
+        ),
+    ] = C.format,
+    precision: Annotated[
+        Optional[str],
+        typer.Option(
+            help=f"fp32 | fp16 | bf16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 "
+            "TorchScript: CUDA). auto: the fastest of the format's files that passes its gate. Default: fp32, "
+            "auto with --format auto.",
+            show_default=False,
         ),
     ] = C.precision,
+    candidate_formats: Annotated[
+        Optional[str],
+        typer.Option(
+            "--formats",
+            help=f"--format auto: the formats compared, comma-separated (default: {_CHOICES['deployable']}).",
+            show_default=False,
+        ),
+    ] = C.candidate_formats,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
     name: Annotated[
         Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")
@@ -133,7 +149,7 @@ def export_command(
     console = Console()
     for f in result.files:
         if f.attempts:
-            console.print(_attempts_table(f.attempts, auto=precision == "auto"))
+            console.print(_attempts_table(f.attempts, auto="auto" in (format, precision)))
         table = Table(
             title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False
         )
@@ -159,7 +175,9 @@ def _attempts_table(attempts, *, auto: bool):
     from edgeft.candidates import attempts_table
 
     head, *rows = attempts_table(attempts)
-    table = Table(*head, title="--precision auto: candidates" if auto else "int8 attempts", title_justify="left")
+    table = Table(
+        *head, title="candidates (the fastest that passed is kept)" if auto else "int8 attempts", title_justify="left"
+    )
     for row in rows:
         table.add_row(*map(escape, row))
     return table
@@ -231,6 +249,21 @@ def info_command(
     for name, value in _info_rows(metadata):
         table.add_row(name, escape(value))
     Console().print(table)
+    candidates = _recorded_candidates(metadata)
+    if candidates:
+        Console().print(_attempts_table(candidates, auto=True))
+
+
+def _recorded_candidates(metadata: dict) -> list:
+    """The decision table an automatic choice recorded in the file (empty when there is none or it
+    does not read as one)."""
+    from edgeft.candidates import Attempt
+
+    recorded = metadata.get("precision_auto")
+    try:
+        return [Attempt(**row) for row in recorded["candidates"]]
+    except (KeyError, TypeError):
+        return []
 
 
 def _outside_delegate(delegation: dict) -> str:

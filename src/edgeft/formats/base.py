@@ -86,6 +86,7 @@ class Format:
     needs_to_write: ClassVar[tuple[str, ...]] = ()  # modules needed to write one, besides `needs`
     cuda: ClassVar[bool] = False  # its runner can use a CUDA device
     torch_free: ClassVar[bool] = False  # opening and running a file imports no torch
+    deployable: ClassVar[bool] = True  # an edge runtime: a candidate of `export --format auto`
     rank: ClassVar[int] = 50  # place in listings and in `--format all`
 
     def __repr__(self) -> str:

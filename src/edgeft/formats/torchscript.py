@@ -34,6 +34,7 @@ class TorchScriptFormat(Format):
     name, title, suffixes, runtime = "torchscript", "TorchScript", (".ts", ".torchscript"), "torchscript"
     precisions = ("fp32", "fp16")
     cuda, rank = True, 10
+    deployable = False  # runs inside PyTorch: not one of the edge runtimes `--format auto` compares
 
     def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:
         if precision == "fp16" and not device.startswith("cuda"):

@@ -1,0 +1,90 @@
+"""Converted files kept between runs of `edgeft bench`, keyed by what produced them.
+
+Lowering a program or calibrating an int8 file takes longer than timing it, so a bench keeps each
+file it writes in `<cache>/<key>/`, where the key is a digest of everything that decides the
+file's content: the model's weights (a checkpoint's SHA-256, or the architecture and seed of
+random weights), the format and precision, the image size, the device, the int8 settings and the
+versions of edgeft, torch and the format's libraries. A second run with the same key reuses the
+file; any change makes a new one. An entry is written in a temporary folder and renamed into
+place whole, so an interrupted write never leaves a half entry; temporaries of dead processes
+are removed. The cache is plain files: delete the folder to empty it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from edgeft import jsonio
+from edgeft.interrupts import process_alive
+
+__all__ = ["FileCache", "default_cache_folder"]
+
+log = logging.getLogger(__name__)
+
+_MANIFEST = "made.json"  # written last into an entry: {"file": name, "key": {...}}
+_TEMP = re.compile(r"^\.(?P<digest>[0-9a-f]{64})\.(?P<pid>\d+)\.tmp$")
+
+
+def default_cache_folder() -> Path:
+    """$EDGEFT_CACHE, else $XDG_CACHE_HOME/edgeft, else ~/.cache/edgeft; bench files go in `bench/`."""
+    root = os.environ.get("EDGEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeft"
+    return Path(root) / "bench"
+
+
+class FileCache:
+    """Files made once per key. Without a folder (caching off) every file is made in `scratch`."""
+
+    def __init__(self, folder: Path | None, scratch: Path):
+        self.folder, self.scratch = folder, scratch
+        self.hits = self.made = 0
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._remove_dead_temporaries()
+
+    def file(self, key: dict, make: Callable[[Path], Path]) -> Path:
+        """The file `make(empty_folder)` writes (it returns the file's path), made once per `key`."""
+        digest = hashlib.sha256(jsonio.dumps(key, sort_keys=True).encode()).hexdigest()
+        if self.folder is None:
+            self.made += 1
+            return make(_empty(self.scratch / digest[:16]))
+        entry = self.folder / digest
+        found = _read_entry(entry)
+        if found is not None:
+            self.hits += 1
+            log.info("cached: %s", found)
+            return found
+        temporary = _empty(self.folder / f".{digest}.{os.getpid()}.tmp")
+        made = make(temporary)
+        (temporary / _MANIFEST).write_text(jsonio.dumps({"file": made.name, "key": key}, indent=2) + "\n")
+        shutil.rmtree(entry, ignore_errors=True)  # an entry that did not read as one
+        os.replace(temporary, entry)
+        self.made += 1
+        return entry / made.name
+
+    def _remove_dead_temporaries(self) -> None:
+        for path in self.folder.glob(".*.tmp"):
+            match = _TEMP.match(path.name)
+            if match and not process_alive(int(match["pid"])):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_entry(entry: Path) -> Path | None:
+    """The file of a complete entry, or None when there is none (or it does not read as one)."""
+    try:
+        name = jsonio.loads((entry / _MANIFEST).read_text())["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = entry / str(name)
+    return path if Path(name).name == name and path.exists() else None
+
+
+def _empty(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder

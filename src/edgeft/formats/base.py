@@ -4,7 +4,8 @@ A format is a module of `edgeft.formats` that assigns an instance of a `Format` 
 `FORMAT`. It says what it is (name, suffixes, runtime, the extra it needs, the precisions it
 writes, the export options it reads), whether a precision can be written and run on a device,
 how to write a file from a model (int8 calibration included), how to read and write the
-metadata document it carries and the digest of its model content, and how to open a runner.
+metadata document it carries and the digest of its model content, how to open a runner, and
+the matrix products its runtime offers (`edgeft bench`'s peak per precision).
 Everything else (the gate, sealing, keeping or removing, timing, prediction) is edgeft's and
 the same for every format. Heavy libraries are imported inside the methods that need them.
 """
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Format", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
+__all__ = ["Format", "Gemm", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
 
 log = logging.getLogger("edgeft.formats")
 
@@ -71,6 +72,15 @@ class Runner:
     close: Callable[[], None] = field(default=lambda: None)
 
 
+@dataclass
+class Gemm:
+    """One n x n x n matrix product as a runtime computes it, built and ready to time: the
+    candidates of `edgeft bench`'s peak per precision."""
+
+    label: str  # what it is, e.g. "MatMulInteger u8 x s8"
+    run: Callable[[], object]  # one product, to completion
+
+
 class Format:
     """One exported format. Subclasses set the class attributes and implement the methods
     that raise NotImplementedError; the others have defaults that fit one-file formats."""
@@ -87,6 +97,7 @@ class Format:
     cuda: ClassVar[bool] = False  # its runner can use a CUDA device
     torch_free: ClassVar[bool] = False  # opening and running a file imports no torch
     rank: ClassVar[int] = 50  # place in listings and in `--format all`
+    gemm_precisions: ClassVar[tuple[str, ...]] = ()  # precisions of the CPU matrix products `gemms` builds
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
@@ -127,6 +138,12 @@ class Format:
     def details(self) -> dict:
         """What a benchmark report records about its runtime here, besides the versions."""
         return {}
+
+    def gemms(self, precision: str, size: int, threads: int) -> list[Gemm]:
+        """Its runtime's CPU matrix products of `precision` (one of `gemm_precisions`), size x size
+        x size with `threads` threads, the second operand constant as a model's weights: what
+        `edgeft bench` takes the fastest of as the peak that rows of `precision` are divided by."""
+        return []
 
     # --- files ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeft.errors import InputError, RunError
-from edgeft.formats.base import Format, Runner, WriteRequest
+from edgeft.formats.base import Format, Gemm, Runner, WriteRequest
 
 __all__ = ["FORMAT", "OPSETS", "OnnxFormat", "check_external_data", "quant_settings"]
 
@@ -38,6 +38,7 @@ class OnnxFormat(Format):
     )
     needs, needs_to_write = ("onnxruntime",), ("onnx", "onnxscript")
     cuda, torch_free, rank = True, True, 0
+    gemm_precisions = ("fp32", "int8")
 
     def int8_rungs(self, config) -> list:
         from edgeft.formats.onnx_int8 import fallback_ladder
@@ -95,6 +96,30 @@ class OnnxFormat(Format):
         import onnxruntime
 
         return {"onnxruntime_providers": onnxruntime.get_available_providers()}
+
+    def gemms(self, precision: str, size: int, threads: int) -> list[Gemm]:
+        """MatMul (fp32); for int8 MatMulInteger and QLinearMatMul, MLAS's QGEMM that its quantized
+        convolutions run too, with the activation type of edgeft's int8 files on this CPU."""
+        import numpy as np
+
+        from edgeft.formats.onnx_int8 import default_settings
+
+        rng = np.random.default_rng(0)
+        if precision == "fp32":
+            a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+            return [_gemm("MatMul fp32", "MatMul", a, {"b": b}, np.float32, threads)]
+        unsigned = default_settings().activation_type == "uint8"
+        kind, zero = (np.uint8, 128) if unsigned else (np.int8, 0)
+        a = rng.integers(np.iinfo(kind).min, np.iinfo(kind).max + 1, (size, size), dtype=kind)
+        b = rng.integers(-127, 128, (size, size), dtype=np.int8)
+        types = f"{'u' if unsigned else 's'}8 x s8"
+        scale = np.float32(0.02)
+        qlinear = {"a_scale": scale, "a_zero": kind(zero), "b": b, "b_scale": scale, "b_zero": np.int8(0)}
+        qlinear.update(y_scale=np.float32(1.0), y_zero=kind(zero))
+        return [
+            _gemm(f"MatMulInteger {types}", "MatMulInteger", a, {"b": b, "a_zero": kind(zero)}, np.int32, threads),
+            _gemm(f"QLinearMatMul {types}", "QLinearMatMul", a, qlinear, kind, threads),
+        ]
 
 
 FORMAT = OnnxFormat()
@@ -241,6 +266,33 @@ def _cuda_present(ort) -> bool:
     """onnxruntime-gpu lists CUDA even where no GPU or CUDA library is; only try it when an
     NVIDIA device exists, so a CPU-only machine does not pay for the failed attempt."""
     return _CUDA in ort.get_available_providers() and (Path("/dev/nvidiactl").exists() or os.name == "nt")
+
+
+def _gemm(label: str, op: str, a, constants: dict, out_dtype, threads: int) -> Gemm:
+    """A one-node model `op`(a, *constants) (the constants as initializers, as a model's weights)
+    in an onnxruntime CPU session with `threads` threads."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    def tensor(name: str, dtype) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), a.shape)
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", *constants], ["y"])],
+        op,
+        [tensor("a", a.dtype)],
+        [tensor("y", out_dtype)],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()],
+    )
+    opsets = [helper.make_opsetid("", DEFAULT_OPSET)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=[_CPU])
+    return Gemm(label, lambda: session.run(None, {"a": a}))
 
 
 # --- the protobuf wire format: metadata and digest without onnx --------------------------

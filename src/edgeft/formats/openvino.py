@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import InputError
-from edgeft.formats.base import Format, Rung, Runner, WriteRequest, quiet_native_output
+from edgeft.formats.base import Format, Gemm, Rung, Runner, WriteRequest, quiet_native_output
 
 __all__ = ["FORMAT", "NncfRung", "OpenVinoFormat"]
 
@@ -61,6 +61,7 @@ class OpenVinoFormat(Format):
     precisions = ("fp32", "bf16", "int8")
     options = frozenset({"fallback"})
     extra, needs, needs_to_write = "openvino", ("openvino",), ("nncf",)
+    gemm_precisions = ("fp32", "bf16", "int8")
     torch_free, rank = True, 30
 
     def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:
@@ -82,6 +83,11 @@ class OpenVinoFormat(Format):
         import openvino as ov
 
         return {"devices": ov.Core().available_devices}
+
+    def gemms(self, precision: str, size: int, threads: int) -> list[Gemm]:
+        from edgeft.cpu import has_bf16
+
+        return [] if precision == "bf16" and not has_bf16() else [_gemm(precision, size, threads)]
 
     def files(self, path: Path) -> list[Path]:
         return [path.with_suffix(".bin"), path]  # the graph last: it names the artifact
@@ -237,6 +243,33 @@ def _runner(path: Path, threads: int | None) -> Runner:
         input_shape=_static(shape[1:]),
         output_shape=_static(classes[1:]),
     )
+
+
+def _gemm(precision: str, size: int, threads: int) -> Gemm:
+    """A MatMul of a parameter and a constant, compiled for the CPU plugin pinned to `precision` as
+    edgeft's files are; int8 as NNCF writes it: FakeQuantize on the activations, int8 weights
+    converted and scaled per output channel."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    x = ops.parameter([size, size], np.float32)
+    if precision == "int8":
+        low, high = ops.constant(np.float32(-4)), ops.constant(np.float32(4))
+        weights = ops.convert(ops.constant(rng.integers(-127, 128, (size, size), dtype=np.int8)), np.float32)
+        scales = ops.constant(np.full((1, size), 0.02, dtype=np.float32))
+        product = ops.matmul(
+            ops.fake_quantize(x, low, high, low, high, 256), ops.multiply(weights, scales), False, False
+        )
+    else:
+        product = ops.matmul(x, ops.constant(rng.standard_normal((size, size), dtype=np.float32)), False, False)
+    config = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(ov.Model([product], [x]), "CPU", config)
+    request = compiled.create_infer_request()
+    label = "MatMul, FakeQuantize'd u8 x s8" if precision == "int8" else f"MatMul {_HINTS[precision]}"
+    return Gemm(label, lambda: request.infer({0: a}))
 
 
 def _static(dimensions: list) -> tuple[int, ...] | None:

@@ -12,6 +12,8 @@ from edgeft.timing import run_measurement
 
 from conftest import time_limit
 
+_SMALL = {"n": 128, "convolutions": [[2, 16, 8]]}  # GemmShapes' fields, small: fast
+
 
 def test_each_precision_computed_here_gets_a_positive_peak_from_its_fastest_product():
     precisions = ["fp32", "int8", *(["bf16"] if has_bf16() else [])]
@@ -20,11 +22,11 @@ def test_each_precision_computed_here_gets_a_positive_peak_from_its_fastest_prod
     measured = []
     for runtime in runtimes:
         spec = {"measure": "gemms", "runtime": runtime, "precisions": precisions, "device": "cpu", "threads": 1}
-        result = run_measurement({**spec, "size": 128}, timeout=time_limit(120))
+        result = run_measurement({**spec, "shapes": _SMALL}, timeout=time_limit(120))
         assert isinstance(result, list), result
         measured += result
     assert not [m for m in measured if "error" in m]
-    assert all(m["g_per_s"] > 0 and m["runs"] >= peak.MIN_RUNS and m["size"] == 128 for m in measured)
+    assert all(m["g_per_s"] > 0 and m["runs"] >= peak.MIN_RUNS for m in measured)
     peaks = peak.peaks_per_precision(measured, [*precisions, "fp16"])
     for precision in precisions:
         best = peaks[precision]
@@ -33,7 +35,12 @@ def test_each_precision_computed_here_gets_a_positive_peak_from_its_fastest_prod
     assert {m["gemm"] for m in measured if m["runtime"] == "onnxruntime" and m["precision"] == "int8"} == {
         "MatMulInteger u8 x s8",
         "QLinearMatMul u8 x s8",
+        "QConv 3x3 16 ch 8x8 x2 u8 x s8",
     }  # the activation type of edgeft's int8 ONNX files on x86
+    assert {m["gemm"] for m in measured if m["runtime"] == "openvino" and m["precision"] == "fp32"} == {
+        "MatMul f32",
+        "Conv 3x3 16 ch 8x8 x2 f32",
+    }
     assert peaks["fp16"]["g_per_s"] is None and "no runtime here offers one" in peaks["fp16"]["why"]
     assert peak.unit("int8") == "GOP/s" and peak.unit("fp32") == "GFLOP/s"
 

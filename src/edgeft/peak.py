@@ -1,12 +1,13 @@
 """What `edgeft bench`'s `% peak` divides by, and what bounds a row far below it.
 
-A peak per precision: the fastest n x n x n matrix product that the installed runtimes offer for
-it on the bench's device with the bench's threads (torch's, here; each format's runtime through
-`Format.gemms`), best of a few runs after a warm-up, each runtime in its own fresh process
-(`python -m edgeft.timing`). int8 products count operations (GOP/s), the others FLOP. The memory
-bandwidth (a threaded numpy copy) and the batch sizes' throughputs then say, for a row at batch 1
-far below its peak, whether memory traffic or per-call overhead bounds it. Torch-free but for
-torch's own products."""
+A peak per precision: the fastest product that the installed runtimes offer for it on the bench's
+device with the bench's threads (n x n x n matrix products: torch's here, each format's runtime's
+through `Format.gemms`, with 3x3 convolutions as the backbones' layers where a runtime computes
+those faster), best of a few runs after a warm-up, each runtime in its own fresh process (`python
+-m edgeft.timing`). int8 products count operations (GOP/s), the others FLOP. The memory bandwidth
+(a threaded numpy copy) and the batch sizes' throughputs then say, for a row at batch 1 far below
+its peak, whether memory traffic or per-call overhead bounds it. Torch-free but for torch's own
+products."""
 
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ __all__ = [
     "what_bounds",
 ]
 
-CPU_SIZE = 2048  # n of the products on a CPU: compute bound (fp32 operands 16 MB each), ~0.1 s a product
-CUDA_SIZE = 8192  # on a GPU, large enough for the tensor cores
+CUDA_N = 8192  # n of the matrix products on a GPU, large enough for the tensor cores (a CPU: GemmShapes' 2048)
 CUDA_CALLS = 10  # products per timed run on a GPU, so one launch's latency does not count
 MIN_RUNS, MAX_RUNS, BUDGET_S = 3, 20, 0.3  # timed runs per product: at least 3, more while under 0.3 s
 COPY_MB, COPY_RUNS = 256, 3  # the bandwidth copy: far beyond any cache
@@ -59,44 +59,50 @@ def gemm_runtimes(device: str, precisions: list[str]) -> list[str]:
 
 
 def measure_gemms(
-    *, runtime: str, precisions: list[str], device: str, threads: int, size: int | None = None
+    *, runtime: str, precisions: list[str], device: str, threads: int, shapes: dict | None = None
 ) -> list[dict]:
-    """In this process: each product `runtime` offers for `precisions`, timed; a product that
-    cannot be built or run is an entry with its error, not a failure."""
-    size = size or _size(device)
-    calls = CUDA_CALLS if device.startswith("cuda") else 1
+    """In this process: each product `runtime` offers for `precisions` (at `shapes`, GemmShapes'
+    fields; by default the device's), timed; a product that cannot be built or run is an entry
+    with its error, not a failure."""
+    from edgeft.formats.base import GemmShapes
+
+    sizes = _shapes(device) if shapes is None else GemmShapes(shapes["n"], tuple(map(tuple, shapes["convolutions"])))
     results = []
     for precision in precisions:
-        entry = {"runtime": runtime, "precision": precision, "size": size}
+        entry = {"runtime": runtime, "precision": precision}
         try:
-            for gemm in _gemms(runtime, precision, device, size, threads):
-                results.append({**entry, "gemm": gemm.label, **_time(gemm.run, calls * 2 * size**3)})
+            for gemm in _gemms(runtime, precision, device, sizes, threads):
+                results.append({**entry, "gemm": gemm.label, **_time(gemm.run, gemm.operations)})
         except Exception as exc:  # noqa: BLE001 - any runtime's failure: one candidate less, and why
             results.append({**entry, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"})
     return results
 
 
-def _size(device: str) -> int:
-    return CUDA_SIZE if device.startswith("cuda") else CPU_SIZE
+def _shapes(device: str):
+    from edgeft.formats.base import GemmShapes
+
+    return GemmShapes(n=CUDA_N) if device.startswith("cuda") else GemmShapes()
 
 
 def method(device: str, threads: int) -> str:
     """How the products are measured on `device`, in words for the report."""
-    n = _size(device)
+    shapes = _shapes(device)
     where = f"{threads} threads" if device == "cpu" else f"{device}, {CUDA_CALLS} products per timed run"
+    convolutions = ", ".join(shapes.conv_label(*c) for c in shapes.convolutions)
     return (
-        f"{n} x {n} x {n} products (2 n^3 operations), {where}, fastest of {MIN_RUNS} or more runs after a warm-up, "
-        "each runtime in a fresh process"
+        f"{shapes.n} x {shapes.n} x {shapes.n} matrix products (torch, onnxruntime, OpenVINO) and 3x3 convolutions "
+        f"as the backbones' layers ({convolutions}; onnxruntime, OpenVINO), {where}, fastest of {MIN_RUNS} or more "
+        "runs after a warm-up, each runtime in a fresh process"
     )
 
 
-def _gemms(runtime: str, precision: str, device: str, size: int, threads: int) -> list:
+def _gemms(runtime: str, precision: str, device: str, shapes, threads: int) -> list:
     from edgeft import formats
 
     if runtime == "torch":
-        return _torch_gemms(precision, device, size, threads)
+        return _torch_gemms(precision, device, shapes.n, threads)
     fmt = formats.by_runtime(runtime)
-    return fmt.gemms(precision, size, threads) if precision in fmt.gemm_precisions else []
+    return fmt.gemms(precision, shapes, threads) if precision in fmt.gemm_precisions else []
 
 
 def _torch_gemms(precision: str, device: str, size: int, threads: int) -> list:
@@ -109,9 +115,10 @@ def _torch_gemms(precision: str, device: str, size: int, threads: int) -> list:
 
     torch.set_num_threads(threads)
     cuda = device.startswith("cuda")
+    operations = (CUDA_CALLS if cuda else 1) * 2 * size**3
     if precision == "int8":
         a, b = (torch.randint(-128, 128, (size, size), dtype=torch.int8, device=device) for _ in range(2))
-        return [Gemm("_int_mm s8 x s8", _torch_run(lambda: torch._int_mm(a, b), device))]
+        return [Gemm("_int_mm s8 x s8", _torch_run(lambda: torch._int_mm(a, b), device), operations)]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     native = {"fp32": True, "bf16": cuda or has_bf16(), "fp16": cuda}  # no peak for emulated bf16, CPU fp16
     if not native.get(precision):
@@ -125,9 +132,9 @@ def _torch_gemms(precision: str, device: str, size: int, threads: int) -> list:
 
         return _torch_run(product, device)
 
-    gemms = [Gemm(f"matmul {precision}", matmul(False))]
+    gemms = [Gemm(f"matmul {precision}", matmul(False), operations)]
     if cuda and precision == "fp32":
-        gemms.append(Gemm("matmul fp32 as TF32", matmul(True)))
+        gemms.append(Gemm("matmul fp32 as TF32", matmul(True), operations))
     return gemms
 
 
@@ -184,7 +191,7 @@ def memory_bandwidth(threads: int, megabytes: int = COPY_MB) -> dict:
 
 
 def peaks_per_precision(measured: list[dict], precisions: list[str]) -> dict[str, dict]:
-    """Per precision, the fastest product measured (with its runtime, product and size), or why
+    """Per precision, the fastest product measured (with its runtime and what it computed), or why
     there is none."""
     peaks = {}
     for precision in precisions:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Format", "Gemm", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
+__all__ = ["Format", "Gemm", "GemmShapes", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
 
 log = logging.getLogger("edgeft.formats")
 
@@ -72,13 +72,35 @@ class Runner:
     close: Callable[[], None] = field(default=lambda: None)
 
 
+@dataclass(frozen=True)
+class GemmShapes:
+    """The sizes of the products a runtime builds for `edgeft bench`'s peak: n x n x n matrix
+    products, and 3x3 convolutions (stride 1, padded) of (batch, channels in = out, side), the
+    layers of the backbones, which some runtimes compute faster than a matrix product."""
+
+    n: int = 2048
+    convolutions: tuple[tuple[int, int, int], ...] = ((8, 256, 28), (8, 512, 14))
+
+    def matmul_operations(self) -> int:
+        return 2 * self.n**3
+
+    @staticmethod
+    def conv_operations(batch: int, channels: int, side: int) -> int:
+        return 2 * batch * channels * channels * 9 * side * side
+
+    @staticmethod
+    def conv_label(batch: int, channels: int, side: int) -> str:
+        return f"Conv 3x3 {channels} ch {side}x{side} x{batch}"
+
+
 @dataclass
 class Gemm:
-    """One n x n x n matrix product as a runtime computes it, built and ready to time: the
-    candidates of `edgeft bench`'s peak per precision."""
+    """One product as a runtime computes it, built and ready to time: a candidate of `edgeft
+    bench`'s peak per precision."""
 
     label: str  # what it is, e.g. "MatMulInteger u8 x s8"
     run: Callable[[], object]  # one product, to completion
+    operations: int  # per run: 2 per multiply-add
 
 
 class Format:
@@ -139,10 +161,10 @@ class Format:
         """What a benchmark report records about its runtime here, besides the versions."""
         return {}
 
-    def gemms(self, precision: str, size: int, threads: int) -> list[Gemm]:
-        """Its runtime's CPU matrix products of `precision` (one of `gemm_precisions`), size x size
-        x size with `threads` threads, the second operand constant as a model's weights: what
-        `edgeft bench` takes the fastest of as the peak that rows of `precision` are divided by."""
+    def gemms(self, precision: str, shapes: GemmShapes, threads: int) -> list[Gemm]:
+        """Its runtime's CPU products of `precision` (one of `gemm_precisions`) at `shapes` with
+        `threads` threads, the weights constant as a model's: what `edgeft bench` takes the
+        fastest of as the peak that rows of `precision` are divided by."""
         return []
 
     # --- files ------------------------------------------------------------------------------

@@ -485,14 +485,15 @@ def _fill_measured(
 
 
 def _peaks(device: str, threads: int, precisions: list[str]) -> dict:
-    """Per precision of the rows, the fastest matrix product the installed runtimes offer, each
-    runtime's measured in a fresh process with the rows' threads; and the memory bandwidth."""
+    """Per precision of the rows, the fastest product (matrix product, convolution) the installed
+    runtimes offer, each runtime's measured in a fresh process with the rows' threads; and the
+    memory bandwidth."""
     gemms = []
     for runtime in peak.gemm_runtimes(device, precisions):
         spec = {"measure": "gemms", "runtime": runtime, "precisions": precisions, "device": device, "threads": threads}
         measured = run_measurement(spec, timeout=120)
         if isinstance(measured, str):
-            log.warning("%s matrix products not measured: %s", runtime, measured)
+            log.warning("%s products not measured: %s", runtime, measured)
             measured = [{"runtime": runtime, "precision": p, "error": measured} for p in precisions]
         gemms += measured
     bandwidth = run_measurement({"measure": "bandwidth", "threads": threads}, timeout=60)
@@ -524,7 +525,7 @@ def add_speed_columns(rows: list[BenchRow], peaks: dict[str, float | None]) -> N
             row.pct_of_peak = 100 * row.gflop_per_s / reference if reference else None
     for row in peak.over_peak(rows):
         log.warning(
-            "%s %s %s batch %d runs at %.0f %% of the %s peak: a kernel of it beats every matrix product measured",
+            "%s %s %s batch %d runs at %.0f %% of the %s peak: a kernel of it beats every product measured",
             row.model,
             row.runtime,
             row.precision,
@@ -641,8 +642,8 @@ def _peak_text(measured: dict, rows: list[BenchRow]) -> str:
     bandwidth = measured["memory_bandwidth"]
     text = (
         "- % peak: against the peak of the row's own precision, as measured (never clamped): the fastest "
-        f"matrix product that the installed runtimes offer, {measured['method']}; each product measured, "
-        "fastest first:\n"
+        f"product that the installed runtimes offer, {measured['method']}; each product measured, fastest "
+        "first:\n"
         + "".join(f"  - {line}\n" for line in peak.peak_lines(measured))
         + f"- memory bandwidth: {_fmt(bandwidth['gb_per_s'], '.1f')} GB/s ({bandwidth['method']})\n"
     )

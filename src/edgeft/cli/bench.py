@@ -131,7 +131,7 @@ def print_report(report, console) -> None:
         for r in dict.fromkeys((r.runtime, r.precision, r.status) for r in rows if r.status != "ok"):
             console.print(f"[yellow]{escape(model)} {escape(r[0])} {escape(r[1])}: {escape(r[2])}[/]")
     measured = ", ".join(f"{precision} {cell(p['g_per_s'], '.0f')} {p['unit']}" for precision, p in peaks.items())
-    console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of its precision's fastest matmul ({measured})")
+    console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of its precision's fastest product ({measured})")
     console.print(f"report: {escape(report.files['md'])} (+ .json, .png; every column there)")
     if "timed" in report.files:
         console.print(f"timed files: {escape(report.files['timed'])}")

@@ -496,7 +496,7 @@ def _peaks(device: str, threads: int, precisions: list[str]) -> dict:
             log.warning("%s products not measured: %s", runtime, measured)
             measured = [{"runtime": runtime, "precision": p, "error": measured} for p in precisions]
         gemms += measured
-    bandwidth = run_measurement({"measure": "bandwidth", "threads": threads}, timeout=60)
+    bandwidth = run_measurement({"measure": "bandwidth", "threads": threads, "device": device}, timeout=60)
     if isinstance(bandwidth, str):
         log.warning("memory bandwidth not measured: %s", bandwidth)
         bandwidth = {"gb_per_s": None, "method": f"not measured: {bandwidth}"}

@@ -165,13 +165,29 @@ def _time(run: Callable[[], object], operations: int) -> dict:
     return {"g_per_s": operations / best / 1e9, "runs": runs}
 
 
-def memory_bandwidth(threads: int, megabytes: int = COPY_MB) -> dict:
-    """GB/s of a numpy copy of `megabytes` (bytes read + written), split among `threads` threads
-    (numpy copies without the GIL), fastest of COPY_RUNS after a warm-up."""
+def memory_bandwidth(*, threads: int, device: str = "cpu", megabytes: int = COPY_MB) -> dict:
+    """GB/s (bytes read + written) of a copy of `megabytes`, fastest of COPY_RUNS after a warm-up:
+    on the CPU with numpy split among `threads` threads (numpy copies without the GIL); on a GPU
+    on the device, with torch."""
+    cuda = device.startswith("cuda")
+    copy = _cuda_copy(device, megabytes) if cuda else _threaded_copy(threads, megabytes)
+    how = f"torch copy of {megabytes} MB on {device}" if cuda else f"numpy copy of {megabytes} MB in {threads} threads"
+    copy()
+    best = float("inf")
+    for _ in range(COPY_RUNS):
+        start = time.perf_counter()
+        copy()
+        best = min(best, time.perf_counter() - start)
+    return {
+        "gb_per_s": 2 * megabytes * 2**20 / best / 1e9,
+        "method": f"{how}, bytes read + written, best of {COPY_RUNS}",
+    }
+
+
+def _threaded_copy(threads: int, megabytes: int) -> Callable[[], None]:
     source = np.ones(megabytes * 2**20 // 8)
     target = np.zeros_like(source)
-    parts = np.array_split(np.arange(source.size), threads)
-    bounds = [(p[0], p[-1] + 1) for p in parts if p.size]
+    bounds = [(part[0], part[-1] + 1) for part in np.array_split(np.arange(source.size), threads) if part.size]
 
     def copy() -> None:
         workers = [threading.Thread(target=np.copyto, args=(target[lo:hi], source[lo:hi])) for lo, hi in bounds]
@@ -180,14 +196,20 @@ def memory_bandwidth(threads: int, megabytes: int = COPY_MB) -> dict:
         for worker in workers:
             worker.join()
 
-    copy()
-    best = float("inf")
-    for _ in range(COPY_RUNS):
-        start = time.perf_counter()
-        copy()
-        best = min(best, time.perf_counter() - start)
-    method = f"numpy copy of {megabytes} MB in {len(bounds)} threads, bytes read + written, best of {COPY_RUNS}"
-    return {"gb_per_s": 2 * source.nbytes / best / 1e9, "method": method}
+    return copy
+
+
+def _cuda_copy(device: str, megabytes: int) -> Callable[[], None]:
+    import torch
+
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+
+    def copy() -> None:
+        target.copy_(source)
+        torch.cuda.synchronize(device)
+
+    return copy
 
 
 def peaks_per_precision(measured: list[dict], precisions: list[str]) -> dict[str, dict]:

@@ -140,7 +140,7 @@ def _main(request: dict) -> object:
         return measure(request)
     from edgeft import peak
 
-    return peak.memory_bandwidth(request["threads"]) if what == "bandwidth" else peak.measure_gemms(**request)
+    return peak.memory_bandwidth(**request) if what == "bandwidth" else peak.measure_gemms(**request)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ __all__ = [
 
 CUDA_N = 8192  # n of the matrix products on a GPU, large enough for the tensor cores (a CPU: GemmShapes' 2048)
 CUDA_CALLS = 10  # products per timed run on a GPU, so one launch's latency does not count
-MIN_RUNS, MAX_RUNS, BUDGET_S = 3, 20, 0.3  # timed runs per product: at least 3, more while under 0.3 s
+MIN_RUNS, MAX_RUNS, BUDGET_S = 3, 20, 0.1  # timed runs per product: at least 3, more while under 0.1 s
 COPY_MB, COPY_RUNS = 256, 3  # the bandwidth copy: far beyond any cache
 OVER_PEAK_PCT = 105.0  # a row above this beats every product measured: the product set is incomplete
 FAR_BELOW_PCT = 50.0  # a batch-1 row below this gets a sentence on what bounds it

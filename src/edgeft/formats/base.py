@@ -76,8 +76,8 @@ class Runner:
 class GemmShapes:
     """The sizes of the products a runtime builds for `edgeft bench`'s peak: n x n x n matrix
     products, and 3x3 convolutions (stride 1, padded) of (batch, channels in = out, side): the
-    layers of ResNet's last two stages at 224 px (of its four the fastest, measured), which some
-    runtimes compute faster than a matrix product."""
+    layers of ResNet's last two stages at 224 px, which some runtimes (OpenVINO) compute faster
+    than a matrix product."""
 
     n: int = 2048
     convolutions: tuple[tuple[int, int, int], ...] = ((8, 256, 14), (8, 512, 7))

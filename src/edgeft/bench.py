@@ -488,8 +488,8 @@ def _peaks(device: str, threads: int, precisions: list[str]) -> dict:
     """Per precision of the rows, the fastest product (matrix product, convolution) the installed
     runtimes offer, each runtime's measured in a fresh process with the rows' threads; and the
     memory bandwidth."""
-    gemms = []
-    for runtime in peak.gemm_runtimes(device, precisions):
+    gemms, runtimes = [], peak.gemm_runtimes(device, precisions)
+    for runtime in runtimes:
         spec = {"measure": "gemms", "runtime": runtime, "precisions": precisions, "device": device, "threads": threads}
         measured = run_measurement(spec, timeout=120)
         if isinstance(measured, str):
@@ -503,7 +503,7 @@ def _peaks(device: str, threads: int, precisions: list[str]) -> dict:
     return {
         "per_precision": peak.peaks_per_precision(gemms, precisions),
         "gemms": gemms,
-        "method": peak.method(device, threads),
+        "method": peak.method(device, threads, runtimes),
         "memory_bandwidth": bandwidth,
     }
 

@@ -84,15 +84,19 @@ def _shapes(device: str):
     return GemmShapes(n=CUDA_N) if device.startswith("cuda") else GemmShapes()
 
 
-def method(device: str, threads: int) -> str:
-    """How the products are measured on `device`, in words for the report."""
+def method(device: str, threads: int, runtimes: list[str]) -> str:
+    """How the products of `runtimes` are measured on `device`, in words for the report."""
     shapes = _shapes(device)
-    where = f"{threads} threads" if device == "cpu" else f"{device}, {CUDA_CALLS} products per timed run"
-    convolutions = ", ".join(shapes.conv_label(*c) for c in shapes.convolutions)
+    products = f"{shapes.n} x {shapes.n} x {shapes.n} matrix products"
+    if device == "cpu":
+        convolutions = ", ".join(shapes.conv_label(*c) for c in shapes.convolutions)
+        products += f" and, where a runtime has them, 3x3 convolutions as the backbones' layers ({convolutions})"
+        where = f"{threads} threads"
+    else:
+        where = f"{device}, {CUDA_CALLS} products per timed run"
     return (
-        f"{shapes.n} x {shapes.n} x {shapes.n} matrix products (torch, onnxruntime, OpenVINO) and 3x3 convolutions "
-        f"as the backbones' layers ({convolutions}; onnxruntime, OpenVINO), {where}, fastest of {MIN_RUNS} or more "
-        "runs after a warm-up, each runtime in a fresh process"
+        f"{products} of {', '.join(runtimes)}, {where}, fastest of {MIN_RUNS} or more runs after a warm-up, "
+        "each runtime in a fresh process"
     )
 
 

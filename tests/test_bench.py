@@ -12,11 +12,13 @@ import pytest
 from PIL import Image
 
 from edgeft.bench import (
+    BenchReport,
     BenchRow,
     _plan,
     _sources,
     add_speed_columns,
     combine_rounds,
+    markdown_report,
     markdown_table,
     run_bench,
 )
@@ -63,7 +65,8 @@ def test_every_requested_row_is_measured_or_explained(report):
         fp32, int8 = rows[("onnxruntime", "fp32", batch)], rows[("onnxruntime", "int8", batch)]
         assert fp32.vs_fp32 == 1 and int8.vs_fp32 == pytest.approx(fp32.p50_ms / int8.p50_ms)
         assert int8.gflop_per_s == pytest.approx(2 * int8.gflops * batch / (int8.p50_ms / 1000))
-        assert int8.pct_of_peak == pytest.approx(100 * int8.gflop_per_s / report.machine["matmul_peak"]["gflop_per_s"])
+        int8_peak = report.machine["peak"]["per_precision"]["int8"]["g_per_s"]
+        assert int8.pct_of_peak == pytest.approx(100 * int8.gflop_per_s / int8_peak)  # int8 rows: the int8 peak
 
 
 @pytest.mark.slow
@@ -73,14 +76,19 @@ def test_report_files_hold_the_rows_and_the_machine(report):
     data = json.loads(open(report.files["json"]).read())
     assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] and "cpu" in data["machine"]
     assert data["machine"]["cpu_features"] == [name for name, on in cpu_features().items() if on]
-    peak = data["machine"]["matmul_peak"]
-    assert peak["gflop_per_s"] > 0 and "torch.matmul fp32 2048x2048" in peak["method"]
+    peak = data["machine"]["peak"]
+    assert set(peak["per_precision"]) == {"fp32", "int8"}  # the precisions of the rows
+    assert all(p["g_per_s"] > 0 and p["gemm"] for p in peak["per_precision"].values())
+    assert "2048 x 2048 x 2048 matrix products" in peak["method"]
+    assert {m["runtime"] for m in peak["gemms"]} >= {"torch", "onnxruntime"} and peak["memory_bandwidth"][
+        "gb_per_s"
+    ] > 0
     assert data["settings"]["int8"]["onnxruntime"].startswith("qdq u8s8 pc")  # the CPU-aware defaults of onnx_int8
     assert data["settings"]["iterations"] == 10 and data["settings"]["warmup"] == 1
     assert len(data["rows"]) == len(report.rows)
     markdown = open(report.files["md"]).read()
     assert markdown_table(report.rows) in markdown and "warm-up" in markdown
-    assert peak["method"] in markdown and "x fp32" in markdown
+    assert peak["method"] in markdown and peak["memory_bandwidth"]["method"] in markdown and "x fp32" in markdown
     with Image.open(report.files["png"]) as png:
         assert png.size[0] > 400
 
@@ -121,17 +129,68 @@ def test_console_table_fits_80_columns(report):
     assert "onnxruntime  int8" in text and "x fp32" in text
 
 
-def test_speed_columns_compare_with_the_same_runtime_and_batch():
+def test_speed_columns_compare_with_the_same_runtime_and_batch_and_the_same_precisions_peak():
     rows = [
         BenchRow("m", "onnxruntime", "fp32", 1, "cpu", p50_ms=10.0, gflops=1.0),
         BenchRow("m", "onnxruntime", "int8", 1, "cpu", p50_ms=4.0, gflops=1.0),
         BenchRow("m", "eager", "fp16", 1, "cpu", p50_ms=5.0, gflops=1.0),
         BenchRow("m", "onnxruntime", "int8", 8, "cpu", p50_ms=20.0, gflops=1.0),
+        BenchRow("m", "openvino", "bf16", 1, "cpu", p50_ms=8.0, gflops=1.0),
     ]
-    add_speed_columns(rows, peak_gflop_per_s=100.0)
-    assert [r.vs_fp32 for r in rows] == [1.0, 2.5, None, None]  # no fp32 row to compare with: none
-    assert rows[1].gflop_per_s == pytest.approx(500.0) and rows[1].pct_of_peak == pytest.approx(500.0)
-    assert rows[3].gflop_per_s == pytest.approx(800.0)
+    add_speed_columns(rows, {"fp32": 400.0, "int8": 1000.0, "bf16": None})
+    assert [r.vs_fp32 for r in rows] == [1.0, 2.5, None, None, None]  # no fp32 row to compare with: none
+    assert rows[0].gflop_per_s == pytest.approx(200.0) and rows[0].pct_of_peak == pytest.approx(50.0)  # fp32 peak
+    assert rows[1].gflop_per_s == pytest.approx(500.0) and rows[1].pct_of_peak == pytest.approx(50.0)  # int8 peak
+    assert rows[3].gflop_per_s == pytest.approx(800.0) and rows[3].pct_of_peak == pytest.approx(80.0)
+    assert rows[2].pct_of_peak is None and rows[4].pct_of_peak is None  # no fp16 peak; bf16 not measured
+
+
+def test_a_row_above_its_peak_is_kept_as_measured_warned_about_and_named_in_the_report(caplog):
+    rows = [
+        BenchRow("m", "openvino", "int8", 1, "cpu", p50_ms=1.0, gflops=1.0, params_m=1.0, images_per_s=1000.0),
+        BenchRow("m", "onnxruntime", "int8", 1, "cpu", p50_ms=2.0, gflops=1.0, params_m=1.0, images_per_s=500.0),
+    ]
+    with caplog.at_level("WARNING", logger="edgeft.bench"):
+        add_speed_columns(rows, {"int8": 1800.0})
+    assert rows[0].pct_of_peak == pytest.approx(2000 / 18)  # 111 %: not clamped
+    assert "m openvino int8 batch 1 runs at 111 % of the int8 peak" in caplog.text and "onnxruntime" not in caplog.text
+    markdown = markdown_report(_report(rows, {"int8": 1800.0}))
+    assert "**above 105 % of peak**: m openvino int8 batch 1 (111 %)" in markdown
+    assert "| 111 |" in markdown and "onnxruntime int8 batch 1 (56 %)" not in markdown
+
+
+def test_the_report_gives_each_precisions_peak_with_every_product_and_what_bounds_slow_rows():
+    rows = [
+        BenchRow("m", "onnxruntime", "fp32", 1, "cpu", p50_ms=10.0, gflops=1.0, params_m=10.0, images_per_s=100.0),
+        BenchRow("m", "onnxruntime", "fp32", 8, "cpu", p50_ms=40.0, gflops=1.0, params_m=10.0, images_per_s=200.0),
+    ]
+    add_speed_columns(rows, {"fp32": 1000.0})
+    markdown = markdown_report(_report(rows, {"fp32": 1000.0}))
+    assert "- fp32: **1000.0 GFLOP/s** (onnxruntime MatMul fp32 1000.0, torch matmul fp32 900.0)" in markdown
+    assert "- memory bandwidth: 20.0 GB/s (a copy)" in markdown and "above 105" not in markdown
+    assert "## What bounds batch 1" in markdown
+    assert "- m:\n  - onnxruntime fp32 at 20 % of peak: per-call overhead (batch 8 runs 2.0x" in markdown
+
+
+def _report(rows: list[BenchRow], peaks: dict[str, float]) -> BenchReport:
+    """A report of `rows` with a constructed machine: `peaks` per precision, measured by onnxruntime
+    (torch 10 % slower), and a 20 GB/s bandwidth."""
+    gemms = [
+        {"runtime": runtime, "precision": precision, "gemm": f"{name} {precision}", "g_per_s": value}
+        for precision, peak in peaks.items()
+        for runtime, name, value in (("onnxruntime", "MatMul", peak), ("torch", "matmul", 0.9 * peak))
+    ]
+    fastest = {g["precision"]: {**g, "unit": "GFLOP/s"} for g in gemms if g["runtime"] == "onnxruntime"}
+    peak = {
+        "per_precision": fastest,
+        "gemms": gemms,
+        "method": "2048 x 2048 x 2048 products",
+        "memory_bandwidth": {"gb_per_s": 20.0, "method": "a copy"},
+    }
+    machine = dict(cpu="a CPU", cores=2, cpu_features=[], gpu=None, driver=None, python="3", torch="2", os="an OS")
+    machine.update(torchvision="0", runtimes={}, peak=peak)
+    settings = {"device": "cpu", "img_size": 224, "threads": 2, "warmup": 1, "iterations": 10, "budget_s": 2.0}
+    return BenchReport(machine, {**settings, "int8": {}, "keep_files": False}, rows)
 
 
 @pytest.mark.parametrize(

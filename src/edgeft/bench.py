@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeft import __version__, formats, jsonio
+from edgeft import __version__, formats, jsonio, peak
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
@@ -66,7 +66,7 @@ class BenchRow:
     accuracy: float | None = None  # with --checkpoints: the export's validation accuracy
     vs_fp32: float | None = None  # speed-up: p50 of this model's and runtime's fp32 row (same batch) / this p50
     gflop_per_s: float | None = None  # achieved: 2 x multiply-adds x batch / p50
-    pct_of_peak: float | None = None  # gflop_per_s against the machine's measured fp32 matmul peak
+    pct_of_peak: float | None = None  # gflop_per_s against the measured peak of this row's precision (never clamped)
 
 
 @dataclass
@@ -387,8 +387,9 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     run = _resolve(config)
     sources = _sources(config)
     plan = _plan(config, run.device)
+    precisions = list(dict.fromkeys(precision for _, precision, reason in plan if reason is None))
     report = BenchReport(
-        machine={**machine_info(run.device), "matmul_peak": _matmul_peak(run.device, run.threads)},
+        machine={**machine_info(run.device), "peak": _peaks(run.device, run.threads, precisions)},
         settings={
             **asdict(config),
             "device": run.device,
@@ -421,7 +422,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
             "reused": cache.hits,
             "made": cache.made,
         }
-    add_speed_columns(report.rows, report.machine["matmul_peak"]["gflop_per_s"])
+    add_speed_columns(report.rows, {p: v["g_per_s"] for p, v in report.machine["peak"]["per_precision"].items()})
     _write_reports(report, Path(config.out), stamp)
     return report
 
@@ -532,19 +533,35 @@ def _fill_measured(
         row.file = os.path.relpath(file, config.out) if config.keep_files else None
 
 
-def _matmul_peak(device: str, threads: int) -> dict:
-    """This machine's fp32 matmul throughput, measured once per report in a fresh process."""
-    spec = {"measure": "matmul_peak", "device": device, "threads": threads}
-    measured = run_measurement(spec, timeout=120)
-    if isinstance(measured, str):
-        log.warning("matmul peak not measured: %s", measured)
-        return {"gflop_per_s": None, "method": f"not measured: {measured}"}
-    return measured
+def _peaks(device: str, threads: int, precisions: list[str]) -> dict:
+    """Per precision of the rows, the fastest product (matrix product, convolution) the installed
+    runtimes offer, each runtime's measured in a fresh process with the rows' threads; and the
+    memory bandwidth."""
+    gemms, runtimes = [], peak.gemm_runtimes(device, precisions)
+    for runtime in runtimes:
+        spec = {"measure": "gemms", "runtime": runtime, "precisions": precisions, "device": device, "threads": threads}
+        measured = run_measurement(spec, timeout=120)
+        if isinstance(measured, str):
+            log.warning("%s products not measured: %s", runtime, measured)
+            measured = [{"runtime": runtime, "precision": p, "error": measured} for p in precisions]
+        gemms += measured
+    bandwidth = run_measurement({"measure": "bandwidth", "threads": threads, "device": device}, timeout=60)
+    if isinstance(bandwidth, str):
+        log.warning("memory bandwidth not measured: %s", bandwidth)
+        bandwidth = {"gb_per_s": None, "method": f"not measured: {bandwidth}"}
+    return {
+        "per_precision": peak.peaks_per_precision(gemms, precisions),
+        "gemms": gemms,
+        "method": peak.method(device, threads, runtimes),
+        "memory_bandwidth": bandwidth,
+    }
 
 
-def add_speed_columns(rows: list[BenchRow], peak_gflop_per_s: float | None) -> None:
+def add_speed_columns(rows: list[BenchRow], peaks: dict[str, float | None]) -> None:
     """Fill each measured row's speed-up against the fp32 row of its model (label), runtime and
-    batch, and its achieved GFLOP/s (2 FLOP per multiply-add) against the matmul peak."""
+    batch, and its achieved GFLOP/s (2 per multiply-add; int8: operations) against the peak of its
+    own precision (none where that precision has none). Rows above the peak are kept as measured
+    and warned about: the products measured miss a faster kernel."""
     fp32 = {(r.model, r.runtime, r.batch): r.p50_ms for r in rows if r.precision == "fp32" and r.status == "ok"}
     for row in rows:
         if row.status != "ok":
@@ -553,7 +570,18 @@ def add_speed_columns(rows: list[BenchRow], peak_gflop_per_s: float | None) -> N
         row.vs_fp32 = None if base is None else base / row.p50_ms
         if row.gflops is not None:
             row.gflop_per_s = 2 * row.gflops * row.batch / (row.p50_ms / 1000)
-            row.pct_of_peak = None if not peak_gflop_per_s else 100 * row.gflop_per_s / peak_gflop_per_s
+            reference = peaks.get(row.precision)
+            row.pct_of_peak = 100 * row.gflop_per_s / reference if reference else None
+    for row in peak.over_peak(rows):
+        log.warning(
+            "%s %s %s batch %d runs at %.0f %% of the %s peak: a kernel of it beats every product measured",
+            row.model,
+            row.runtime,
+            row.precision,
+            row.batch,
+            row.pct_of_peak,
+            row.precision,
+        )
 
 
 def _write_reports(report: BenchReport, out: Path, stamp: str) -> None:
@@ -635,7 +663,6 @@ def markdown_table(rows: list[BenchRow]) -> str:
 
 def markdown_report(report: BenchReport) -> str:
     m, s = report.machine, report.settings
-    peak = m["matmul_peak"]
     gpu = f"{m['gpu']} (driver {m['driver']}, CUDA {m.get('cuda')})" if m["gpu"] else "none"
     return (
         f"# edgeft bench\n\n"
@@ -647,13 +674,51 @@ def markdown_report(report: BenchReport) -> str:
         f"up to {s['iterations']} timed runs or {s['budget_s']} s per row; each (model, runtime, precision) in a fresh "
         f"process (peak MB is that process's resident peak)\n"
         f"- int8 rows: {'; '.join(f'{runtime}: {label}' for runtime, label in s['int8'].items())}\n"
-        f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 FLOP per "
-        f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50; % peak: against "
-        f"{_fmt(peak['gflop_per_s'], '.1f')} GFLOP/s measured as {peak['method']}\n"
+        f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 per "
+        f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50 (int8 rows: integer "
+        f"operations, GOP/s)\n"
+        + _peak_text(m["peak"], report.rows)
         + ("- file: the file each row timed, kept, relative to this report's folder\n" if s["keep_files"] else "")
         + _quick_and_cache_lines(s)
         + "\n"
         + markdown_table(report.rows)
+        + _bounds_text(report.rows, m["peak"]["memory_bandwidth"]["gb_per_s"])
+    )
+
+
+def _peak_text(measured: dict, rows: list[BenchRow]) -> str:
+    """The report's lines on the peaks: how they were measured, every product, the bandwidth, and
+    the rows above a peak (never clamped)."""
+    bandwidth = measured["memory_bandwidth"]
+    text = (
+        "- % peak: against the peak of the row's own precision, as measured (never clamped): the fastest "
+        f"product that the installed runtimes offer, {measured['method']}; each product measured, fastest "
+        "first:\n"
+        + "".join(f"  - {line}\n" for line in peak.peak_lines(measured))
+        + f"- memory bandwidth: {_fmt(bandwidth['gb_per_s'], '.1f')} GB/s ({bandwidth['method']})\n"
+    )
+    over = peak.over_peak(rows)
+    if over:
+        names = ", ".join(f"{r.model} {r.runtime} {r.precision} batch {r.batch} ({r.pct_of_peak:.0f} %)" for r in over)
+        text += (
+            f"- **above {peak.OVER_PEAK_PCT:.0f} % of peak**: {names}: a kernel of these runtimes beats every "
+            "product measured, so the products miss one and that precision's peak is understated\n"
+        )
+    return text
+
+
+def _bounds_text(rows: list[BenchRow], bandwidth_gb_s: float | None) -> str:
+    """The section on what bounds the batch-1 rows far below their peak (empty when none is)."""
+    lines = peak.bound_lines(rows, bandwidth_gb_s)
+    if not lines:
+        return ""
+    return (
+        f"\n## What bounds batch 1\n\nBatch-1 rows below {peak.FAR_BELOW_PCT:.0f} % of their precision's peak. "
+        "Weights read: parameters x bytes per weight of the precision, once per inference, / p50, against the "
+        f"copy bandwidth (memory traffic at {100 * peak.MEMORY_BOUND_SHARE:.0f} % or more); the largest batch of "
+        f"the same model, runtime and precision at {peak.OVERHEAD_GAIN}x batch 1's img/s or more: per-call "
+        "overhead (batch-1 work too small to fill the cores); neither: its kernels.\n\n"
+        + "".join(f"- {line}" for line in lines)
     )
 
 

@@ -285,7 +285,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8)
     img_size: int = 224
     device: str = "auto"  # auto | cpu | cuda[:N] (a CUDA device that is not usable here: exit 2)
-    threads: int = 0  # intra-op threads of every runtime (and of the matmul peak); 0: all cores
+    threads: int = 0  # intra-op threads of every runtime (and of the peak's products); 0: all cores
     warmup: int = 3  # untimed runs before timing
     iterations: int = 100  # timed runs per row, at most (within budget_s), over all rounds
     budget_s: float = 8.0  # a row stops after this many seconds (with at least 5 runs per round)

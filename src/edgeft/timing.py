@@ -3,7 +3,8 @@ no other session's threads share the cores: `python -m edgeft.timing '<json spec
 JSON result (`run_measurement` starts it). `edgeft bench` times its rows and `--precision auto`
 its candidates this way. An exported file is opened by its format exactly as the gate and
 `edgeft predict` open it, so a timing process imports only that runtime (torch only for the
-PyTorch runtimes and ExecuTorch's)."""
+PyTorch runtimes and ExecuTorch's). The peaks `% peak` divides by are measured here too, one
+runtime's matrix products per process (`edgeft.peak`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["matmul_peak", "measure", "run_measurement"]
+__all__ = ["measure", "run_measurement"]
 
 
 def _load(spec: dict) -> Callable[[np.ndarray], object]:
@@ -111,32 +112,10 @@ def _time_batch(run: Callable[[np.ndarray], object], spec: dict, batch: int) -> 
     }
 
 
-def matmul_peak(device: str, threads: int, size: int = 2048, repeats: int = 5) -> dict:
-    """fp32 matmul GFLOP/s of this machine: `torch.matmul` of two random size x size matrices
-    (2 size^3 FLOP) with `threads` intra-op threads (TF32 off on CUDA), best of `repeats` after
-    one warm-up: the peak that achieved model GFLOP/s are compared with."""
-    import torch
-
-    torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
-    torch.matmul(a, b)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    where = f"{threads} threads" if device == "cpu" else device
-    method = f"torch.matmul fp32 {size}x{size}, {where}, best of {repeats} after a warm-up, in a fresh process"
-    return {"gflop_per_s": 2 * size**3 / best / 1e9, "method": method}
-
-
 def run_measurement(spec: dict, timeout: float) -> list[dict] | dict | str:
-    """Run `spec` (a row, or {"measure": "matmul_peak", ...}) in a fresh `python -m edgeft.timing`
-    process; its results, or the reason it failed."""
+    """Run `spec` (a row; {"measure": "gemms", ...}: a runtime's matrix products; {"measure":
+    "bandwidth", ...}: the memory bandwidth) in a fresh `python -m edgeft.timing` process; its
+    results, or the reason it failed."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
         proc = subprocess.run(
@@ -154,9 +133,15 @@ def run_measurement(spec: dict, timeout: float) -> list[dict] | dict | str:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _main(request: dict) -> object:
+    """What the request asks, measured in this process."""
+    what = request.pop("measure", None)
+    if what is None:
+        return measure(request)
+    from edgeft import peak
+
+    return peak.memory_bandwidth(**request) if what == "bandwidth" else peak.measure_gemms(**request)
+
+
 if __name__ == "__main__":
-    request = json.loads(sys.argv[1])
-    if request.get("measure") == "matmul_peak":
-        print(json.dumps(matmul_peak(request["device"], request["threads"])))
-    else:
-        print(json.dumps(measure(request)))
+    print(json.dumps(_main(json.loads(sys.argv[1]))))

@@ -134,7 +134,7 @@ def print_report(report, console) -> None:
     def cell(value, spec: str) -> str:
         return "" if value is None else format(value, spec)
 
-    peak = report.machine["matmul_peak"]["gflop_per_s"]
+    peaks = report.machine["peak"]["per_precision"]
     for model in dict.fromkeys(r.model for r in report.rows):
         rows = [r for r in report.rows if r.model == model]
         table = Table(
@@ -158,7 +158,8 @@ def print_report(report, console) -> None:
         console.print(table)
         for r in dict.fromkeys((r.runtime, r.precision, r.status) for r in rows if r.status != "ok"):
             console.print(f"[yellow]{escape(model)} {escape(r[0])} {escape(r[1])}: {escape(r[2])}[/]")
-    console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of {cell(peak, '.0f')} GFLOP/s fp32 matmul")
+    measured = ", ".join(f"{precision} {cell(p['g_per_s'], '.0f')} {p['unit']}" for precision, p in peaks.items())
+    console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of its precision's fastest product ({measured})")
     console.print(f"report: {escape(report.files['md'])} (+ .json, .png; every column there)")
     if "timed" in report.files:
         console.print(f"timed files: {escape(report.files['timed'])}")

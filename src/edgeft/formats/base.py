@@ -4,7 +4,8 @@ A format is a module of `edgeft.formats` that assigns an instance of a `Format` 
 `FORMAT`. It says what it is (name, suffixes, runtime, the extra it needs, the precisions it
 writes, the export options it reads), whether a precision can be written and run on a device,
 how to write a file from a model (int8 calibration included), how to read and write the
-metadata document it carries and the digest of its model content, and how to open a runner.
+metadata document it carries and the digest of its model content, how to open a runner, and
+the matrix products its runtime offers (`edgeft bench`'s peak per precision).
 Everything else (the gate, sealing, keeping or removing, timing, prediction) is edgeft's and
 the same for every format. Heavy libraries are imported inside the methods that need them.
 """
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Format", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
+__all__ = ["Format", "Gemm", "GemmShapes", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
 
 log = logging.getLogger("edgeft.formats")
 
@@ -71,6 +72,38 @@ class Runner:
     close: Callable[[], None] = field(default=lambda: None)
 
 
+@dataclass(frozen=True)
+class GemmShapes:
+    """The sizes of the products a runtime builds for `edgeft bench`'s peak: n x n x n matrix
+    products, and 3x3 convolutions (stride 1, padded) of (batch, channels in = out, side): the
+    layers of ResNet's last two stages at 224 px, which some runtimes (OpenVINO) compute faster
+    than a matrix product."""
+
+    n: int = 2048
+    convolutions: tuple[tuple[int, int, int], ...] = ((8, 256, 14), (8, 512, 7))
+
+    def matmul_operations(self) -> int:
+        return 2 * self.n**3
+
+    @staticmethod
+    def conv_operations(batch: int, channels: int, side: int) -> int:
+        return 2 * batch * channels * channels * 9 * side * side
+
+    @staticmethod
+    def conv_label(batch: int, channels: int, side: int) -> str:
+        return f"Conv 3x3 {channels} ch {side}x{side} x{batch}"
+
+
+@dataclass
+class Gemm:
+    """One product as a runtime computes it, built and ready to time: a candidate of `edgeft
+    bench`'s peak per precision."""
+
+    label: str  # what it is, e.g. "MatMulInteger u8 x s8"
+    run: Callable[[], object]  # one product, to completion
+    operations: int  # per run: 2 per multiply-add
+
+
 class Format:
     """One exported format. Subclasses set the class attributes and implement the methods
     that raise NotImplementedError; the others have defaults that fit one-file formats."""
@@ -88,6 +121,7 @@ class Format:
     torch_free: ClassVar[bool] = False  # opening and running a file imports no torch
     deployable: ClassVar[bool] = True  # an edge runtime: a candidate of `export --format auto`
     rank: ClassVar[int] = 50  # place in listings and in `--format all`
+    gemm_precisions: ClassVar[tuple[str, ...]] = ()  # precisions of the CPU matrix products `gemms` builds
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
@@ -128,6 +162,12 @@ class Format:
     def details(self) -> dict:
         """What a benchmark report records about its runtime here, besides the versions."""
         return {}
+
+    def gemms(self, precision: str, shapes: GemmShapes, threads: int) -> list[Gemm]:
+        """Its runtime's CPU products of `precision` (one of `gemm_precisions`) at `shapes` with
+        `threads` threads, the weights constant as a model's: what `edgeft bench` takes the
+        fastest of as the peak that rows of `precision` are divided by."""
+        return []
 
     # --- files ------------------------------------------------------------------------------
 

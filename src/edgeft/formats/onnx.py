@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeft.errors import InputError, RunError
-from edgeft.formats.base import Format, Runner, WriteRequest
+from edgeft.formats.base import Format, Gemm, GemmShapes, Runner, WriteRequest
 
 __all__ = ["FORMAT", "OPSETS", "OnnxFormat", "check_external_data", "quant_settings"]
 
@@ -38,6 +38,7 @@ class OnnxFormat(Format):
     )
     needs, needs_to_write = ("onnxruntime",), ("onnx", "onnxscript")
     cuda, torch_free, rank = True, True, 0
+    gemm_precisions = ("fp32", "int8")
 
     def int8_rungs(self, config) -> list:
         from edgeft.formats.onnx_int8 import fallback_ladder
@@ -95,6 +96,11 @@ class OnnxFormat(Format):
         import onnxruntime
 
         return {"onnxruntime_providers": onnxruntime.get_available_providers()}
+
+    def gemms(self, precision: str, shapes: GemmShapes, threads: int) -> list[Gemm]:
+        """MatMul and Conv (fp32); for int8 MatMulInteger, QLinearMatMul and QLinearConv (MLAS's
+        QGEMM), with the activation type of edgeft's int8 files on this CPU."""
+        return _fp32_products(shapes, threads) if precision == "fp32" else _int8_products(shapes, threads)
 
 
 FORMAT = OnnxFormat()
@@ -241,6 +247,79 @@ def _cuda_present(ort) -> bool:
     """onnxruntime-gpu lists CUDA even where no GPU or CUDA library is; only try it when an
     NVIDIA device exists, so a CPU-only machine does not pay for the failed attempt."""
     return _CUDA in ort.get_available_providers() and (Path("/dev/nvidiactl").exists() or os.name == "nt")
+
+
+def _fp32_products(shapes: GemmShapes, threads: int) -> list[Gemm]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((shapes.n, shapes.n), dtype=np.float32) for _ in range(2))
+    products = [_product("MatMul fp32", "MatMul", a, {"b": b}, np.float32, shapes.matmul_operations(), threads)]
+    for batch, channels, side in shapes.convolutions:
+        x = rng.standard_normal((batch, channels, side, side), dtype=np.float32)
+        w = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32)
+        label, operations = shapes.conv_label(batch, channels, side), shapes.conv_operations(batch, channels, side)
+        products.append(_product(f"{label} fp32", "Conv", x, {"w": w}, np.float32, operations, threads, pads=[1] * 4))
+    return products
+
+
+def _int8_products(shapes: GemmShapes, threads: int) -> list[Gemm]:
+    import numpy as np
+
+    from edgeft.formats.onnx_int8 import default_settings
+
+    rng = np.random.default_rng(0)
+    kind = np.uint8 if default_settings().activation_type == "uint8" else np.int8
+    zero, scale = kind(128 if kind is np.uint8 else 0), np.float32(0.02)
+    types = f"{'u' if kind is np.uint8 else 's'}8 x s8"
+
+    def activations(shape: tuple) -> np.ndarray:
+        return rng.integers(np.iinfo(kind).min, np.iinfo(kind).max + 1, shape, dtype=kind)
+
+    a, b = activations((shapes.n, shapes.n)), rng.integers(-127, 128, (shapes.n, shapes.n), dtype=np.int8)
+    operations = shapes.matmul_operations()
+    qlinear = {"a_scale": scale, "a_zero": zero, "b": b, "b_scale": scale, "b_zero": np.int8(0), "y_scale": scale}
+    products = [
+        _product(f"MatMulInteger {types}", "MatMulInteger", a, {"b": b, "a_zero": zero}, np.int32, operations, threads),
+        _product(f"QLinearMatMul {types}", "QLinearMatMul", a, {**qlinear, "y_zero": zero}, kind, operations, threads),
+    ]
+    for batch, channels, side in shapes.convolutions:
+        w = rng.integers(-127, 128, (channels, channels, 3, 3), dtype=np.int8)
+        per_channel = {"w_scale": np.full(channels, scale), "w_zero": np.zeros(channels, np.int8)}
+        constants = {"x_scale": scale, "x_zero": zero, "w": w, **per_channel, "y_scale": scale, "y_zero": zero}
+        label, operations = shapes.conv_label(batch, channels, side), shapes.conv_operations(batch, channels, side)
+        x = activations((batch, channels, side, side))
+        products.append(
+            _product(f"Q{label} {types}", "QLinearConv", x, constants, kind, operations, threads, pads=[1] * 4)
+        )
+    return products
+
+
+def _product(label: str, op: str, a, constants: dict, out_dtype, operations: int, threads: int, **attributes) -> Gemm:
+    """A one-node model `op`(a, *constants) (the constants as initializers, as a model's weights;
+    the output shaped as `a`, as these products are) in an onnxruntime CPU session with `threads` threads."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    def tensor(name: str, dtype) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), a.shape)
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", *constants], ["y"], **attributes)],
+        op,
+        [tensor("a", a.dtype)],
+        [tensor("y", out_dtype)],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()],
+    )
+    opsets = [helper.make_opsetid("", DEFAULT_OPSET)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=[_CPU])
+    return Gemm(label, lambda: session.run(None, {"a": a}), operations)
 
 
 # --- the protobuf wire format: metadata and digest without onnx --------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import InputError
-from edgeft.formats.base import Format, Rung, Runner, WriteRequest, quiet_native_output
+from edgeft.formats.base import Format, Gemm, GemmShapes, Rung, Runner, WriteRequest, quiet_native_output
 
 __all__ = ["FORMAT", "NncfRung", "OpenVinoFormat"]
 
@@ -61,6 +61,7 @@ class OpenVinoFormat(Format):
     precisions = ("fp32", "bf16", "int8")
     options = frozenset({"fallback"})
     extra, needs, needs_to_write = "openvino", ("openvino",), ("nncf",)
+    gemm_precisions = ("fp32", "bf16", "int8")
     torch_free, rank = True, 30
 
     def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:
@@ -82,6 +83,24 @@ class OpenVinoFormat(Format):
         import openvino as ov
 
         return {"devices": ov.Core().available_devices}
+
+    def gemms(self, precision: str, shapes: GemmShapes, threads: int) -> list[Gemm]:
+        """MatMul and Convolution, pinned to `precision` as edgeft's files are; int8 as NNCF writes
+        it: FakeQuantize on the (unsigned, as after a ReLU) activations, int8 weights converted and
+        scaled per output channel."""
+        from edgeft.cpu import has_bf16
+
+        if precision == "bf16" and not has_bf16():
+            return []
+        n, label = shapes.n, "u8 x s8" if precision == "int8" else _HINTS[precision]
+        products = [_product(f"MatMul {label}", (n, n), (n, n), precision, shapes.matmul_operations(), threads)]
+        for batch, channels, side in shapes.convolutions:
+            name, operations = shapes.conv_label(batch, channels, side), shapes.conv_operations(batch, channels, side)
+            shape = (batch, channels, side, side)
+            products.append(
+                _product(f"{name} {label}", shape, (channels, channels, 3, 3), precision, operations, threads)
+            )
+        return products
 
     def files(self, path: Path) -> list[Path]:
         return [path.with_suffix(".bin"), path]  # the graph last: it names the artifact
@@ -237,6 +256,32 @@ def _runner(path: Path, threads: int | None) -> Runner:
         input_shape=_static(shape[1:]),
         output_shape=_static(classes[1:]),
     )
+
+
+def _product(label: str, shape: tuple, weight_shape: tuple, precision: str, operations: int, threads: int) -> Gemm:
+    """A MatMul (2-D `shape`) or a padded 3x3 Convolution of a parameter and constant weights,
+    compiled for the CPU plugin at `precision` with `threads` threads."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter(list(shape), np.float32)
+    if precision == "int8":
+        low, high = ops.constant(np.float32(0)), ops.constant(np.float32(8))
+        weights = ops.convert(ops.constant(rng.integers(-127, 128, weight_shape, dtype=np.int8)), np.float32)
+        scales = np.full((weight_shape[0],) + (1,) * (len(weight_shape) - 1), 0.02, dtype=np.float32)
+        weights, inputs = ops.multiply(weights, ops.constant(scales)), ops.fake_quantize(x, low, high, low, high, 256)
+    else:
+        weights, inputs = ops.constant(rng.standard_normal(weight_shape, dtype=np.float32)), x
+    if len(shape) == 2:
+        product = ops.matmul(inputs, weights, False, True)  # weights (out, in), as a fully connected layer's
+    else:
+        product = ops.convolution(inputs, weights, [1, 1], [1, 1], [1, 1], [1, 1])
+    config = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    config["INFERENCE_NUM_THREADS"] = threads
+    request = ov.Core().compile_model(ov.Model([product], [x]), "CPU", config).create_infer_request()
+    a = rng.standard_normal(shape, dtype=np.float32)
+    return Gemm(label, lambda: request.infer({0: a}), operations)
 
 
 def _static(dimensions: list) -> tuple[int, ...] | None:

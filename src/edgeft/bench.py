@@ -725,7 +725,7 @@ def _bounds_text(rows: list[BenchRow], bandwidth_gb_s: float | None) -> str:
 def _quick_and_cache_lines(settings: dict) -> str:
     """What a quick bench leaves out, and how many files came from the cache."""
     lines = ""
-    if settings["quick"]:
+    if settings.get("quick"):
         lines += (
             "- quick: one round of at most 10 runs (2 s) per row, so p50s are rougher than a full bench's; "
             "by default only resnet18 at batch 1 (a full bench: three backbones, batch 1 and 8, 3 rounds)\n"

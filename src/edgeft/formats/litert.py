@@ -7,12 +7,14 @@ Two extras: `litert` (ai-edge-litert, the interpreter: predict, validate, bench)
 running a file imports no torch.
 
 Layout: input float32 NCHW (the other formats' layout; the converter puts one TRANSPOSE to NHWC
-in front, a copy of the input) with a batch of 1, the runner resizing the input for other batch
-sizes; output logits. int8 files take int8 in and give int8 out: litert-torch's static PT2E
-conversion always folds the first quantize and the last dequantize into the model's I/O (float
-I/O is not an option of the converter), so the runner quantizes the input with the input tensor's
-scale and zero point and dequantizes the output with the output's (a numpy pass over the input).
-A tensor that is float32 is passed as is, so the runner takes either kind of file.
+in front of the first convolution) with a batch of 1, what an app on a device runs; the runner runs
+a larger batch in slices (XNNPACK fails to resize some int8 graphs); output logits.
+
+int8 I/O: litert-torch's static PT2E conversion folds the first quantize and the last dequantize
+into the model's input and output (float I/O is not an option of the converter), so an int8 file
+takes int8 in and gives int8 out, as int8 apps on a device feed it. The runner quantizes the input
+with the input tensor's scale and zero point and dequantizes the output (numpy); a float32 tensor is
+passed as is (the classifier-float rung gives float32 out), so the runner takes either kind.
 
 The edgeft metadata is the model's metadata table entry `edgeft` (`Model.metadata`, which LiteRT's
 loaders and the stock interpreter ignore), whose buffer is the last thing in the file: rewriting it
@@ -251,28 +253,28 @@ def _io_types(path: Path) -> dict[str, str]:
 
 def _runner(path: Path, threads: int) -> Runner:
     """The file in the stock interpreter: float32 NCHW in (quantized here for an int8 input), float32
-    logits out (dequantized for an int8 output); another batch size resizes the input."""
+    logits out (dequantized for an int8 output); a larger batch runs in slices of the file's batch
+    (XNNPACK cannot resize every int8 graph)."""
     interpreter = _interpreter(path, threads)
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    shape = tuple(int(d) for d in source["shape"][1:])
-    batch = [int(source["shape"][0])]
+    batch, *shape = (int(d) for d in source["shape"])
     to_input, from_output = _quantizer(source), _dequantizer(target)
 
-    def infer(x: np.ndarray) -> np.ndarray:
-        if x.shape[1:] != shape:
-            raise InputError(f"{path}: the model takes N x {list(shape)} inputs, got {list(x.shape)}")
-        if len(x) != batch[0]:
-            with quiet_native_output():
-                interpreter.resize_tensor_input(source["index"], [len(x), *shape])
-                interpreter.allocate_tensors()
-            batch[0] = len(x)
+    def run(x: np.ndarray) -> np.ndarray:
         interpreter.set_tensor(source["index"], to_input(x))
         interpreter.invoke()
         return from_output(interpreter.get_tensor(target["index"]))
 
+    def infer(x: np.ndarray) -> np.ndarray:
+        if list(x.shape[1:]) != shape:
+            raise InputError(f"{path}: the model takes N x {shape} inputs, got {list(x.shape)}")
+        if len(x) == batch:
+            return run(x)
+        return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)])
+
     delegated = any(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
     classes = tuple(int(d) for d in target["shape"][1:])
-    return Runner(infer, "litert:xnnpack" if delegated else "litert", input_shape=shape, output_shape=classes)
+    return Runner(infer, "litert:xnnpack" if delegated else "litert", input_shape=tuple(shape), output_shape=classes)
 
 
 def _quantizer(tensor: dict):

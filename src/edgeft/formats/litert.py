@@ -15,6 +15,7 @@ into the model's input and output (float I/O is not an option of the converter),
 takes int8 in and gives int8 out, as int8 apps on a device feed it. The runner quantizes the input
 with the input tensor's scale and zero point and dequantizes the output (numpy); a float32 tensor is
 passed as is (the classifier-float rung gives float32 out), so the runner takes either kind.
+Threads: all cores unless told (`threads`); the interpreter's own default leaves it to the runtime.
 
 The edgeft metadata is the model's metadata table entry `edgeft` (`Model.metadata`, which LiteRT's
 loaders and the stock interpreter ignore), whose buffer is the last thing in the file: rewriting it

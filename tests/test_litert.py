@@ -188,7 +188,7 @@ def int8_file(digits_checkpoint, tmp_path_factory) -> tuple:
 def test_int8_passes_its_gate_and_describes_itself(int8_file, digits_checkpoint):
     path, proc = int8_file
     assert proc.returncode == 0, proc.stderr
-    assert "int8 attempts" in proc.stdout and "pt2e per-channel" in proc.stdout
+    assert "int8 attempts" in proc.stdout and "per-channel" in proc.stdout
     metadata = read_metadata(path)
     assert metadata["validation"]["passed"] and metadata["quantization"]["label"] == "pt2e per-channel"
     assert metadata["litert"]["io"] == {"input": "int8", "output": "int8"} and metadata["versions"]["litert_torch"]
@@ -237,7 +237,7 @@ def _stock_top1(path: Path, images: list[str]) -> list[str]:
 def test_a_gate_that_fails_climbs_the_ladder_and_keeps_nothing(digits_checkpoint, tmp_path):
     args = ["export", str(digits_checkpoint), "--format", "litert", "--precision", "int8", "--out", str(tmp_path)]
     proc = run_edgeft([*args, "--max-acc-drop", "-100"], cwd=tmp_path)
-    assert proc.returncode == 1 and "pt2e per-channel" in proc.stdout and "classifier float" in proc.stdout
+    assert proc.returncode == 1 and "per-channel" in proc.stdout and "classifier" in proc.stdout  # (table cells wrap)
     assert not list(tmp_path.glob("*.tflite"))
     proc = run_edgeft([*args, "--max-acc-drop", "-100", "--no-fallback"], cwd=tmp_path)
-    assert proc.returncode == 1 and "classifier float" not in proc.stdout
+    assert proc.returncode == 1 and "classifier" not in proc.stdout

@@ -29,13 +29,14 @@ _interrupt_note = (
 
 
 def format_choices() -> dict[str, str]:
-    """Help texts built from the format registry (markup escaped: `[extra]` is shown as written)."""
+    """Help texts built from the format registry (markup escaped: `[extra]` is shown as written); the
+    extras named are those that install each format's writer (`export --format`)."""
     from rich.markup import escape
 
     from edgeft import formats
 
     every = formats.all_formats()
-    extras = "; ".join(f'{f.name}: pip install "edgeft[{f.extra}]"' for f in every if f.extra)
+    extras = "; ".join(f'{f.name}: pip install "edgeft[{f.extra_to_write or f.extra}]"' for f in every if f.extra)
     return {
         "formats": escape(" | ".join((*formats.names(), "all", "auto")) + (f" ({extras})" if extras else "")),
         "precisions": escape("; ".join(f"{f.name} {'/'.join(f.precisions)}" for f in every)),

@@ -115,6 +115,7 @@ class Format:
     precisions: ClassVar[tuple[str, ...]]  # what it can write
     options: ClassVar[frozenset[str]] = frozenset()  # ExportConfig fields only this format reads
     extra: ClassVar[str | None] = None  # the pip extra that installs it (None: edgeft's own dependencies)
+    extra_to_write: ClassVar[str | None] = None  # the extra that installs its writer, where that is another one
     needs: ClassVar[tuple[str, ...]] = ()  # modules needed to run a file (a missing one: install `extra`)
     needs_to_write: ClassVar[tuple[str, ...]] = ()  # modules needed to write one, besides `needs`
     cuda: ClassVar[bool] = False  # its runner can use a CUDA device
@@ -134,7 +135,8 @@ class Format:
         absent = [m for m in modules if not _importable(m)]
         if not absent:
             return None
-        extra = f'pip install "edgeft[{self.extra}]"' if self.extra else 'pip install "edgeft"'
+        name = (self.extra_to_write if write else None) or self.extra
+        extra = f'pip install "edgeft[{name}]"' if name else 'pip install "edgeft"'
         return f"{self.title} needs {', '.join(absent)}, not installed here; install it: {extra}"
 
     def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:

@@ -1,0 +1,305 @@
+"""LiteRT (TensorFlow Lite) flatbuffers (.tflite), written by litert-torch and run by ai-edge-litert's
+interpreter through its XNNPACK delegate: fp32, fp16 (fp16 weights, float32 in and out) and int8
+(PT2E post-training quantization with litert-torch's own quantizer).
+
+Two extras: `litert` (ai-edge-litert, the interpreter: predict, validate, bench) and
+`litert-export` (litert-torch, the converter, which brings jax and transformers). Opening and
+running a file imports no torch.
+
+Layout: input float32 NCHW (the other formats' layout; the converter puts one TRANSPOSE to NHWC
+in front of the first convolution) with a batch of 1, what an app on a device runs; the runner runs
+a larger batch in slices (XNNPACK fails to resize some int8 graphs); output logits.
+
+int8 I/O: litert-torch's static PT2E conversion folds the first quantize and the last dequantize
+into the model's input and output (float I/O is not an option of the converter), so an int8 file
+takes int8 in and gives int8 out, as int8 apps on a device feed it. The runner quantizes the input
+with the input tensor's scale and zero point and dequantizes the output (numpy); a float32 tensor is
+passed as is (the classifier-float rung gives float32 out), so the runner takes either kind.
+Threads: all cores unless told (`threads`); the interpreter's own default leaves it to the runtime.
+
+The edgeft metadata is the model's metadata table entry `edgeft` (`Model.metadata`, which LiteRT's
+loaders and the stock interpreter ignore), whose buffer is the last thing in the file: rewriting it
+leaves every byte before it as it was. The content digest is the sha256 of the file up to that
+buffer: graph, weights and the converter's own metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import InputError
+from edgeft.formats.base import Format, Rung, Runner, WriteRequest, quiet_native_output
+
+__all__ = ["FORMAT", "LiteRtFormat", "PtqRung"]
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = b"edgeft"
+_IDENTIFIER = b"TFL3"  # the flatbuffer file identifier at bytes 4..8
+_MAX_METADATA = 16 * 2**20
+_U32 = 4
+
+
+@dataclass(frozen=True)
+class PtqRung(Rung):
+    """One setting of litert-torch's PT2E quantizer (symmetric int8, per-channel weights); a rung may
+    keep the classifier (the model's Linear layers) in float."""
+
+    float_classifier: bool = False
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "float_classifier": self.float_classifier}
+
+
+class LiteRtFormat(Format):
+    name, title, suffixes, runtime = "litert", "LiteRT", (".tflite",), "litert"
+    precisions = ("fp32", "fp16", "int8")
+    options = frozenset({"fallback"})
+    extra, extra_to_write = "litert", "litert-export"
+    needs, needs_to_write = ("ai_edge_litert",), ("litert_torch",)
+    torch_free, rank = True, 40
+
+    def unavailable(self, precision: str, device: str, *, write: bool = True) -> str | None:
+        if device.startswith("cuda"):
+            return "LiteRT runs on the CPU here (XNNPACK); use --device cpu"
+        return super().unavailable(precision, device, write=write)
+
+    def int8_rungs(self, config) -> list:
+        first = PtqRung("pt2e per-channel", config.calib_size)
+        if config.fallback is False:
+            return [first]
+        return [first, PtqRung("pt2e per-channel, classifier float", config.calib_size, float_classifier=True)]
+
+    def write(self, request: WriteRequest, path: Path) -> dict:
+        with quiet_native_output():
+            flatbuffer, quantization = _convert(request)
+            path.write_bytes(_with_metadata_entry(flatbuffer))
+        extra = {"litert": {"layout": "NCHW", "io": _io_types(path)}}
+        return {**extra, "quantization": quantization} if quantization else extra
+
+    def read(self, path: Path) -> tuple[str | None, str]:
+        data = _read_bytes(path)
+        start, text = _metadata_entry(data, path)
+        return text or None, hashlib.sha256(memoryview(data)[:start]).hexdigest()
+
+    def write_metadata(self, path: Path, text: str) -> None:
+        data = _read_bytes(path)
+        start, _ = _metadata_entry(data, path)
+        payload = text.encode("utf-8")
+        if len(payload) > _MAX_METADATA:
+            raise InputError(f"{path}: metadata of {len(payload)} bytes exceeds {_MAX_METADATA}")
+        with path.open("r+b") as f:
+            f.truncate(start)
+            f.seek(start)
+            f.write(len(payload).to_bytes(_U32, "little") + payload)
+
+    def open(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> Runner:
+        reason = self.unavailable("fp32", device, write=False)
+        if reason:
+            raise InputError(f"{path}: {reason}")
+        _metadata_entry(_read_bytes(path), path)  # a .tflite, or a one-line error
+        return _runner(path, threads or os.cpu_count() or 1)
+
+
+FORMAT = LiteRtFormat()
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _convert(request: WriteRequest) -> tuple[bytes, dict | None]:
+    """The model as a LiteRT flatbuffer (batch 1, float32 NCHW in), and the int8 settings used."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # an import-time deprecation notice
+    import litert_torch
+    import torch
+
+    spec = request.spec
+    model = copy.deepcopy(request.model).float().eval()
+    example = (torch.zeros(1, spec.channels, spec.size, spec.size),)
+    log.info("converting to LiteRT (%s)", request.precision)
+    if request.precision == "int8":
+        return _quantized(model, example, request)
+    quant_config = None
+    if request.precision == "fp16":
+        from litert_torch.generative.quantize import quant_recipes
+
+        quant_config = quant_recipes.full_fp16_recipe()  # fp16 weights, dequantized in the graph
+    return litert_torch.convert(model, example, quant_config=quant_config).model_content(), None
+
+
+def _quantized(model, example, request: WriteRequest) -> tuple[bytes, dict]:
+    """PT2E static int8 with litert-torch's quantizer, observers fed the calibration batches."""
+    import litert_torch
+    import torch
+    from litert_torch.quantize import pt2e_quantizer
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    rung = request.rung
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+    )
+    if rung.float_classifier:
+        linear = torch.nn.Linear  # torch.export records module types by their qualified names
+        quantizer.set_module_type(f"{linear.__module__}.{linear.__qualname__}", None)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(model, (example[0].repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    seen = 0
+    with torch.no_grad():
+        for images in request.calibration(rung.calibration_size):
+            prepared(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+            seen += len(images)
+    if not seen:
+        raise InputError("int8 LiteRT export: the calibration data is empty")
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    edge = litert_torch.convert(converted, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    return edge.model_content(), {**rung.to_dict(), "calibration_images": seen}
+
+
+def _with_metadata_entry(flatbuffer: bytes) -> bytes:
+    """The model with an empty `edgeft` entry in its metadata table, the entry's bytes last in the
+    file (a flatbuffer builder lays out what it builds first at the end)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    builder = flatbuffers.Builder(len(flatbuffer) + 4096)
+    payload = builder.CreateByteVector(b"")  # built first: laid out last
+
+    class Payload:  # a Buffer whose data is the vector above
+        def Pack(self, builder):  # the flatbuffers object API's name
+            schema.BufferStart(builder)
+            schema.BufferAddData(builder, payload)
+            return schema.BufferEnd(builder)
+
+    model.buffers = [*(model.buffers or []), Payload()]
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_KEY.decode(), len(model.buffers) - 1
+    model.metadata = [m for m in model.metadata or [] if m.name != METADATA_KEY] + [entry]
+    builder.Finish(model.Pack(builder), file_identifier=_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    with path.open("rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[4:8] != _IDENTIFIER:
+        raise InputError(f"{path}: not a LiteRT model (.tflite flatbuffer)")
+    return data
+
+
+def _metadata_entry(data: bytes, path: Path) -> tuple[int, str]:
+    """(where the edgeft entry's bytes start, at their length prefix; the metadata text) of a .tflite
+    written by edgeft, whose entry ends the file."""
+    reason = FORMAT.missing()
+    if reason:
+        raise InputError(f"{path}: {reason}")
+    from ai_edge_litert import schema_py_generated as schema
+
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        entries = (model.Metadata(i) for i in range(model.MetadataLength()))
+        found = [entry.Buffer() for entry in entries if entry.Name() == METADATA_KEY]
+        table = model.Buffers(found[0])._tab if len(found) == 1 else None  # the data's place: no public accessor
+        start = table.Vector(table.Offset(4)) - _U32 if table and table.Offset(4) else None
+    except (IndexError, ValueError, TypeError, AttributeError, struct.error) as exc:  # reads past the end
+        raise InputError(f"{path}: not a readable LiteRT model ({exc})") from None
+    if start is None:
+        raise InputError(f"{path}: a LiteRT model with no edgeft metadata entry (not exported by edgeft)")
+    if start + _U32 + int.from_bytes(data[start : start + _U32], "little") != len(data):
+        raise InputError(f"{path}: its edgeft metadata is not at the end of the file; the file was changed")
+    try:
+        return start, data[start + _U32 :].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: its edgeft metadata is not UTF-8 text") from None
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def _interpreter(path: Path, threads: int):
+    """The stock interpreter on the file (XNNPACK applied by default), tensors allocated; its native
+    log lines (the delegate's creation) kept off the console."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        with quiet_native_output():
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: LiteRT cannot load it ({str(exc).strip().splitlines()[0]})") from None
+    return interpreter
+
+
+def _io_types(path: Path) -> dict[str, str]:
+    """The element types of the file's input and output tensors, e.g. {"input": "int8", ...}."""
+    interpreter = _interpreter(path, 1)
+    first = (interpreter.get_input_details()[0], interpreter.get_output_details()[0])
+    return {side: np.dtype(d["dtype"]).name for side, d in zip(("input", "output"), first)}
+
+
+def _runner(path: Path, threads: int) -> Runner:
+    """The file in the stock interpreter: float32 NCHW in (quantized here for an int8 input), float32
+    logits out (dequantized for an int8 output); a larger batch runs in slices of the file's batch
+    (XNNPACK cannot resize every int8 graph)."""
+    interpreter = _interpreter(path, threads)
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    batch, *shape = (int(d) for d in source["shape"])
+    to_input, from_output = _quantizer(source), _dequantizer(target)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        interpreter.set_tensor(source["index"], to_input(x))
+        interpreter.invoke()
+        return from_output(interpreter.get_tensor(target["index"]))
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        if list(x.shape[1:]) != shape:
+            raise InputError(f"{path}: the model takes N x {shape} inputs, got {list(x.shape)}")
+        if len(x) == batch:
+            return run(x)
+        return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+    delegated = any(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+    classes = tuple(int(d) for d in target["shape"][1:])
+    return Runner(infer, "litert:xnnpack" if delegated else "litert", input_shape=tuple(shape), output_shape=classes)
+
+
+def _quantizer(tensor: dict):
+    """float32 -> the tensor's type: its scale and zero point for an integer tensor (in place on one
+    temporary: a tenth of the time of the plain expression)."""
+    kind = np.dtype(tensor["dtype"])
+    if kind == np.float32:
+        return lambda x: np.ascontiguousarray(x, dtype=np.float32)
+    scale, zero = tensor["quantization"]
+    inverse, low, high = np.float32(1 / scale), np.iinfo(kind).min, np.iinfo(kind).max
+
+    def quantize(x: np.ndarray) -> np.ndarray:
+        q = np.multiply(x, inverse, dtype=np.float32)
+        q += zero
+        np.rint(q, out=q)
+        np.clip(q, low, high, out=q)
+        return q.astype(kind)
+
+    return quantize
+
+
+def _dequantizer(tensor: dict):
+    """The tensor's type -> float32."""
+    if np.dtype(tensor["dtype"]) == np.float32:
+        return lambda y: y
+    scale, zero = tensor["quantization"]
+    return lambda y: (y.astype(np.float32) - zero) * np.float32(scale)

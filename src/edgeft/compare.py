@@ -24,14 +24,24 @@ class CompareResult:
     files: dict[str, str]  # md, json, png
 
 
-def compare(config: TrainConfig, *, weights: str, freeze_epochs: int = 2, progress: bool = False) -> CompareResult:
+def compare(
+    config: TrainConfig, *, weights: str, freeze_epochs: int | None = None, progress: bool = False
+) -> CompareResult:
     """Train `config` three times under <out>/compare-<model>-<data>[-N]/: `scratch` (no
-    weights), `frozen` (`weights`, backbone frozen for `freeze_epochs`, then all layers) and
-    `finetune` (`weights`, all layers from the start)."""
+    weights), `frozen` (`weights`, backbone frozen for `freeze_epochs`, default 2 but at most
+    epochs - 1, then all layers) and `finetune` (`weights`, all layers from the start)."""
     if weights in ("none", ""):
         raise InputError("compare needs --weights (imagenet or an edgeft checkpoint trained on other data)")
-    if not 0 < freeze_epochs < config.epochs:
-        raise InputError(f"--freeze-epochs must be between 1 and epochs-1 ({config.epochs - 1})")
+    if config.epochs < 2:
+        raise InputError(
+            f"compare needs --epochs 2 or more (the 'frozen' run trains the head alone first), got {config.epochs}"
+        )
+    if freeze_epochs is None:
+        freeze_epochs = min(2, config.epochs - 1)
+    elif not 0 < freeze_epochs < config.epochs:
+        raise InputError(
+            f"--freeze-epochs must be between 1 and --epochs - 1 ({config.epochs - 1}), got {freeze_epochs}"
+        )
     variants = {
         "scratch": replace(config, weights="none", freeze_epochs=0),
         "frozen": replace(config, weights=weights, freeze_epochs=freeze_epochs),

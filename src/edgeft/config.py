@@ -15,6 +15,7 @@ from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUAN
 
 __all__ = [
     "AUGMENTATIONS",
+    "BUILTIN_DATASETS",
     "DEFAULT_OPSET",
     "FORMATS",
     "MAX_BATCH",
@@ -32,6 +33,7 @@ __all__ = [
     "check_range",
 ]
 
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")  # names --data accepts besides folders
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 AUGMENTATIONS = ("none", "light", "standard")

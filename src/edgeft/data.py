@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from edgeft.config import BUILTIN_DATASETS
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, FileScan, Preprocess, load_image, preprocess_image, to_array
 
@@ -39,7 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -12,10 +12,13 @@ import typer
 from edgeft import __version__, interrupts
 from edgeft.errors import EdgeftError
 
+from .helptext import WorkflowGroup
+
 __all__ = ["app", "format_choices", "interrupt_note", "main"]
 
 app = typer.Typer(
     name="edgeft",
+    cls=WorkflowGroup,
     help="Fine-tune an image classifier, export it, prove the export, ship it to the edge.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

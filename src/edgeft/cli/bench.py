@@ -17,10 +17,13 @@ def _split(text: str) -> tuple[str, ...]:
 
 @app.command("bench")
 def bench_command(
-    models: Annotated[str, typer.Option(help="Comma-separated backbones.")] = ",".join(C.models),
-    runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {format_choices()['runtimes']}.")] = ",".join(
-        C.runtimes
-    ),
+    models: Annotated[
+        str, typer.Option(help=f"Comma-separated backbones (default: {', '.join(C.models)}).", show_default=False)
+    ] = ",".join(C.models),
+    runtimes: Annotated[
+        str,
+        typer.Option(help=f"Comma-separated, of: {format_choices()['runtimes']} (default: all).", show_default=False),
+    ] = ",".join(C.runtimes),
     precisions: Annotated[
         str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")
     ] = "",
@@ -39,7 +42,7 @@ def bench_command(
         int,
         typer.Option(help="Fresh processes per row, taking turns with the model's other rows; p50 is their median."),
     ] = C.rounds,
-    quick: Annotated[bool, typer.Option(help="1 warm-up, <= 10 runs, <= 2 s per row, 1 round.")] = C.quick,
+    quick: Annotated[bool, typer.Option("--quick", help="1 warm-up, <= 10 runs, <= 2 s per row, 1 round.")] = C.quick,
     checkpoints: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -56,8 +59,9 @@ def bench_command(
     keep_files: Annotated[
         bool,
         typer.Option(
+            "--keep-files",
             help="Keep the files it timed in bench-<stamp>-files/ beside the report "
-            "(each row names its file; up to ~800 MB for the default backbones)."
+            "(each row names its file; up to ~800 MB for the default backbones).",
         ),
     ] = C.keep_files,
 ) -> None:

@@ -6,27 +6,36 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgeft.config import STEMS
 from edgeft.config import TrainConfig as C
 
 from . import app
+from .helptext import DATA_CHOICES, one_of
 
 
 @app.command("compare")
 def compare_command(
     weights: Annotated[str, typer.Option(help="imagenet, or an edgeft checkpoint trained on other data (offline).")],
     model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
-    data: Annotated[
-        str, typer.Option(help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.")
-    ] = C.data,
+    data: Annotated[str, typer.Option(help=DATA_CHOICES)] = C.data,
     data_root: Annotated[str, typer.Option(help="Folder of the torchvision datasets.")] = C.data_root,
-    freeze_epochs: Annotated[int, typer.Option(help="Head-only epochs of the 'frozen' run.")] = 2,
-    epochs: Annotated[int, typer.Option()] = C.epochs,
-    batch_size: Annotated[int, typer.Option()] = C.batch_size,
-    img_size: Annotated[Optional[int], typer.Option(help="Input side in pixels.")] = C.img_size,
-    stem: Annotated[str, typer.Option(help="torchvision | small.")] = C.stem,
-    lr: Annotated[Optional[float], typer.Option(help="(default: 3e-3 from scratch, 1e-3 fine-tuning)")] = C.lr,
+    freeze_epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Head-only epochs of the 'frozen' run (default: 2, at most --epochs - 1).", show_default=False
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of each of the three runs (at least 2).")] = C.epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = C.batch_size,
+    img_size: Annotated[
+        Optional[int], typer.Option(help="Input side in pixels (default: as `edgeft train`).", show_default=False)
+    ] = C.img_size,
+    stem: Annotated[str, typer.Option(help=f"{one_of(STEMS)}.")] = C.stem,
+    lr: Annotated[
+        Optional[float], typer.Option(help="Peak learning rate (default: 3e-3 from scratch, 1e-3 fine-tuning).")
+    ] = C.lr,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = C.device,
-    seed: Annotated[int, typer.Option()] = C.seed,
+    seed: Annotated[int, typer.Option(help="Seed of every run (the same for all three).")] = C.seed,
     out: Annotated[str, typer.Option(help="Parent of the comparison folder.")] = C.out,
 ) -> None:
     """Train one backbone three ways on the same data and compare the curves."""

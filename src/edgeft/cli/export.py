@@ -9,13 +9,19 @@ import typer
 from rich.markup import escape
 
 from edgeft import jsonio
-from edgeft.config import DEFAULT_OPSET, OPSETS
+from edgeft.config import DEFAULT_OPSET, OPSETS, PRECISIONS
 from edgeft.config import ExportConfig as C
 from edgeft.errors import GateError, InputError
+from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
 from . import app, format_choices
+from .helptext import one_of
 
 _CHOICES = format_choices()
+_WRITE = "What to write"
+_INT8 = "int8"
+_GATE = "The gate"
+_OUTPUT = "Output"
 
 
 def _newest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -46,54 +52,54 @@ def _validation_rows(v) -> list[tuple[str, str]]:
 @app.command("export")
 def export_command(
     checkpoint: Annotated[
-        Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")
+        Optional[Path],
+        typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).", show_default=False),
     ] = None,
-    format: Annotated[str, typer.Option(help=f"{_CHOICES['formats']}.")] = C.format,
+    format: Annotated[str, typer.Option(help=f"{_CHOICES['formats']}.", rich_help_panel=_WRITE)] = C.format,
     precision: Annotated[
         str,
         typer.Option(
-            help=f"fp32 | fp16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
-            "CUDA). auto: the fastest candidate here that passes its gate."
+            help=f"{one_of((*PRECISIONS, 'auto'))} (each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
+            "CUDA). auto: the fastest candidate here that passes its gate.",
+            rich_help_panel=_WRITE,
         ),
     ] = C.precision,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
-    name: Annotated[
-        Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")
-    ] = C.name,
     opset: Annotated[
         Optional[int],
-        typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).", show_default=False),
+        typer.Option(
+            help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).",
+            show_default=False,
+            rich_help_panel=_WRITE,
+        ),
     ] = C.opset,
     device: Annotated[
-        str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")
-    ] = C.device,
-    validate: Annotated[
-        bool,
+        str,
         typer.Option(
-            "--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result."
+            help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.", rich_help_panel=_WRITE
         ),
-    ] = C.validate,
-    data: Annotated[
-        Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")
-    ] = C.data,
-    data_root: Annotated[
-        Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")
-    ] = C.data_root,
+    ] = C.device,
     calib_data: Annotated[
-        Optional[str], typer.Option(help="int8 calibration images (default: the checkpoint's training data).")
+        Optional[str],
+        typer.Option(help="Calibration images (default: the checkpoint's training data).", rich_help_panel=_INT8),
     ] = C.calib_data,
-    calib_size: Annotated[int, typer.Option(help="int8 calibration images used.")] = C.calib_size,
+    calib_size: Annotated[int, typer.Option(help="Calibration images used.", rich_help_panel=_INT8)] = C.calib_size,
     calib_method: Annotated[
-        Optional[str], typer.Option(help="int8 calibration: minmax | entropy | percentile (default: minmax).")
+        Optional[str],
+        typer.Option(help=f"Calibration: {one_of(CALIBRATION_METHODS)} (default: minmax).", rich_help_panel=_INT8),
     ] = C.calib_method,
     activation_type: Annotated[
-        Optional[str], typer.Option(help="int8 activations: uint8 | int8 (default: uint8 on x86, int8 on ARM).")
+        Optional[str],
+        typer.Option(
+            help=f"Activations: {one_of(ACTIVATION_TYPES)} (default: uint8 on x86, int8 on ARM).",
+            rich_help_panel=_INT8,
+        ),
     ] = C.activation_type,
     weight_type: Annotated[
-        Optional[str], typer.Option(help="int8 weights: int8 | uint8 (default: int8).")
+        Optional[str],
+        typer.Option(help=f"Weights: {one_of(WEIGHT_TYPES)} (default: int8).", rich_help_panel=_INT8),
     ] = C.weight_type,
     quant_format: Annotated[
-        Optional[str], typer.Option(help="int8 graph: qdq | qoperator (default: qdq).")
+        Optional[str], typer.Option(help=f"Graph: {one_of(QUANT_FORMATS)} (default: qdq).", rich_help_panel=_INT8)
     ] = C.quant_format,
     reduce_range: Annotated[
         Optional[bool],
@@ -101,6 +107,7 @@ def export_command(
             "--reduce-range/--no-reduce-range",
             help="7-bit int8 weights (default: on for x86 without VNNI).",
             show_default=False,
+            rich_help_panel=_INT8,
         ),
     ] = C.reduce_range,
     fallback: Annotated[
@@ -109,16 +116,44 @@ def export_command(
             "--fallback/--no-fallback",
             show_default=False,
             help="ONNX int8 that fails its gate: try more calibration images, another method, "
-            "first conv + classifier in float.",
+            "first conv + classifier in float (default: on).",
+            rich_help_panel=_INT8,
         ),
     ] = C.fallback,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate",
+            help="Compare with the checkpoint on real images and gate the result.",
+            rich_help_panel=_GATE,
+        ),
+    ] = C.validate,
+    data: Annotated[
+        Optional[str],
+        typer.Option(help="Validation data (default: the checkpoint's validation split).", rich_help_panel=_GATE),
+    ] = C.data,
+    data_root: Annotated[
+        Optional[str],
+        typer.Option(help="Root of torchvision datasets (default: the checkpoint's).", rich_help_panel=_GATE),
+    ] = C.data_root,
     max_acc_drop: Annotated[
-        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")
+        Optional[float],
+        typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).", rich_help_panel=_GATE),
     ] = C.max_acc_drop,
-    batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="The batch > 1 validated besides batch 1.", rich_help_panel=_GATE)
+    ] = C.batch_size,
     force: Annotated[
-        bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")
+        bool,
+        typer.Option(
+            "--force", help="Keep a file that fails its gate (marked failed in its metadata).", rich_help_panel=_GATE
+        ),
     ] = C.force,
+    out: Annotated[Path, typer.Option(help="Output folder.", rich_help_panel=_OUTPUT)] = Path(C.out),
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).", rich_help_panel=_OUTPUT),
+    ] = C.name,
 ) -> None:
     """Write exported files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
@@ -174,9 +209,11 @@ def validate_command(
     data: Annotated[
         Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")
     ] = None,
-    data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
+    data_root: Annotated[
+        Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")
+    ] = None,
     max_acc_drop: Annotated[
-        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")
+        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
     device: Annotated[
@@ -215,7 +252,7 @@ def validate_command(
 @app.command("info")
 def info_command(
     file: Annotated[Path, typer.Argument(help=f"An exported file ({_CHOICES['files']}).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole metadata document as JSON.")] = False,
 ) -> None:
     """Print the metadata embedded in an exported file."""
     from edgeft.artifact import read_metadata

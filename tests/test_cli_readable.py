@@ -3,8 +3,14 @@ fits, progress a user can see, and words that are true. Real subprocesses throug
 
 from __future__ import annotations
 
+import json
+import os
+import pty
 import re
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -13,7 +19,7 @@ from edgeft import formats
 from edgeft.cli import app
 from edgeft.cli.helptext import WORKFLOW
 
-from conftest import offline_env, run_edgeft
+from conftest import edgeft_command, make_image_folder, offline_env, run_edgeft, time_limit
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -79,3 +85,63 @@ def test_export_options_are_grouped_and_commands_in_workflow_order(helps):
         assert f"─ {panel} ─" in helps["export"]
     listed = [line.split()[1] for line in helps[""].splitlines() if re.match(r"│ [a-z]+ ", line)]
     assert listed == list(WORKFLOW)
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_on_a_terminal(args: list[str], *, cwd: Path, timeout: float = 300) -> tuple[int, str, list[str]]:
+    """Run `edgeft` with stderr on a pseudo-terminal (stdout piped): exit code, stdout, and the
+    distinct stderr lines in the order they were first drawn, escape codes removed."""
+    master, slave = pty.openpty()
+    env = offline_env(cwd / ".torch_home", COLUMNS="80")
+    proc = subprocess.Popen([*edgeft_command(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        raw += chunk
+    os.close(master)
+    stdout = proc.communicate(timeout=time_limit(timeout))[0].decode()
+    drawn = _ANSI.sub("", raw.decode(errors="replace")).replace("\r", "\n").splitlines()
+    return proc.returncode, stdout, list(dict.fromkeys(line.rstrip() for line in drawn if line.strip()))
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A resnet18 trained one epoch on three 16 px classes: runs/small/best.pt in its own folder."""
+    from edgeft.train import TrainConfig, train
+
+    cwd = tmp_path_factory.mktemp("progress")
+    folder = make_image_folder(cwd / "shapes", {"a": 12, "b": 12, "c": 12}, size=16)
+    config = TrainConfig(data=str(folder), img_size=16, epochs=1, batch_size=8, patience=0, workers=0)
+    return Path(train(replace(config, out=str(cwd / "runs"), name="small")).best_checkpoint)
+
+
+def test_export_shows_every_stage_on_a_terminal(small_checkpoint):
+    cwd = small_checkpoint.parent.parent.parent
+    code, _, lines = run_on_a_terminal(["export", str(small_checkpoint), "--precision", "int8"], cwd=cwd)
+    assert code == 0, "\n".join(lines)
+    assert lines[0].startswith("starting (importing torch)")  # drawn before the slow imports
+    text = "\n".join(lines)
+    for stage in ("loading best.pt", "int8 rung 1/", "writing ONNX int8", "calibrating", "gating the int8 file"):
+        assert stage in text, text
+    assert re.search(r"gating the int8 file .* \d+/\d+ images", text), text
+    assert re.search(r"calibrating .* \d+/\d+ images", text), text
+    assert all(len(line) <= 80 for line in lines), text
+
+
+def test_validate_shows_progress_on_a_terminal_and_is_quiet_with_json_or_a_pipe(small_checkpoint):
+    cwd = small_checkpoint.parent.parent.parent
+    assert run_edgeft(["export", str(small_checkpoint), "--name", "quiet"], cwd=cwd).stderr == ""  # piped: quiet
+    code, _, lines = run_on_a_terminal(["validate", "exported/quiet.onnx"], cwd=cwd)
+    assert code == 0 and re.search(r"gating the fp32 file .* \d+/\d+ images", "\n".join(lines)), lines
+    code, stdout, lines = run_on_a_terminal(["validate", "exported/quiet.onnx", "--json"], cwd=cwd)
+    assert code == 0 and lines == [] and json.loads(stdout)["passed"]

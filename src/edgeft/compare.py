@@ -11,9 +11,16 @@ from edgeft.config import TrainConfig
 from edgeft.errors import InputError
 from edgeft.interrupts import atomic_write_text
 from edgeft.plots import plot_comparison
+from edgeft.progress import say
 from edgeft.train import TrainResult, check_inputs, train
 
 __all__ = ["CompareResult", "compare"]
+
+_DESCRIPTIONS = {
+    "scratch": "random weights",
+    "frozen": "the head alone first, then every layer",
+    "finetune": "every layer from the start",
+}
 
 
 @dataclass
@@ -53,7 +60,11 @@ def compare(
     while folder.exists():
         n += 1
         folder = base.with_name(f"{base.name}-{n}")
-    runs = {name: train(replace(v, out=str(folder), name=name), progress=progress) for name, v in variants.items()}
+    runs = {}
+    for k, (name, variant) in enumerate(variants.items(), 1):
+        if progress:
+            say(f"run {k}/3: {name} ({_DESCRIPTIONS[name]})")
+        runs[name] = train(replace(variant, out=str(folder), name=name), progress=progress)
     table = _table(runs, variants)
     files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}
     atomic_write_text(files["md"], f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")

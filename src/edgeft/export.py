@@ -33,6 +33,7 @@ from edgeft.errors import InputError
 from edgeft.interrupts import deferred_interrupts
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import Preprocess, first_images, image_files, preprocess_image
+from edgeft.progress import stage
 from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "selected_formats"]
@@ -154,9 +155,10 @@ def export(config: ExportConfig) -> ExportResult:
     chosen = selected_formats(config)
     torch_device(config.device)  # an unusable CUDA device is refused before any work
     source = Path(config.checkpoint)
-    checkpoint = load_checkpoint(source)
-    needs_data = config.validate or (config.precision in ("int8", "auto") and not config.calib_data)
-    bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
+    with stage(f"loading {source.name} and its data"):
+        checkpoint = load_checkpoint(source)
+        needs_data = config.validate or (config.precision in ("int8", "auto") and not config.calib_data)
+        bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
     out = _prepare_out(Path(config.out))
     stem = config.name or (source.resolve().parent.name or source.stem)
     job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
@@ -252,11 +254,13 @@ class _Job:
         each attempt gated, timed and logged. `tmp` holds the last attempt."""
         rungs = fmt.int8_rungs(self.config)
         attempts: list[Attempt] = []
-        for rung in rungs if self.config.validate else rungs[:1]:
-            extra = self._write_file(fmt, tmp, "int8", rung)
-            validation = self._seal_and_gate(tmp, fmt, "int8", extra)
-            attempt = Attempt.from_validation(f"int8 {rung.label()}", "int8", validation)
-            self._time([tmp], [attempt])
+        tried = rungs if self.config.validate else rungs[:1]
+        for k, rung in enumerate(tried, 1):
+            with stage(f"int8 rung {k}/{len(tried)}: {rung.label()}"):
+                extra = self._write_file(fmt, tmp, "int8", rung)
+                validation = self._seal_and_gate(tmp, fmt, "int8", extra)
+                attempt = Attempt.from_validation(f"int8 {rung.label()}", "int8", validation)
+                self._time([tmp], [attempt])
             attempts.append(attempt)
             log.info("int8 attempt %d (%s): %s", len(attempts), rung.label(), _attempt_line(attempt))
             if attempt.passed:
@@ -265,7 +269,9 @@ class _Job:
 
     def _time(self, paths: list[Path], attempts: list[Attempt]) -> None:
         batch_sizes = tuple(dict.fromkeys((1, self.config.batch_size)))
-        for attempt, p50 in zip(attempts, time_files(paths, batch_sizes=batch_sizes, device=self.config.device)):
+        with stage(f"timing {' and '.join(a.candidate for a in attempts)}"):
+            timings = time_files(paths, batch_sizes=batch_sizes, device=self.config.device)
+        for attempt, p50 in zip(attempts, timings):
             attempt.p50_ms, attempt.batch, attempt.p50_batch_ms = p50[1], batch_sizes[-1], p50[batch_sizes[-1]]
 
     def _write_file(self, fmt: formats.Format, tmp: Path, precision: str, rung=None) -> dict:
@@ -273,10 +279,14 @@ class _Job:
         request = formats.WriteRequest(
             self.model, self.spec, precision, self.config.device, self.config, self.workdir, rung, self._calibration
         )
-        return {"versions": _versions(fmt), **fmt.write(request, tmp)}
+        with stage(f"writing {fmt.title} {precision}"):
+            return {"versions": _versions(fmt), **fmt.write(request, tmp)}
 
     def _calibration(self, count: int) -> Iterator[np.ndarray]:
-        return _calibration(self.config, self.bundle, self.spec, count)
+        with stage("calibrating", total=count, unit="images") as advance:
+            for batch in _calibration(self.config, self.bundle, self.spec, count):
+                advance(len(batch))
+                yield batch
 
     def _seal_and_gate(self, tmp: Path, fmt: formats.Format, precision: str, extra: dict) -> ValidationResult | None:
         """Write the metadata and content digest, then gate the file as `edgeft predict` reads it."""

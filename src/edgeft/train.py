@@ -31,6 +31,7 @@ from edgeft.errors import InputError
 from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
+from edgeft.progress import bar as progress_bar
 
 __all__ = [
     "LearningRate",
@@ -296,7 +297,7 @@ def _same_best(resume: dict, best: dict) -> bool:
 
 def _fit(config: TrainConfig, *, checkpoint: dict | None, run_dir: Path | None, progress: bool) -> TrainResult:
     run = _build(config, checkpoint, run_dir)
-    with run.loaders, _progress(progress and run.ctx.is_main) as bar:
+    with run.loaders, progress_bar(progress and run.ctx.is_main) as bar:
         for epoch in range(run.state.epoch, config.epochs):
             if run.state.stopped_early:
                 break
@@ -500,7 +501,10 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
     """Train one epoch; loss and accuracy sums over every rank, the rate used, images/s."""
     c, s, device = run.config, run.state, run.device
     task = bar.add_task(
-        f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""), total=run.steps_per_epoch, metrics=""
+        f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""),
+        total=run.steps_per_epoch,
+        count="",
+        metrics="",
     )
     started = time.perf_counter()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
@@ -536,7 +540,7 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
         if bar.live.is_started and ((step + 1) % 10 == 0 or step + 1 == run.steps_per_epoch):  # a sync every 10 steps
             rate_s = seen / (time.perf_counter() - started)
             metrics = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.2%}  {rate_s:,.0f} img/s"
-            bar.update(task, completed=step + 1, metrics=metrics)
+            bar.update(task, completed=step + 1, count=f"{step + 1}/{run.steps_per_epoch}", metrics=metrics)
     seconds = time.perf_counter() - started
     run.ctx.sync_buffers(s.model)
     loss_sum, correct, seen_all = run.ctx.sum(loss_sum, correct, torch.tensor(float(seen), device=device))
@@ -682,21 +686,6 @@ def _finish(run: _Run) -> TrainResult:
     )
     atomic_write_text(run.run_dir / "summary.json", jsonio.dumps(summary, indent=2) + "\n")
     return result
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[metrics]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from edgeft.errors import InputError
 from edgeft.models import model_from_checkpoint
 from edgeft.predict import Predictor
 from edgeft.preprocess import preprocess_image
+from edgeft.progress import stage
 
 __all__ = ["GATES", "ValidationResult", "file_sha256", "find_reference", "gate", "gate_for", "validate_file"]
 
@@ -190,7 +192,8 @@ def gate(
     if not mismatches:
         runner = Predictor(path, device=device)
         reference = (model or model_from_checkpoint(checkpoint)).eval()
-        reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped)
+        with stage(f"gating the {metadata['precision']} file", total=len(bundle.val), unit="images") as advance:
+            reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped, advance)
         provider = runner.provider
     result = _verdict(
         tallies,
@@ -209,9 +212,16 @@ def gate(
 
 
 def _compare(
-    runner, reference: torch.nn.Module, bundle: DataBundle, tallies: dict[int, _Tally], workers: int, skipped: list[str]
+    runner,
+    reference: torch.nn.Module,
+    bundle: DataBundle,
+    tallies: dict[int, _Tally],
+    workers: int,
+    skipped: list[str],
+    advance: Callable[[int], None],
 ) -> int:
-    """Stream the validation split through both; returns the reference's correct count."""
+    """Stream the validation split through both (`advance` counts the images); returns the
+    reference's correct count."""
     reference_correct = 0
     biggest = max(tallies)
     chunk = -(-max(_CHUNK, biggest) // biggest) * biggest
@@ -222,6 +232,7 @@ def _compare(
             for b, tally in tallies.items():
                 logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
                 tally.add(logits, ref_logits, labels)
+            advance(len(labels))
     return reference_correct
 
 
@@ -328,12 +339,13 @@ def validate_file(
     path = Path(path)
     metadata = read_metadata(path)  # refuses a file modified after export
     checkpoint_path = Path(reference) if reference else find_reference(path, metadata)
-    checkpoint = load_checkpoint(checkpoint_path)
-    notes = []
-    if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
-        notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
-    bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
-    model = model_from_checkpoint(checkpoint)
+    with stage(f"loading {checkpoint_path.name} and its data"):
+        checkpoint = load_checkpoint(checkpoint_path)
+        notes = []
+        if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
+            notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
+        bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
+        model = model_from_checkpoint(checkpoint)
     del checkpoint["state_dict"]  # the model holds the weights now: memory is the point here
     result = gate(
         path,

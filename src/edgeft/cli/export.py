@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from edgeft import jsonio
+from edgeft import jsonio, progress
 from edgeft.config import DEFAULT_OPSET, OPSETS, PRECISIONS
 from edgeft.config import ExportConfig as C
 from edgeft.errors import GateError, InputError
@@ -160,11 +160,13 @@ def export_command(
     from rich.console import Console
     from rich.table import Table
 
-    from edgeft.export import export
-
     options["checkpoint"] = str(checkpoint or _newest_checkpoint())
     options["out"] = str(out)
-    result = export(C(**options))
+    config = C(**options)
+    with progress.shown():
+        with progress.stage("starting (importing torch)"):
+            from edgeft.export import export
+        result = export(config)
     console = Console()
     for f in result.files:
         if f.attempts:
@@ -223,18 +225,19 @@ def validate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compare an exported file with its checkpoint on real images; exit 1 when the gate fails."""
-    from edgeft.validate import validate_file
-
-    result = validate_file(
-        file,
-        reference=reference,
-        data=data,
-        data_root=data_root,
-        max_acc_drop=max_acc_drop,
-        batch_size=batch_size,
-        device=device,
-        workers=workers,
-    )
+    with progress.shown(not as_json):
+        with progress.stage("starting (importing torch)"):
+            from edgeft.validate import validate_file
+        result = validate_file(
+            file,
+            reference=reference,
+            data=data,
+            data_root=data_root,
+            max_acc_drop=max_acc_drop,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+        )
     if as_json:
         typer.echo(jsonio.dumps(result.to_dict(), indent=2))
     else:

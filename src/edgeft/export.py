@@ -27,6 +27,7 @@ from edgeft.artifact import METADATA_FORMAT, content_digest, read_metadata, writ
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig
+from edgeft.cpu import use_threads
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError
@@ -154,6 +155,7 @@ def export(config: ExportConfig) -> ExportResult:
     already at the destination is only replaced by one that passed or was forced."""
     chosen = selected_formats(config)
     torch_device(config.device)  # an unusable CUDA device is refused before any work
+    use_threads(config.threads)
     source = Path(config.checkpoint)
     with stage(f"loading {source.name} and its data"):
         checkpoint = load_checkpoint(source)
@@ -270,7 +272,7 @@ class _Job:
     def _time(self, paths: list[Path], attempts: list[Attempt]) -> None:
         batch_sizes = tuple(dict.fromkeys((1, self.config.batch_size)))
         with stage(f"timing {' and '.join(a.candidate for a in attempts)}"):
-            timings = time_files(paths, batch_sizes=batch_sizes, device=self.config.device)
+            timings = time_files(paths, batch_sizes=batch_sizes, device=self.config.device, threads=self.config.threads)
         for attempt, p50 in zip(attempts, timings):
             attempt.p50_ms, attempt.batch, attempt.p50_batch_ms = p50[1], batch_sizes[-1], p50[batch_sizes[-1]]
 
@@ -303,6 +305,7 @@ class _Job:
             device=config.device,
             batch_sizes=(1, config.batch_size),
             max_acc_drop=config.max_acc_drop,
+            threads=config.threads,
         )
         _write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation

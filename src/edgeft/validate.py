@@ -24,7 +24,8 @@ from PIL import Image
 
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import MAX_BATCH, MAX_WORKERS, check_max_acc_drop, check_range
+from edgeft.config import MAX_BATCH, MAX_WORKERS, check_max_acc_drop, check_range, check_threads
+from edgeft.cpu import use_threads
 from edgeft.data import DataBundle, TensorImages, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError
@@ -68,9 +69,13 @@ class ValidationResult:
     reason: str  # why the gate failed; empty when it passed
     provider: str  # what ran the exported file
     notes: list[str] = field(default_factory=list)  # what the user should know, not a failure
+    threads: int | None = None  # intra-op threads of the runtime and the checkpoint (None: their defaults)
+    file: str = ""  # the exported file validated (as given), for `edgeft validate`
+    reference: str = ""  # the checkpoint it was compared with (as found or given), for `edgeft validate`
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field; `file` and `reference` only where set (an export's record names no path)."""
+        return {k: v for k, v in asdict(self).items() if v != "" or k not in ("file", "reference")}
 
 
 def gate_for(precision: str, max_acc_drop: float | None = None) -> tuple[float, float]:
@@ -180,6 +185,7 @@ def gate(
     max_acc_drop: float | None = None,
     device: str = "cpu",
     workers: int = 2,
+    threads: int | None = None,
 ) -> ValidationResult:
     """Run the checkpoint (`model`, when already built from it) and the exported file at `path` (as
     `edgeft predict` runs it) on the validation split, the file at each of `batch_sizes`, and judge
@@ -190,7 +196,7 @@ def gate(
     tallies = {b: _Tally() for b in batch_sizes}
     reference_correct, provider, skipped = 0, "not run", []
     if not mismatches:
-        runner = Predictor(path, device=device)
+        runner = Predictor(path, device=device, threads=threads)
         reference = (model or model_from_checkpoint(checkpoint)).eval()
         with stage(f"gating the {metadata['precision']} file", total=len(bundle.val), unit="images") as advance:
             reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped, advance)
@@ -204,6 +210,7 @@ def gate(
         provider=provider,
         max_acc_drop=max_acc_drop,
     )
+    result.threads = threads
     if skipped:
         result.notes.append(
             f"{len(skipped)} validation file(s) could not be decoded and were left out, e.g. {skipped[0]}"
@@ -328,12 +335,15 @@ def validate_file(
     batch_size: int = 8,
     device: str = "cpu",
     workers: int = 2,
+    threads: int | None = None,
 ) -> ValidationResult:
     """`edgeft validate`: the gate on an exported file, against the checkpoint it was exported
     from (found by its recorded run and file name) or `reference`; data as `gate` reads it."""
     check_range("--batch-size", batch_size, 1, MAX_BATCH)
     check_range("--workers", workers, 0, MAX_WORKERS)
     check_max_acc_drop(max_acc_drop)
+    check_threads(threads)
+    use_threads(threads)
     _return_large_frees_to_the_system()
     device = str(torch_device(device))  # auto resolved; an unusable CUDA device refused before any work
     path = Path(path)
@@ -356,6 +366,8 @@ def validate_file(
         max_acc_drop=max_acc_drop,
         device=device,
         workers=workers,
+        threads=threads,
     )
     result.notes += notes
+    result.file, result.reference = str(path), str(checkpoint_path)
     return result

@@ -14,7 +14,7 @@ from edgeft.errors import EdgeftError
 
 from .helptext import WorkflowGroup
 
-__all__ = ["app", "format_choices", "interrupt_note", "main"]
+__all__ = ["THREADS_HELP", "app", "format_choices", "interrupt_note", "load_note", "main"]
 
 app = typer.Typer(
     name="edgeft",
@@ -45,6 +45,19 @@ def format_choices() -> dict[str, str]:
         "files": ", ".join(s for f in every for s in f.suffixes[:1]),
         "runtimes": ", ".join(("eager", *(f.runtime for f in every))),
     }
+
+
+THREADS_HELP = "Intra-op threads (default: the runtime's, one per core); results depend on it (README: Threads)."
+
+
+def load_note() -> None:
+    """One line on a terminal when the machine is busier than its cores (speed and timings suffer)."""
+    from edgeft.cpu import load_note as note
+    from edgeft.progress import say
+
+    line = note()
+    if line:
+        say(line)
 
 
 def interrupt_note(text: str) -> None:
@@ -80,8 +93,8 @@ def main() -> None:
     interrupts.install_handlers()
     try:
         app()
-    except EdgeftError as exc:
-        _fail(exc, f"edgeft: error: {exc}", exc.exit_code)
+    except EdgeftError as exc:  # exit 0 (nothing to do) is said without "error"
+        _fail(exc, f"edgeft: error: {exc}" if exc.exit_code else f"edgeft: {exc}", exc.exit_code)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
     except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130: say what was kept

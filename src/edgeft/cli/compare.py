@@ -9,7 +9,7 @@ import typer
 from edgeft.config import STEMS
 from edgeft.config import TrainConfig as C
 
-from . import app
+from . import THREADS_HELP, app, load_note
 from .helptext import DATA_CHOICES, one_of
 
 
@@ -36,6 +36,7 @@ def compare_command(
     ] = C.lr,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = C.device,
     seed: Annotated[int, typer.Option(help="Seed of every run (the same for all three).")] = C.seed,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = C.threads,
     out: Annotated[str, typer.Option(help="Parent of the comparison folder.")] = C.out,
 ) -> None:
     """Train one backbone three ways on the same data and compare the curves."""
@@ -50,6 +51,7 @@ def compare_command(
         lr=lr,
         device=device,
         seed=seed,
+        threads=threads,
         out=out,
         patience=0,
     )
@@ -59,6 +61,7 @@ def compare_command(
 
     from edgeft.compare import compare
 
+    load_note()
     result = compare(config, weights=weights, freeze_epochs=freeze_epochs, progress=True)
     console = Console()
     console.print(Markdown(result.table))

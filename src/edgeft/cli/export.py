@@ -14,7 +14,7 @@ from edgeft.config import ExportConfig as C
 from edgeft.errors import GateError, InputError
 from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
-from . import app, format_choices
+from . import THREADS_HELP, app, format_choices, load_note
 from .helptext import one_of
 
 _CHOICES = format_choices()
@@ -43,7 +43,8 @@ def _validation_rows(v) -> list[tuple[str, str]]:
         ("agreement", f"top-1 {v.top1_agreement:.2%}, top-5 {v.top5_agreement:.2%}"),
         ("logit difference", f"max {v.max_abs_logit_diff:.3g} (relative {v.max_rel_logit_diff:.3g})"),
         ("probability difference", f"max {v.max_prob_diff:.3g}, mean {v.mean_prob_diff:.3g}"),
-        ("images", escape(f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}, {v.provider}")),
+        ("images", escape(f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}")),
+        ("ran on", escape(f"{v.provider}, " + (f"{v.threads} thread(s)" if v.threads else "default threads"))),
         ("gate", "[green]passed[/]" if v.passed else f"[red]FAILED[/]: {escape(v.reason)}"),
     ]
     return rows + [("note", f"[yellow]{escape(note)}[/]") for note in v.notes]
@@ -149,6 +150,9 @@ def export_command(
             "--force", help="Keep a file that fails its gate (marked failed in its metadata).", rich_help_panel=_GATE
         ),
     ] = C.force,
+    threads: Annotated[
+        Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_WRITE)
+    ] = C.threads,
     out: Annotated[Path, typer.Option(help="Output folder.", rich_help_panel=_OUTPUT)] = Path(C.out),
     name: Annotated[
         Optional[str],
@@ -163,6 +167,7 @@ def export_command(
     options["checkpoint"] = str(checkpoint or _newest_checkpoint())
     options["out"] = str(out)
     config = C(**options)
+    load_note()
     with progress.shown():
         with progress.stage("starting (importing torch)"):
             from edgeft.export import export
@@ -222,9 +227,12 @@ def validate_command(
         str, typer.Option(help="cpu | cuda[:N]: where the exported file runs (the checkpoint runs on the CPU).")
     ] = "cpu",
     workers: Annotated[int, typer.Option(help="Threads that decode the validation images.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compare an exported file with its checkpoint on real images; exit 1 when the gate fails."""
+    if not as_json:
+        load_note()
     with progress.shown(not as_json):
         with progress.stage("starting (importing torch)"):
             from edgeft.validate import validate_file
@@ -237,6 +245,7 @@ def validate_command(
             batch_size=batch_size,
             device=device,
             workers=workers,
+            threads=threads,
         )
     if as_json:
         typer.echo(jsonio.dumps(result.to_dict(), indent=2))
@@ -245,6 +254,7 @@ def validate_command(
         from rich.table import Table
 
         table = Table(title=escape(str(file)), show_header=False)
+        table.add_row("reference", escape(result.reference))
         for row in _validation_rows(result):
             table.add_row(*row)
         Console().print(table)

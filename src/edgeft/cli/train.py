@@ -13,7 +13,7 @@ from edgeft.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULERS, STEMS
 from edgeft.config import TrainConfig as C
 from edgeft.errors import InputError
 
-from . import app
+from . import THREADS_HELP, app, load_note
 from .helptext import DATA_CHOICES, one_of
 
 _MODEL = "Model"
@@ -142,6 +142,9 @@ def train_command(
         int, typer.Option(help="Seed of weights init, shuffling and augmentation.", rich_help_panel=_RUN)
     ] = C.seed,
     workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
+    threads: Annotated[
+        Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_RUN)
+    ] = C.threads,
     out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
     name: Annotated[
         Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)
@@ -168,6 +171,7 @@ def train_command(
 
     from edgeft import train as training
 
+    load_note()
     if resume is None:
         result = training.train(config, progress=True)
     else:
@@ -178,7 +182,7 @@ def train_command(
     table = Table(show_header=False, box=None)
     table.add_row("best val accuracy", f"{result.best_val_acc:.2%} (epoch {result.best_epoch})")
     table.add_row("epochs", f"{result.epochs}" + (" (early stop)" if result.stopped_early else ""))
-    table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}")
+    table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}, {result.threads} threads")
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     if result.img_size_from_data:
         table.add_row(

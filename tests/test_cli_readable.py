@@ -19,7 +19,7 @@ from edgeft import formats
 from edgeft.cli import app
 from edgeft.cli.helptext import WORKFLOW
 
-from conftest import edgeft_command, make_image_folder, offline_env, run_edgeft, time_limit
+from conftest import edgeft_command, make_image_folder, offline_env, one_line_error, run_edgeft, time_limit
 
 COMMANDS = typer.main.get_command(app).commands
 
@@ -143,5 +143,38 @@ def test_validate_shows_progress_on_a_terminal_and_is_quiet_with_json_or_a_pipe(
     assert run_edgeft(["export", str(small_checkpoint), "--name", "quiet"], cwd=cwd).stderr == ""  # piped: quiet
     code, _, lines = run_on_a_terminal(["validate", "exported/quiet.onnx"], cwd=cwd)
     assert code == 0 and re.search(r"gating the fp32 file .* \d+/\d+ images", "\n".join(lines)), lines
-    code, stdout, lines = run_on_a_terminal(["validate", "exported/quiet.onnx", "--json"], cwd=cwd)
-    assert code == 0 and lines == [] and json.loads(stdout)["passed"]
+    code, stdout, lines = run_on_a_terminal(["validate", "exported/quiet.onnx", "--json", "--threads", "1"], cwd=cwd)
+    record = json.loads(stdout)
+    assert code == 0 and lines == [] and record["passed"]
+    assert record["threads"] == 1  # honoured and recorded
+    assert record["file"] == "exported/quiet.onnx" and record["reference"] == str(Path("runs/small/best.pt"))
+
+
+# --- words that are true -------------------------------------------------------------------------
+
+
+def test_threads_recorded_and_resume_of_a_finished_run_says_so(tmp_path):
+    folder = make_image_folder(tmp_path / "shapes", {"a": 6, "b": 6}, size=16)
+    args = ["train", "--data", str(folder), "--img-size", "16", "--epochs", "1", "--batch-size", "4"]
+    proc = run_edgeft([*args, "--threads", "1", "--workers", "0", "--name", "one"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "one"
+    config = json.loads((run / "config.json").read_text())
+    assert config["threads"] == 1 and json.loads((run / "summary.json").read_text())["threads"] == 1
+    assert None not in (config["lr"], config["amp"], config["channels_last"])
+    assert "1 threads" in proc.stdout or "1 thread" in proc.stdout
+    assert "WARNING" not in proc.stderr  # routine information is not a warning
+
+    before = (run / "summary.json").read_text()
+    proc = run_edgeft(["train", "--resume", str(run)], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "already finished" in line and "--epochs" in line and "error" not in line
+    assert (run / "summary.json").read_text() == before  # nothing was redone
+
+
+def test_compare_with_one_epoch_names_the_option_the_user_set(tmp_path):
+    proc = run_edgeft(["compare", "--weights", "imagenet", "--epochs", "1"], cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_line_error(proc.stderr)
+    assert "--epochs" in line and "--freeze-epochs" not in line

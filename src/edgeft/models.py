@@ -65,7 +65,7 @@ class ModelInfo:
 
     name: str
     params_m: float  # millions of parameters with the 1000-class ImageNet head
-    gflops: float  # at 224 x 224, 3 channels
+    gmacs: float  # multiply-adds (torchvision's "GFLOPS"), in billions, at 224 x 224, 3 channels
     weights: str  # torchvision's default ImageNet weights
     weights_file: Path  # where torchvision looks for them
     cached: bool  # present in the hub cache, so `--weights imagenet` works offline
@@ -95,7 +95,7 @@ def model_info(name: str) -> ModelInfo:
     return ModelInfo(
         name=name,
         params_m=weights.meta["num_params"] / 1e6,
-        gflops=weights.meta["_ops"],
+        gmacs=weights.meta["_ops"],
         weights=str(weights),
         weights_file=path,
         cached=path.is_file(),

@@ -125,10 +125,17 @@ def small_checkpoint(tmp_path_factory) -> Path:
     return Path(train(replace(config, out=str(cwd / "runs"), name="small")).best_checkpoint)
 
 
-def test_export_shows_every_stage_on_a_terminal(small_checkpoint):
+@pytest.fixture(scope="module")
+def int8_export(small_checkpoint) -> tuple[Path, list[str]]:
+    """`edgeft export --precision int8` on a terminal: the file and the lines its stderr drew."""
     cwd = small_checkpoint.parent.parent.parent
     code, _, lines = run_on_a_terminal(["export", str(small_checkpoint), "--precision", "int8"], cwd=cwd)
     assert code == 0, "\n".join(lines)
+    return cwd / "exported" / "small-int8.onnx", lines
+
+
+def test_export_shows_every_stage_on_a_terminal(int8_export):
+    _, lines = int8_export
     assert lines[0].startswith("starting (importing torch)")  # drawn before the slow imports
     text = "\n".join(lines)
     for stage in ("loading best.pt", "int8 rung 1/", "writing ONNX int8", "calibrating", "gating the int8 file"):
@@ -178,3 +185,32 @@ def test_compare_with_one_epoch_names_the_option_the_user_set(tmp_path):
     assert proc.returncode == 2
     line = one_line_error(proc.stderr)
     assert "--epochs" in line and "--freeze-epochs" not in line
+
+
+def test_nproc_beyond_the_devices_is_refused_with_the_reason(tmp_path):
+    too_many = (os.cpu_count() or 1) + 1
+    proc = run_edgeft(["train", "--device", "cpu", "--nproc", str(too_many), "--epochs", "1"], cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_line_error(proc.stderr)
+    assert f"--nproc {too_many}" in line and f"{os.cpu_count()} CPU cores" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_offline_dataset_error_names_the_archive_and_leaves_no_folder(tmp_path):
+    proc = run_edgeft(["train", "--data", "cifar10", "--data-root", "datasets", "--epochs", "1"], cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_line_error(proc.stderr)
+    assert "cifar-10-python.tar.gz" in line and str(tmp_path / "datasets") in line
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_info_shows_everything_the_file_records_at_80_columns(int8_export):
+    path, _ = int8_export
+    metadata = json.loads(run_edgeft(["info", str(path), "--json"], cwd=path.parent).stdout)
+    proc = run_edgeft(["info", str(path)], cwd=path.parent, env=offline_env(path.parent, COLUMNS="80"))
+    assert proc.returncode == 0, proc.stderr
+    assert all(len(line) <= 80 and "…" not in line for line in proc.stdout.splitlines()), proc.stdout
+    text = "".join(proc.stdout.split()).replace("│", "")  # folded values joined again
+    for label in ("opset", "output", "int8settings", "calibrate_methodminmax", "metadataformat"):
+        assert label in text, proc.stdout
+    assert metadata["content_sha256"] in text and metadata["output"]["name"] in text

@@ -80,6 +80,7 @@ def compare(
 
 
 def _table(runs: dict[str, TrainResult], variants: dict[str, TrainConfig]) -> str:
+    """The comparison as Markdown; a weights file by its name (never a path of this machine)."""
     lines = [
         "| run | weights | frozen epochs | best val acc | best epoch | final val loss | img/s | wall s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -87,7 +88,7 @@ def _table(runs: dict[str, TrainResult], variants: dict[str, TrainConfig]) -> st
     for name, r in runs.items():
         v = variants[name]
         lines.append(
-            f"| {name} | {v.weights} | {v.freeze_epochs} | {100 * r.best_val_acc:.2f} % | {r.best_epoch} "
+            f"| {name} | {Path(v.weights).name} | {v.freeze_epochs} | {100 * r.best_val_acc:.2f} % | {r.best_epoch} "
             f"| {r.history[-1]['val_loss']:.4f} | {r.train_images_per_s:.0f} | {r.wall_s:.1f} |"
         )
     return "\n".join(lines) + "\n"

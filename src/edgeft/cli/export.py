@@ -162,7 +162,6 @@ def export_command(
     """Write exported files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
     from rich.console import Console
-    from rich.table import Table
 
     options["checkpoint"] = str(checkpoint or _newest_checkpoint())
     options["out"] = str(out)
@@ -176,9 +175,7 @@ def export_command(
     for f in result.files:
         if f.attempts:
             console.print(_attempts_table(f.attempts, auto=precision == "auto"))
-        table = Table(
-            title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False
-        )
+        table = _facts_table(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)")
         if f.validation is not None:
             for row in _validation_rows(f.validation):
                 table.add_row(*row)
@@ -195,16 +192,33 @@ def export_command(
 
 
 def _attempts_table(attempts, *, auto: bool):
-    """The int8 fallback ladder's attempts, or auto's candidates, one row each."""
+    """The int8 fallback ladder's attempts, or auto's candidates, one row each between rules: a
+    long candidate name or reason wraps inside its row (at 80 columns), numbers never."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     from edgeft.candidates import attempts_table
 
     head, *rows = attempts_table(attempts)
-    table = Table(*head, title="--precision auto: candidates" if auto else "int8 attempts", title_justify="left")
-    for row in rows:
-        table.add_row(*map(escape, row))
-    return table
+    table = Table(
+        title="--precision auto: candidates" if auto else "int8 attempts",
+        title_justify="left",
+        box=box.SIMPLE,
+        show_edge=False,
+        show_lines=True,  # a wrapped name stays visibly inside its own row
+    )
+    longest = max(len(word) for row in rows for word in row[0].split())
+    table.add_column(head[0], min_width=longest, overflow="fold")  # wraps, never narrower than a word
+    for name in head[1:]:
+        table.add_column(name, no_wrap=True, justify="right" if name != head[-1] else "left")
+    reasons = []
+    for *cells, verdict in rows:
+        table.add_row(*map(escape, cells), verdict.partition(":")[0])  # "no: why" -> "no", why below
+        if verdict.startswith("no:"):
+            reasons.append(f"{cells[0]}: {verdict.partition(':')[2].strip()}")
+    return Group(table, *(Text(line) for line in reasons))
 
 
 @app.command("validate")
@@ -251,9 +265,8 @@ def validate_command(
         typer.echo(jsonio.dumps(result.to_dict(), indent=2))
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=escape(str(file)), show_header=False)
+        table = _facts_table(str(file))
         table.add_row("reference", escape(result.reference))
         for row in _validation_rows(result):
             table.add_row(*row)
@@ -275,12 +288,21 @@ def info_command(
         typer.echo(jsonio.dumps(metadata, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=escape(str(file)), show_header=False)
+    table = _facts_table(str(file))
     for name, value in _info_rows(metadata):
         table.add_row(name, escape(value))
     Console().print(table)
+
+
+def _facts_table(title: str):
+    """A name | value table whose values fold (a digest or path is never cut short at 80 columns)."""
+    from rich.table import Table
+
+    table = Table(title=escape(title), show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
 
 
 def _outside_delegate(delegation: dict) -> str:
@@ -299,27 +321,56 @@ def _accuracies(v: dict) -> str:
 
 
 def _info_rows(metadata: dict) -> list[tuple[str, str]]:
+    """Every field the file records, one row each: the known ones in words, any other as JSON."""
     v, p, source = metadata.get("validation"), metadata["preprocess"], metadata["source_checkpoint"]
-    classes = metadata["classes"]
-    return [
-        ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
-        ("classes", ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")),
-        (
-            "input",
-            f"{metadata['input'].get('name')} float32 {metadata['input'].get('layout')} "
-            f"{metadata['input'].get('shape')}",
-        ),
-        (
+    classes, inp, out = metadata["classes"], metadata["input"], metadata.get("output") or {}
+    known = {
+        "arch": ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
+        "classes": ("classes", ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")),
+        "input": ("input", f"{inp.get('name')} {inp.get('dtype', 'float32')} {inp.get('layout')} {inp.get('shape')}"),
+        "output": ("output", f"{out.get('name')} {out.get('dtype')} {out.get('shape')}"),
+        "preprocess": (
             "preprocess",
             f"resize {p['resize']} ({p['interpolation']}), crop {p['size']}, mean {p['mean']}, std {p['std']}",
         ),
-        ("content sha256", f"{metadata['content_sha256']} (verified)"),
-        ("source", f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)"),
-        ("validation", "not run" if not v else f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}"),
-        ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
-        ("created", str(metadata.get("created"))),
-    ] + (
-        [("outside XNNPACK", _outside_delegate(metadata["delegation"]))]
-        if isinstance(metadata.get("delegation"), dict)
-        else []
-    )
+        "opset": ("opset", str(metadata.get("opset"))),
+        "quantization": ("int8 settings", _settings(metadata.get("quantization"))),
+        "precision_auto": ("auto decision", _auto_decision(metadata.get("precision_auto"))),
+        "delegation": ("outside XNNPACK", _outside_delegate(metadata.get("delegation") or {})),
+        "content_sha256": ("content sha256", f"{metadata['content_sha256']} (verified)"),
+        "source_checkpoint": (
+            "source",
+            f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)",
+        ),
+        "validation": ("validation", "not run" if not v else _validation_line(v)),
+        "versions": ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
+        "created": ("created", str(metadata.get("created"))),
+        "format": ("metadata format", str(metadata.get("format"))),
+    }
+    shown = {*known, "num_classes", "precision"}  # the last two: in the model row
+    rows = [known[key] for key in known if metadata.get(key) is not None]
+    return rows + [(key, jsonio.dumps(value)) for key, value in metadata.items() if key not in shown]
+
+
+def _settings(settings) -> str:
+    if not isinstance(settings, dict):
+        return str(settings)
+    plain = {k: jsonio.dumps(val) if isinstance(val, (list, dict)) else val for k, val in settings.items()}
+    return ", ".join(f"{k} {val}" for k, val in plain.items())
+
+
+def _auto_decision(decision) -> str:
+    """`--precision auto`: which candidate was kept, and every candidate's gate and speed."""
+    if not isinstance(decision, dict):
+        return str(decision)
+    rows = [
+        f"{c.get('candidate')}: {'passed' if c.get('passed') else 'failed'}, p50 {c.get('p50_ms')} ms"
+        for c in decision.get("candidates", [])
+    ]
+    return f"kept {decision.get('chosen')}; " + "; ".join(rows)
+
+
+def _validation_line(v: dict) -> str:
+    threads = v.get("threads")
+    ran = f", {v.get('provider')}" + (f", {threads} thread(s)" if threads else "")
+    return f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}{ran}"

@@ -161,6 +161,9 @@ def train_command(
     options = dict(locals())
     options.pop("ctx")
     if options.pop("nproc") > 1 and "WORLD_SIZE" not in os.environ:
+        from edgeft.distributed import check_nproc
+
+        check_nproc(nproc, device)
         _exec_torchrun(nproc)
     resume = options.pop("resume")
     if resume is None:

@@ -214,3 +214,15 @@ def test_info_shows_everything_the_file_records_at_80_columns(int8_export):
     for label in ("opset", "output", "int8settings", "calibrate_methodminmax", "metadataformat"):
         assert label in text, proc.stdout
     assert metadata["content_sha256"] in text and metadata["output"]["name"] in text
+
+
+def test_a_checkpoint_loaded_into_another_channel_count_says_so(tmp_path):
+    gray = make_image_folder(tmp_path / "gray", {"a": 6, "b": 6}, size=16, modes=("L",))
+    rgb = make_image_folder(tmp_path / "rgb", {"a": 6, "b": 6}, size=16)
+    tiny = ["--img-size", "16", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+    proc = run_edgeft(["train", "--data", str(gray), *tiny, "--name", "gray"], cwd=tmp_path)
+    assert proc.returncode == 0 and "adapted" not in proc.stderr, proc.stderr
+    weights = str(tmp_path / "runs" / "gray" / "best.pt")
+    proc = run_edgeft(["train", "--data", str(rgb), "--weights", weights, *tiny, "--name", "rgb"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "1-channel stem adapted to 3 channels" in proc.stderr

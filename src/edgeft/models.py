@@ -16,6 +16,7 @@ from torch import nn
 from edgeft.checkpoint import load_weights_only
 from edgeft.config import STEMS
 from edgeft.errors import InputError
+from edgeft.progress import note as tell
 
 __all__ = [
     "STEMS",
@@ -226,6 +227,9 @@ def _load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sou
             new_stem = True
             continue
         if key == stem and value.shape[1] != own[key].shape[1]:
+            note = f"{source}: {value.shape[1]}-channel stem adapted to {own[key].shape[1]} channels"
+            log.info(note)
+            tell(f"edgeft: {note} (kernels summed over the input channels, spread evenly)")
             value = _adapt_stem(value, own[key].shape[1])
         if value.shape != own[key].shape:
             raise InputError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}")

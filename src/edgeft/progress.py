@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-__all__ = ["bar", "say", "shown", "stage"]
+__all__ = ["bar", "note", "say", "shown", "stage"]
 
 _live = None  # the Progress of the command that shows its stages, while it runs
 
@@ -86,3 +86,10 @@ def say(line: str) -> None:
         from rich.markup import escape
 
         console.print(escape(line))
+
+
+def note(line: str) -> None:
+    """One line on stderr, terminal or not: something the user should know that is not a failure."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)

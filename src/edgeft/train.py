@@ -41,6 +41,7 @@ __all__ = [
     "TrainState",
     "autocast_dtype",
     "check_inputs",
+    "check_unfinished",
     "evaluate",
     "resume",
     "train",
@@ -220,20 +221,28 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = F
     _check_own_folder(last, checkpoint)
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
-    state, done = checkpoint["resume"], checkpoint["resume"].get("epoch", 0)
     if epochs is not None and epochs != config.epochs:
+        done = checkpoint["resume"].get("epoch", 0)
         if epochs < done:
             raise InputError(f"--epochs {epochs}: {last.parent} has already trained {done} epochs")
         config = replace(config, epochs=epochs)
-        state.update(stopped_early=False, stale_epochs=0)
+        checkpoint["resume"].update(stopped_early=False, stale_epochs=0)
         log.info("extending %s to %d epochs", last.parent, epochs)
-    elif done >= config.epochs or state.get("stopped_early"):
+    return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
+
+
+def check_unfinished(run_dir: str | Path, *, epochs: int | None = None) -> None:
+    """Raise NothingToDo (one line, exit 0, how to extend) when resuming `run_dir` would train
+    nothing: the run finished or stopped early, and `epochs` does not extend it."""
+    last, checkpoint = _read_last(run_dir)
+    state, planned = checkpoint["resume"], checkpoint["config"].get("epochs")
+    done = state.get("epoch", 0)
+    if (epochs is None or epochs == planned) and (done >= planned or state.get("stopped_early")):
         how = "stopped early" if state.get("stopped_early") else "finished"
         raise NothingToDo(
-            f"{last.parent} already {how} after {done} of {config.epochs} epochs; nothing to resume "
+            f"{last.parent} already {how} after {done} of {planned} epochs; nothing to resume "
             f"(to train longer: edgeft train --resume {last.parent} --epochs N, N > {done})"
         )
-    return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
 
 
 def check_inputs(config: TrainConfig) -> None:

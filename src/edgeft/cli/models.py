@@ -35,5 +35,5 @@ def models_command() -> None:
         )
     console = Console()
     console.print(table)
-    folder = escape(str(info.weights_file.parent))
-    console.print(f"ImageNet weights are read from {folder}/ (set TORCH_HOME to move it); offline, put the file there.")
+    console.print("ImageNet weights are read from this folder (TORCH_HOME moves it); offline, put the files there:")
+    print(f"{info.weights_file.parent}/")  # whole, on a line of its own: never broken for the width

@@ -178,7 +178,9 @@ def train_command(
     if resume is None:
         result = training.train(config, progress=True)
     else:
-        result = training.resume(resume, epochs=_epochs_with_resume(ctx), progress=True)
+        epochs = _epochs_with_resume(ctx)
+        training.check_unfinished(resume, epochs=epochs)
+        result = training.resume(resume, epochs=epochs, progress=True)
     if not result.run_dir:  # a torchrun rank other than 0: rank 0 reports
         return
 

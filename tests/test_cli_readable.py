@@ -226,3 +226,20 @@ def test_a_checkpoint_loaded_into_another_channel_count_says_so(tmp_path):
     proc = run_edgeft(["train", "--data", str(rgb), "--weights", weights, *tiny, "--name", "rgb"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "1-channel stem adapted to 3 channels" in proc.stderr
+
+
+def test_compare_heads_each_run_and_its_table_fits_80_columns(tmp_path):
+    folder = make_image_folder(tmp_path / "shapes", {"a": 6, "b": 6}, size=16)
+    tiny = ["--data", str(folder), "--img-size", "16", "--batch-size", "4"]
+    proc = run_edgeft(["train", *tiny, "--epochs", "1", "--workers", "0", "--name", "source"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    weights = tmp_path / "runs" / "source" / "best.pt"
+    args = ["compare", "--weights", str(weights), *tiny, "--epochs", "2"]
+    code, stdout, lines = run_on_a_terminal(args, cwd=tmp_path)
+    assert code == 0, "\n".join(lines)
+    assert lines[0].startswith("edgeft compare: three runs")  # before the slow imports
+    for k, name in enumerate(("scratch", "frozen", "finetune"), 1):
+        assert any(line.startswith(f"run {k}/3: {name}") for line in lines), lines
+    assert all(len(line) <= 80 and "…" not in line for line in stdout.splitlines()), stdout
+    rows = [line.split() for line in stdout.splitlines() if line.split()[:1] == ["frozen"]]
+    assert rows and rows[0][1] == "best.pt" and str(tmp_path) not in stdout.split("table:")[0]

@@ -3,7 +3,7 @@ with the backbone frozen first, and fully fine-tuned; one table and one plot of 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeft import jsonio
@@ -29,6 +29,7 @@ class CompareResult:
     runs: dict[str, TrainResult]  # variant -> its run
     table: str  # Markdown
     files: dict[str, str]  # md, json, png
+    rows: list[list[str]] = field(default_factory=list)  # the table's header and rows, for a console
 
 
 def compare(
@@ -65,7 +66,8 @@ def compare(
         if progress:
             say(f"run {k}/3: {name} ({_DESCRIPTIONS[name]})")
         runs[name] = train(replace(variant, out=str(folder), name=name), progress=progress)
-    table = _table(runs, variants)
+    rows = _rows(runs, variants)
+    table = _markdown(rows)
     files = {"md": str(folder / "compare.md"), "json": str(folder / "compare.json"), "png": str(folder / "compare.png")}
     atomic_write_text(files["md"], f"# {config.model} on {config.data}: scratch vs fine-tuning\n\n{table}")
     summary = {name: {k: v for k, v in asdict(r).items() if k != "history"} for name, r in runs.items()}
@@ -76,19 +78,30 @@ def compare(
     plot_comparison(
         {name: r.history for name, r in runs.items()}, files["png"], title=f"{config.model} on {config.data}"
     )
-    return CompareResult(str(folder), runs, table, files)
+    return CompareResult(str(folder), runs, table, files, rows)
 
 
-def _table(runs: dict[str, TrainResult], variants: dict[str, TrainConfig]) -> str:
-    """The comparison as Markdown; a weights file by its name (never a path of this machine)."""
-    lines = [
-        "| run | weights | frozen epochs | best val acc | best epoch | final val loss | img/s | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def _rows(runs: dict[str, TrainResult], variants: dict[str, TrainConfig]) -> list[list[str]]:
+    """The comparison's header and one row per run; a weights file by its name (never a path of this machine)."""
+    rows = [["run", "weights", "frozen epochs", "best val acc", "best epoch", "final val loss", "img/s", "wall s"]]
     for name, r in runs.items():
         v = variants[name]
-        lines.append(
-            f"| {name} | {Path(v.weights).name} | {v.freeze_epochs} | {100 * r.best_val_acc:.2f} % | {r.best_epoch} "
-            f"| {r.history[-1]['val_loss']:.4f} | {r.train_images_per_s:.0f} | {r.wall_s:.1f} |"
+        rows.append(
+            [
+                name,
+                Path(v.weights).name,
+                str(v.freeze_epochs),
+                f"{100 * r.best_val_acc:.2f} %",
+                str(r.best_epoch),
+                f"{r.history[-1]['val_loss']:.4f}",
+                f"{r.train_images_per_s:.0f}",
+                f"{r.wall_s:.1f}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return rows
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"

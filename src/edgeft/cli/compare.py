@@ -56,13 +56,35 @@ def compare_command(
         patience=0,
     )
     from rich.console import Console
-    from rich.markdown import Markdown
     from rich.markup import escape
 
+    from edgeft.progress import say
+
+    say(f"edgeft compare: three runs of {epochs} epochs (scratch, frozen, finetune); starting (importing torch)")
+    load_note()
     from edgeft.compare import compare
 
-    load_note()
     result = compare(config, weights=weights, freeze_epochs=freeze_epochs, progress=True)
     console = Console()
-    console.print(Markdown(result.table))
+    console.print(_table(result.rows))
     console.print(f"table: {escape(result.files['md'])}  plot: {escape(result.files['png'])}")
+
+
+def _table(rows: list[list[str]]):
+    """The comparison at 80 columns: labels wrap, numbers and names never lose a character."""
+    from rich import box
+    from rich.table import Table
+
+    head, *body = rows
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    for i, name in enumerate(head):
+        longest = max(len(word) for row in (head, *body) for word in row[i].split())
+        if i == 1:  # the weights: whole names, folded only when longer than the screen
+            table.add_column(name, min_width=max(len(row[i]) for row in body), overflow="fold")
+        else:  # as narrow as their longest value or heading word: headings wrap, values never
+            table.add_column(
+                name, width=max(longest, *(len(row[i]) for row in body)), justify="left" if i < 2 else "right"
+            )
+    for row in body:
+        table.add_row(*row)
+    return table

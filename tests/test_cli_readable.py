@@ -136,7 +136,8 @@ def int8_export(small_checkpoint) -> tuple[Path, list[str]]:
 
 def test_export_shows_every_stage_on_a_terminal(int8_export):
     _, lines = int8_export
-    assert lines[0].startswith("starting (importing torch)")  # drawn before the slow imports
+    stages = [line for line in lines if not line.startswith("edgeft: note:")]  # a busy machine is said first
+    assert stages[0].startswith("starting (importing torch)")  # drawn before the slow imports
     text = "\n".join(lines)
     for stage in ("loading best.pt", "int8 rung 1/", "writing ONNX int8", "calibrating", "gating the int8 file"):
         assert stage in text, text
@@ -241,5 +242,6 @@ def test_compare_heads_each_run_and_its_table_fits_80_columns(tmp_path):
     for k, name in enumerate(("scratch", "frozen", "finetune"), 1):
         assert any(line.startswith(f"run {k}/3: {name}") for line in lines), lines
     assert all(len(line) <= 80 and "…" not in line for line in stdout.splitlines()), stdout
-    rows = [line.split() for line in stdout.splitlines() if line.split()[:1] == ["frozen"]]
-    assert rows and rows[0][1] == "best.pt" and str(tmp_path) not in stdout.split("table:")[0]
+    rows = [cells for cells in map(str.split, stdout.splitlines()) if cells[:1] == ["frozen"] and len(cells) == 9]
+    assert rows and rows[0][1] == "best.pt", stdout  # the weights by name, whole
+    assert str(tmp_path) not in stdout.split("table:")[0]

@@ -149,25 +149,28 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("edgeft: error:")
 
 
-def test_models_lists_params_and_gflops(tmp_path):
+def test_models_lists_params_and_gmacs_in_80_columns(tmp_path):
     home = tmp_path / ".torch_home"
     cached = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")  # only its presence is shown
-    proc = run_edgeft(["models"], cwd=tmp_path, env=offline_env(home))  # a piped, 80-column console
+    proc = run_edgeft(["models"], cwd=tmp_path, env=offline_env(home, COLUMNS="80"))
     assert proc.returncode == 0, proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
-        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
-        if len(cells) == 5 and cells[0]:
+        cells = line.split()
+        if len(cells) == 5 and cells[0] in REQUIRED_MODELS:
             rows[cells[0]] = cells
+        assert "…" not in line and (len(line) <= 80 or line.endswith("/checkpoints/")), line  # a path: whole
     for name in REQUIRED_MODELS:
         meta = torchvision.models.get_model_weights(name).DEFAULT.meta
         assert name in rows, f"{name} missing from:\n{proc.stdout}"
         assert rows[name][1] == f"{meta['num_params'] / 1e6:.1f}"
         assert rows[name][2] == f"{meta['_ops']:.2f}"
-    assert rows["resnet18"][3] == "cached" and rows["resnet34"][3].startswith("download")
-    assert str(home / "hub" / "checkpoints") in " ".join(proc.stdout.split())
+        assert rows[name][4] == Path(torchvision.models.get_model_weights(name).DEFAULT.url).name  # whole
+    assert "GMACs" in proc.stdout and "GFLOP" not in proc.stdout
+    assert rows["resnet18"][3] == "cached" and rows["resnet34"][3] == "missing"
+    assert f"{home / 'hub' / 'checkpoints'}/" in proc.stdout.splitlines()  # whole, on its own line
 
 
 def test_version_and_help(tmp_path):

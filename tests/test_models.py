@@ -148,7 +148,7 @@ def test_model_info_matches_torchvision_metadata(torch_home):
         info = model_info(name)
         meta = torchvision.models.get_model_weights(name).DEFAULT.meta
         assert info.params_m == pytest.approx(meta["num_params"] / 1e6)
-        assert info.gflops == pytest.approx(meta["_ops"])
+        assert info.gmacs == pytest.approx(meta["_ops"])
         assert info.weights_file.parent == torch_home / "hub" / "checkpoints"
         assert info.cached is False
 

@@ -82,8 +82,16 @@ def test_run_folder_holds_every_artifact(tiny_run):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["config.json", "history.csv", "curves.png", "best.pt", "last.pt", "summary.json"]
     )
-    resolved = {**asdict(config), "data_root": str(Path(config.data_root).resolve())}  # found from anywhere
+    resolved = {  # found from anywhere; no default left unresolved
+        **asdict(config),
+        "data_root": str(Path(config.data_root).resolve()),
+        "lr": config.resolved_lr(),
+        "amp": False,
+        "channels_last": False,
+        "threads": torch.get_num_threads(),
+    }
     assert json.loads((run_dir / "config.json").read_text()) == resolved
+    assert json.loads((run_dir / "summary.json").read_text())["threads"] == torch.get_num_threads()
 
     history = read_history(run_dir)
     assert list(history[0]) == HISTORY_COLUMNS

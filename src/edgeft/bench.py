@@ -521,7 +521,7 @@ def _fill_measured(
     """Copy the measurements into `rows` (one per batch size) with the file's size, the model's
     size and cost, the export's accuracy, and with `keep_files` the file's path."""
     file = art["files"][key]
-    gflops = model_info(arch).gflops * (art["size"] / 224) ** 2
+    gflops = model_info(arch).gmacs * (art["size"] / 224) ** 2
     for row, result in zip(rows, measured, strict=True):
         for name, value in result.items():
             if name != "batch":

@@ -52,10 +52,13 @@ class Attempt:
         return asdict(self)
 
 
-def time_files(paths: list[Path], *, batch_sizes: tuple[int, ...], device: str = "cpu") -> list[dict[int, float]]:
+def time_files(
+    paths: list[Path], *, batch_sizes: tuple[int, ...], device: str = "cpu", threads: int | None = None
+) -> list[dict[int, float]]:
     """p50 latency in ms of each file at each batch size: the median of its rounds' p50s, each
-    round timing every file in turn in a fresh process (one round for a single file)."""
-    specs = [_timing_spec(Path(path), batch_sizes, device) for path in paths]
+    round timing every file in turn in a fresh process (one round for a single file), with
+    `threads` intra-op threads (None: the runtime's default)."""
+    specs = [_timing_spec(Path(path), batch_sizes, device, threads) for path in paths]
     rounds: list[list[dict[int, float]]] = [[] for _ in specs]
     for _ in range(_ROUNDS if len(specs) > 1 else 1):
         for spec, measured in zip(specs, rounds):
@@ -66,15 +69,15 @@ def time_files(paths: list[Path], *, batch_sizes: tuple[int, ...], device: str =
     return [{b: float(np.median([m[b] for m in measured])) for b in batch_sizes} for measured in rounds]
 
 
-def _timing_spec(path: Path, batch_sizes: tuple[int, ...], device: str) -> dict:
+def _timing_spec(path: Path, batch_sizes: tuple[int, ...], device: str, threads: int | None) -> dict:
     """What `edgeft.timing` needs to run `path` as predict would: its runtime, input shape and
-    the runtime's default number of threads."""
+    threads."""
     preprocess = read_metadata(path)["preprocess"]
     return {
         "runtime": formats.for_path(path).runtime,
         "precision": "",
         "device": device,
-        "threads": None,
+        "threads": threads,
         "file": str(path),
         "batches": list(batch_sizes),
         "size": preprocess["size"],

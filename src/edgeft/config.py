@@ -15,10 +15,12 @@ from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUAN
 
 __all__ = [
     "AUGMENTATIONS",
+    "BUILTIN_DATASETS",
     "DEFAULT_OPSET",
     "FORMATS",
     "MAX_BATCH",
     "MAX_NAME_BYTES",
+    "MAX_THREADS",
     "MAX_WORKERS",
     "OPSETS",
     "OPTIMIZERS",
@@ -29,9 +31,11 @@ __all__ = [
     "ExportConfig",
     "TrainConfig",
     "check_max_acc_drop",
+    "check_threads",
     "check_range",
 ]
 
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")  # names --data accepts besides folders
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
 AUGMENTATIONS = ("none", "light", "standard")
@@ -43,6 +47,7 @@ MAX_BATCH = 65_536  # images in one batch
 MAX_EPOCHS = 100_000  # also bounds the patience options
 MAX_WORKERS = 256  # loader processes or decoder threads
 MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024  # intra-op threads
 MAX_NAME_BYTES = 200  # a run or file name (UTF-8): leaves room below the usual 255-byte limit for
 # the suffixes and temporaries made from it (`-int8.onnx`, `.<name>.<pid>.edgeft-tmp.onnx.data`)
 
@@ -81,6 +86,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun (CUDA)
     seed: int = 0
     workers: int = 2  # DataLoader workers for folder datasets
+    threads: int | None = None  # torch's intra-op threads; None: torch's default (config.json: the number used)
     max_bad_fraction: float = 0.01  # abort when more of a folder's files are unreadable
     out: str = "runs"  # parent of the run folder
     name: str | None = None  # run folder name; None: <model>-<data>, numbered if it exists
@@ -113,6 +119,7 @@ def _check_train_config(c: TrainConfig) -> None:
         ("patience", c.patience, 0 <= c.patience <= MAX_EPOCHS, f"0 (never) to {MAX_EPOCHS}"),
         ("workers", c.workers, 0 <= c.workers <= MAX_WORKERS, f"between 0 and {MAX_WORKERS}"),
         ("seed", c.seed, 0 <= c.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+        ("threads", c.threads, c.threads is None or 1 <= c.threads <= MAX_THREADS, f"between 1 and {MAX_THREADS}"),
         ("max-bad-fraction", c.max_bad_fraction, 0 <= c.max_bad_fraction <= 1, "in [0, 1]"),
         ("val-split", c.val_split, 0 < c.val_split < 1, "between 0 and 1 (exclusive)"),
         ("img-size", c.img_size, c.img_size is None or 8 <= c.img_size <= 1024, "between 8 and 1024"),
@@ -187,6 +194,7 @@ class ExportConfig:
     )
     batch_size: int = 8  # the batch > 1 the export is validated at (besides batch 1)
     force: bool = False  # keep a file that fails its gate (marked failed in its metadata)
+    threads: int | None = None  # intra-op threads of torch and of the runtimes; None: their defaults
 
     def __post_init__(self) -> None:
         _one_of("--format", self.format, FORMATS)
@@ -211,6 +219,7 @@ class ExportConfig:
         check_range("--batch-size", self.batch_size, 1, MAX_BATCH)
         check_range("--calib-size", self.calib_size, 1, _MAX_CALIB)
         check_max_acc_drop(self.max_acc_drop)
+        check_threads(self.threads)
 
 
 def _check_candidate_formats(config: ExportConfig) -> None:
@@ -248,6 +257,12 @@ def _refuse_unread_options(config: ExportConfig) -> None:
             raise InputError(
                 f"--{option.replace('_', '-')} is read by --format {readers} only, not by --format {config.format}"
             )
+
+
+def check_threads(threads: int | None) -> None:
+    """--threads: None (the defaults) or 1 to MAX_THREADS."""
+    if threads is not None:
+        check_range("--threads", threads, 1, MAX_THREADS)
 
 
 def check_max_acc_drop(value: float | None) -> None:
@@ -317,7 +332,7 @@ class BenchConfig:
             raise InputError(f"--batch-sizes must be positive integers up to {MAX_BATCH}, got {given}")
         for option, value, smallest, largest in (
             ("--img-size", self.img_size, 8, 1024),
-            ("--threads", self.threads, 0, 1024),
+            ("--threads", self.threads, 0, MAX_THREADS),
             ("--warmup", self.warmup, 0, 10_000),
             ("--iterations", self.iterations, 1, 10**6),
             ("--rounds", self.rounds, 1, 1000),

@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["FEATURES", "cpu_description", "cpu_features", "has_bf16", "has_vnni"]
+__all__ = ["FEATURES", "cpu_description", "cpu_features", "has_bf16", "has_vnni", "load_note", "use_threads"]
 
 # The flags (as Linux names them in /proc/cpuinfo) that change which kernels are fastest.
 FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -50,3 +50,24 @@ def cpu_description() -> dict:
     """Model name, logical cores and the feature flags: the CPU part of every saved result."""
     model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     return {"cpu": model, "cores": os.cpu_count(), "features": [name for name, on in cpu_features().items() if on]}
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: keep its default); returns the number it uses."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def load_note() -> str | None:
+    """One line when the machine is busier than its cores at start (speed and timings suffer), else None."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return f"edgeft: note: load average {load:.1f} on {cores} cores: speed and timings will suffer"

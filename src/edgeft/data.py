@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from edgeft.config import BUILTIN_DATASETS
 from edgeft.errors import InputError
 from edgeft.preprocess import IMAGE_EXTENSIONS, FileScan, Preprocess, load_image, preprocess_image, to_array
 
@@ -39,7 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -218,17 +218,38 @@ def _torchvision_dataset(name: str, root: Path, spec: Preprocess) -> DataBundle:
         name
     ]
     splits = []
+    existed = root.exists()
     for train in (True, False):
         try:
             dataset = cls(str(root), train=train, download=True)
         except Exception as exc:  # noqa: BLE001 - URLError, RuntimeError, HTTPError: all mean "not here"
+            _remove_empty_folders(root, keep_root=existed)
             raise InputError(
-                f"{name} is not under {root.resolve()} and could not be downloaded ({exc}); "
-                f"download it there on a connected machine, or pass --data-root"
+                f"{name} is not under {root.resolve()} and could not be downloaded ({exc}); on a connected "
+                f"machine, download {_archives(cls, root.resolve())}, or pass --data-root"
             ) from None
         arrays = np.asarray(dataset.data)
         splits.append(_to_tensor_images(arrays, np.asarray(dataset.targets), spec))
     return DataBundle(name, list(dataset.classes), spec, splits[0], splits[1], flips=name != "mnist")
+
+
+def _archives(cls, root: Path) -> str:
+    """Which files a torchvision dataset class reads, from where, into which folder."""
+    if getattr(cls, "resources", None):  # MNIST and Fashion-MNIST: four .gz files in <root>/<class>/raw
+        names = ", ".join(name for name, _ in cls.resources)
+        return f"{names} from {cls.mirrors[0]} into {root / cls.__name__ / 'raw'}/"
+    return f"{cls.url} into {root}/ (it is unpacked there)"  # CIFAR: one archive
+
+
+def _remove_empty_folders(root: Path, *, keep_root: bool) -> None:
+    """Remove the empty folders a failed download left under `root` (and `root` itself, unless it existed)."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not keep_root and not any(root.iterdir()):
+        root.rmdir()
 
 
 # --- folders --------------------------------------------------------------------------------

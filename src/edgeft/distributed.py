@@ -12,7 +12,7 @@ from torch import nn
 
 from edgeft.errors import InputError
 
-__all__ = ["Dist", "init_distributed"]
+__all__ = ["Dist", "check_nproc", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,16 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ctx, device
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """Refuse more torchrun processes than this machine has devices for: one per GPU on CUDA,
+    at most one per core on the CPU."""
+    gpus = torch.cuda.device_count() if device != "cpu" else 0
+    cores = os.cpu_count() or 1
+    limit, devices = (gpus, f"{gpus} CUDA device(s)") if gpus else (cores, f"{cores} CPU cores and no GPU in use")
+    if nproc > limit:
+        raise InputError(
+            f"--nproc {nproc}: this machine has {devices}, so at most --nproc {limit} "
+            "(more processes would share them and only slow each other)"
+        )

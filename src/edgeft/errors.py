@@ -1,6 +1,6 @@
 """The errors a user can cause; the CLI prints them on one line and exits with `exit_code`."""
 
-__all__ = ["EdgeftError", "InputError", "RunError", "GateError"]
+__all__ = ["EdgeftError", "InputError", "RunError", "GateError", "NothingToDo"]
 
 
 class EdgeftError(Exception):
@@ -25,3 +25,9 @@ class GateError(EdgeftError):
     """An accuracy gate that failed (exit 1)."""
 
     exit_code = 1
+
+
+class NothingToDo(EdgeftError):
+    """A request already fulfilled (resuming a finished run): said in one line, exit 0."""
+
+    exit_code = 0

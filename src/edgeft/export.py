@@ -27,12 +27,14 @@ from edgeft.artifact import METADATA_FORMAT, content_digest, read_metadata, writ
 from edgeft.candidates import Attempt, choose_fastest, time_files
 from edgeft.checkpoint import load_checkpoint
 from edgeft.config import ExportConfig, candidate_formats
+from edgeft.cpu import use_threads
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
 from edgeft.interrupts import deferred_interrupts, process_alive
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import Preprocess, first_images, image_files, preprocess_image
+from edgeft.progress import stage
 from edgeft.validate import ValidationResult, file_sha256, gate
 
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "selected_formats"]
@@ -161,10 +163,12 @@ def export(config: ExportConfig) -> ExportResult:
     already at the destination is only replaced by one that passed or was forced."""
     chosen = selected_formats(config)
     torch_device(config.device)  # an unusable CUDA device is refused before any work
+    use_threads(config.threads)
     source = Path(config.checkpoint)
-    checkpoint = load_checkpoint(source)
-    needs_data = config.validate or (config.precision in ("int8", "auto") and not config.calib_data)
-    bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
+    with stage(f"loading {source.name} and its data"):
+        checkpoint = load_checkpoint(source)
+        needs_data = config.validate or (config.precision in ("int8", "auto") and not config.calib_data)
+        bundle = load_checkpoint_data(checkpoint, data=config.data, data_root=config.data_root) if needs_data else None
     out = _prepare_out(Path(config.out))
     stem = config.name or (source.resolve().parent.name or source.stem)
     job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
@@ -308,11 +312,13 @@ class _Job:
         each attempt gated, timed and logged. `tmp` holds the last attempt."""
         rungs = fmt.int8_rungs(self.config)
         attempts: list[Attempt] = []
-        for rung in rungs if self.config.validate else rungs[:1]:
-            extra = self._write_file(fmt, tmp, "int8", rung)
-            validation = self._seal_and_gate(tmp, fmt, "int8", extra)
-            attempt = Attempt.from_validation(f"int8 {rung.label()}", "int8", validation)
-            self._time([tmp], [attempt])
+        tried = rungs if self.config.validate else rungs[:1]
+        for k, rung in enumerate(tried, 1):
+            with stage(f"int8 rung {k}/{len(tried)}: {rung.label()}"):
+                extra = self._write_file(fmt, tmp, "int8", rung)
+                validation = self._seal_and_gate(tmp, fmt, "int8", extra)
+                attempt = Attempt.from_validation(f"int8 {rung.label()}", "int8", validation)
+                self._time([tmp], [attempt])
             attempts.append(attempt)
             log.info("int8 attempt %d (%s): %s", len(attempts), rung.label(), _attempt_line(attempt))
             if attempt.passed:
@@ -321,7 +327,9 @@ class _Job:
 
     def _time(self, paths: list[Path], attempts: list[Attempt]) -> None:
         batch_sizes = tuple(dict.fromkeys((1, self.config.batch_size)))
-        for attempt, p50 in zip(attempts, time_files(paths, batch_sizes=batch_sizes, device=self.config.device)):
+        with stage(f"timing {' and '.join(a.candidate for a in attempts)}"):
+            timings = time_files(paths, batch_sizes=batch_sizes, device=self.config.device, threads=self.config.threads)
+        for attempt, p50 in zip(attempts, timings):
             attempt.p50_ms, attempt.batch, attempt.p50_batch_ms = p50[1], batch_sizes[-1], p50[batch_sizes[-1]]
 
     def _write_file(self, fmt: formats.Format, tmp: Path, precision: str, rung=None) -> dict:
@@ -329,10 +337,14 @@ class _Job:
         request = formats.WriteRequest(
             self.model, self.spec, precision, self.config.device, self.config, self.workdir, rung, self._calibration
         )
-        return {"versions": _versions(fmt), **fmt.write(request, tmp)}
+        with stage(f"writing {fmt.title} {precision}"):
+            return {"versions": _versions(fmt), **fmt.write(request, tmp)}
 
     def _calibration(self, count: int) -> Iterator[np.ndarray]:
-        return _calibration(self.config, self.bundle, self.spec, count)
+        with stage("calibrating", total=count, unit="images") as advance:
+            for batch in _calibration(self.config, self.bundle, self.spec, count):
+                advance(len(batch))
+                yield batch
 
     def _seal_and_gate(self, tmp: Path, fmt: formats.Format, precision: str, extra: dict) -> ValidationResult | None:
         """Write the metadata and content digest, then gate the file as `edgeft predict` reads it."""
@@ -349,6 +361,7 @@ class _Job:
             device=config.device,
             batch_sizes=(1, config.batch_size),
             max_acc_drop=config.max_acc_drop,
+            threads=config.threads,
         )
         _write_metadata(tmp, {**meta, "validation": validation.to_dict()})
         return validation

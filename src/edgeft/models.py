@@ -16,6 +16,7 @@ from torch import nn
 from edgeft.checkpoint import load_weights_only
 from edgeft.config import STEMS
 from edgeft.errors import InputError
+from edgeft.progress import note as tell
 
 __all__ = [
     "STEMS",
@@ -65,7 +66,7 @@ class ModelInfo:
 
     name: str
     params_m: float  # millions of parameters with the 1000-class ImageNet head
-    gflops: float  # at 224 x 224, 3 channels
+    gmacs: float  # multiply-adds (torchvision's "GFLOPS"), in billions, at 224 x 224, 3 channels
     weights: str  # torchvision's default ImageNet weights
     weights_file: Path  # where torchvision looks for them
     cached: bool  # present in the hub cache, so `--weights imagenet` works offline
@@ -95,7 +96,7 @@ def model_info(name: str) -> ModelInfo:
     return ModelInfo(
         name=name,
         params_m=weights.meta["num_params"] / 1e6,
-        gflops=weights.meta["_ops"],
+        gmacs=weights.meta["_ops"],
         weights=str(weights),
         weights_file=path,
         cached=path.is_file(),
@@ -226,6 +227,9 @@ def _load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sou
             new_stem = True
             continue
         if key == stem and value.shape[1] != own[key].shape[1]:
+            note = f"{source}: {value.shape[1]}-channel stem adapted to {own[key].shape[1]} channels"
+            log.info(note)
+            tell(f"edgeft: {note} (kernels summed over the input channels, spread evenly)")
             value = _adapt_stem(value, own[key].shape[1])
         if value.shape != own[key].shape:
             raise InputError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}")

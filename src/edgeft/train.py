@@ -23,14 +23,16 @@ from torch import nn
 from edgeft import __version__, jsonio
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import TrainConfig
-from edgeft.cpu import has_bf16
+from edgeft.cpu import has_bf16, use_threads
 from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImages, iterate_batches, load_data
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
-from edgeft.errors import InputError
+from edgeft.errors import InputError, NothingToDo
 from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
+from edgeft.progress import bar as progress_bar
+from edgeft.progress import say
 
 __all__ = [
     "LearningRate",
@@ -39,6 +41,7 @@ __all__ = [
     "TrainState",
     "autocast_dtype",
     "check_inputs",
+    "check_unfinished",
     "evaluate",
     "resume",
     "train",
@@ -67,6 +70,7 @@ class TrainResult:
     world_size: int = 1  # processes that trained together (torchrun)
     img_size: int = 0  # the input side the model trained at
     img_size_from_data: bool = False  # chosen from the folder's image sizes (no --img-size given)
+    threads: int = 0  # torch's intra-op threads (results depend on it: see the README)
     history: list[dict] = field(default_factory=list, repr=False)
 
 
@@ -223,8 +227,22 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = F
             raise InputError(f"--epochs {epochs}: {last.parent} has already trained {done} epochs")
         config = replace(config, epochs=epochs)
         checkpoint["resume"].update(stopped_early=False, stale_epochs=0)
-        log.warning("extending %s to %d epochs", last.parent, epochs)
+        log.info("extending %s to %d epochs", last.parent, epochs)
     return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
+
+
+def check_unfinished(run_dir: str | Path, *, epochs: int | None = None) -> None:
+    """Raise NothingToDo (one line, exit 0, how to extend) when resuming `run_dir` would train
+    nothing: the run finished or stopped early, and `epochs` does not extend it."""
+    last, checkpoint = _read_last(run_dir)
+    state, planned = checkpoint["resume"], checkpoint["config"].get("epochs")
+    done = state.get("epoch", 0)
+    if (epochs is None or epochs == planned) and (done >= planned or state.get("stopped_early")):
+        how = "stopped early" if state.get("stopped_early") else "finished"
+        raise NothingToDo(
+            f"{last.parent} already {how} after {done} of {planned} epochs; nothing to resume "
+            f"(to train longer: edgeft train --resume {last.parent} --epochs N, N > {done})"
+        )
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -296,7 +314,7 @@ def _same_best(resume: dict, best: dict) -> bool:
 
 def _fit(config: TrainConfig, *, checkpoint: dict | None, run_dir: Path | None, progress: bool) -> TrainResult:
     run = _build(config, checkpoint, run_dir)
-    with run.loaders, _progress(progress and run.ctx.is_main) as bar:
+    with run.loaders, progress_bar(progress and run.ctx.is_main) as bar:
         for epoch in range(run.state.epoch, config.epochs):
             if run.state.stopped_early:
                 break
@@ -338,9 +356,9 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     bundle = _load_bundle(config, device)
-    config = _resolved(config, bundle)
+    config = _resolved(config, bundle, device)
     model = _build_model(config, bundle, device, weights="none" if checkpoint else config.weights)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    channels_last = config.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
     batch_size = config.batch_size // ctx.world
@@ -354,7 +372,8 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
     )
     if checkpoint is not None:
         state.load_state_dict(checkpoint)
-        log.warning("resuming %s at epoch %d", run_dir, state.epoch + 1)
+        log.info("resuming %s at epoch %d", run_dir, state.epoch + 1)
+        say(f"edgeft: resuming {run_dir} at epoch {state.epoch + 1} of {config.epochs}")
     if ctx.is_main:
         run_dir = run_dir or _new_run_dir(config)
         atomic_write_text(run_dir / "config.json", jsonio.dumps(asdict(config), indent=2) + "\n")
@@ -391,17 +410,16 @@ def _load_bundle(config: TrainConfig, device: torch.device) -> DataBundle:
         max_bad_fraction=config.max_bad_fraction,
     )
     if bundle.size_from_data:
-        log.warning(
-            "image size %d px, from the data (median shorter side; --img-size to choose)", bundle.preprocess.size
-        )
+        log.info("image size %d px, from the data (median shorter side; --img-size to choose)", bundle.preprocess.size)
     if device.type == "cuda" and isinstance(bundle.train, TensorImages):
         bundle.train = TensorImages(bundle.train.images.to(device), bundle.train.labels.to(device))
         bundle.val = TensorImages(bundle.val.images.to(device), bundle.val.labels.to(device))
     return bundle
 
 
-def _resolved(config: TrainConfig, bundle: DataBundle) -> TrainConfig:
-    """The config as it ran: the chosen image size, and paths that resolve from any directory."""
+def _resolved(config: TrainConfig, bundle: DataBundle, device: torch.device) -> TrainConfig:
+    """The config as it runs: the chosen image size, learning rate, autocast, layout and threads
+    (no default left unresolved), and paths that resolve from any directory."""
     data = config.data if config.data in BUILTIN_DATASETS else str(Path(config.data).resolve())
     weights = str(Path(config.weights).resolve()) if Path(config.weights).is_file() else config.weights
     return replace(
@@ -410,6 +428,10 @@ def _resolved(config: TrainConfig, bundle: DataBundle) -> TrainConfig:
         data=data,
         weights=weights,
         data_root=str(Path(config.data_root).resolve()),
+        lr=config.resolved_lr(),
+        amp=autocast_dtype(device, config.amp) is not None,
+        channels_last=config.channels_last if config.channels_last is not None else device.type == "cuda",
+        threads=use_threads(config.threads),
     )
 
 
@@ -500,7 +522,10 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
     """Train one epoch; loss and accuracy sums over every rank, the rate used, images/s."""
     c, s, device = run.config, run.state, run.device
     task = bar.add_task(
-        f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""), total=run.steps_per_epoch, metrics=""
+        f"epoch {epoch + 1}/{c.epochs}" + (" (head)" if run.frozen else ""),
+        total=run.steps_per_epoch,
+        count="",
+        metrics="",
     )
     started = time.perf_counter()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
@@ -536,7 +561,7 @@ def _one_epoch(run: _Run, epoch: int, bar) -> dict:
         if bar.live.is_started and ((step + 1) % 10 == 0 or step + 1 == run.steps_per_epoch):  # a sync every 10 steps
             rate_s = seen / (time.perf_counter() - started)
             metrics = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.2%}  {rate_s:,.0f} img/s"
-            bar.update(task, completed=step + 1, metrics=metrics)
+            bar.update(task, completed=step + 1, count=f"{step + 1}/{run.steps_per_epoch}", metrics=metrics)
     seconds = time.perf_counter() - started
     run.ctx.sync_buffers(s.model)
     loss_sum, correct, seen_all = run.ctx.sum(loss_sum, correct, torch.tensor(float(seen), device=device))
@@ -666,6 +691,7 @@ def _finish(run: _Run) -> TrainResult:
         world_size=ctx.world,
         img_size=run.bundle.preprocess.size,
         img_size_from_data=run.bundle.size_from_data,
+        threads=run.config.threads,
         history=s.history,
     )
     if not ctx.is_main:
@@ -682,21 +708,6 @@ def _finish(run: _Run) -> TrainResult:
     )
     atomic_write_text(run.run_dir / "summary.json", jsonio.dumps(summary, indent=2) + "\n")
     return result
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[metrics]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +24,15 @@ from PIL import Image
 
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import MAX_BATCH, MAX_WORKERS, check_max_acc_drop, check_range
+from edgeft.config import MAX_BATCH, MAX_WORKERS, check_max_acc_drop, check_range, check_threads
+from edgeft.cpu import use_threads
 from edgeft.data import DataBundle, TensorImages, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError
 from edgeft.models import model_from_checkpoint
 from edgeft.predict import Predictor
 from edgeft.preprocess import preprocess_image
+from edgeft.progress import stage
 
 __all__ = ["GATES", "ValidationResult", "file_sha256", "find_reference", "gate", "gate_for", "validate_file"]
 
@@ -66,9 +69,13 @@ class ValidationResult:
     reason: str  # why the gate failed; empty when it passed
     provider: str  # what ran the exported file
     notes: list[str] = field(default_factory=list)  # what the user should know, not a failure
+    threads: int | None = None  # intra-op threads of the runtime and the checkpoint (None: their defaults)
+    file: str = ""  # the exported file validated (as given), for `edgeft validate`
+    reference: str = ""  # the checkpoint it was compared with (as found or given), for `edgeft validate`
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field; `file` and `reference` only where set (an export's record names no path)."""
+        return {k: v for k, v in asdict(self).items() if v != "" or k not in ("file", "reference")}
 
 
 def gate_for(precision: str, max_acc_drop: float | None = None) -> tuple[float, float]:
@@ -178,6 +185,7 @@ def gate(
     max_acc_drop: float | None = None,
     device: str = "cpu",
     workers: int = 2,
+    threads: int | None = None,
 ) -> ValidationResult:
     """Run the checkpoint (`model`, when already built from it) and the exported file at `path` (as
     `edgeft predict` runs it) on the validation split, the file at each of `batch_sizes`, and judge
@@ -188,9 +196,10 @@ def gate(
     tallies = {b: _Tally() for b in batch_sizes}
     reference_correct, provider, skipped = 0, "not run", []
     if not mismatches:
-        runner = Predictor(path, device=device)
+        runner = Predictor(path, device=device, threads=threads)
         reference = (model or model_from_checkpoint(checkpoint)).eval()
-        reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped)
+        with stage(f"gating the {metadata['precision']} file", total=len(bundle.val), unit="images") as advance:
+            reference_correct = _compare(runner, reference, bundle, tallies, workers, skipped, advance)
         provider = runner.provider
     result = _verdict(
         tallies,
@@ -201,6 +210,7 @@ def gate(
         provider=provider,
         max_acc_drop=max_acc_drop,
     )
+    result.threads = threads
     if skipped:
         result.notes.append(
             f"{len(skipped)} validation file(s) could not be decoded and were left out, e.g. {skipped[0]}"
@@ -209,9 +219,16 @@ def gate(
 
 
 def _compare(
-    runner, reference: torch.nn.Module, bundle: DataBundle, tallies: dict[int, _Tally], workers: int, skipped: list[str]
+    runner,
+    reference: torch.nn.Module,
+    bundle: DataBundle,
+    tallies: dict[int, _Tally],
+    workers: int,
+    skipped: list[str],
+    advance: Callable[[int], None],
 ) -> int:
-    """Stream the validation split through both; returns the reference's correct count."""
+    """Stream the validation split through both (`advance` counts the images); returns the
+    reference's correct count."""
     reference_correct = 0
     biggest = max(tallies)
     chunk = -(-max(_CHUNK, biggest) // biggest) * biggest
@@ -222,6 +239,7 @@ def _compare(
             for b, tally in tallies.items():
                 logits = np.concatenate([runner.logits(inputs[i : i + b]) for i in range(0, len(inputs), b)])
                 tally.add(logits, ref_logits, labels)
+            advance(len(labels))
     return reference_correct
 
 
@@ -317,23 +335,27 @@ def validate_file(
     batch_size: int = 8,
     device: str = "cpu",
     workers: int = 2,
+    threads: int | None = None,
 ) -> ValidationResult:
     """`edgeft validate`: the gate on an exported file, against the checkpoint it was exported
     from (found by its recorded run and file name) or `reference`; data as `gate` reads it."""
     check_range("--batch-size", batch_size, 1, MAX_BATCH)
     check_range("--workers", workers, 0, MAX_WORKERS)
     check_max_acc_drop(max_acc_drop)
+    check_threads(threads)
+    use_threads(threads)
     _return_large_frees_to_the_system()
     device = str(torch_device(device))  # auto resolved; an unusable CUDA device refused before any work
     path = Path(path)
     metadata = read_metadata(path)  # refuses a file modified after export
     checkpoint_path = Path(reference) if reference else find_reference(path, metadata)
-    checkpoint = load_checkpoint(checkpoint_path)
-    notes = []
-    if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
-        notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
-    bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
-    model = model_from_checkpoint(checkpoint)
+    with stage(f"loading {checkpoint_path.name} and its data"):
+        checkpoint = load_checkpoint(checkpoint_path)
+        notes = []
+        if file_sha256(checkpoint_path) != metadata["source_checkpoint"]["sha256"]:
+            notes.append(f"{checkpoint_path} is not the checkpoint this file was exported from (its sha256 differs)")
+        bundle = load_checkpoint_data(checkpoint, data=data, data_root=data_root)
+        model = model_from_checkpoint(checkpoint)
     del checkpoint["state_dict"]  # the model holds the weights now: memory is the point here
     result = gate(
         path,
@@ -344,6 +366,8 @@ def validate_file(
         max_acc_drop=max_acc_drop,
         device=device,
         workers=workers,
+        threads=threads,
     )
     result.notes += notes
+    result.file, result.reference = str(path), str(checkpoint_path)
     return result

@@ -12,10 +12,13 @@ import typer
 from edgeft import __version__, interrupts
 from edgeft.errors import EdgeftError
 
-__all__ = ["app", "format_choices", "interrupt_note", "main"]
+from .helptext import WorkflowGroup
+
+__all__ = ["THREADS_HELP", "app", "format_choices", "interrupt_note", "load_note", "main"]
 
 app = typer.Typer(
     name="edgeft",
+    cls=WorkflowGroup,
     help="Fine-tune an image classifier, export it, prove the export, ship it to the edge.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -44,6 +47,19 @@ def format_choices() -> dict[str, str]:
         "runtimes": ", ".join(("eager", *(f.runtime for f in every))),
         "deployable": ",".join(f.name for f in every if f.deployable),
     }
+
+
+THREADS_HELP = "Intra-op threads (default: the runtime's, one per core); results depend on it (README: Threads)."
+
+
+def load_note() -> None:
+    """One line on a terminal when the machine is busier than its cores (speed and timings suffer)."""
+    from edgeft.cpu import load_note as note
+    from edgeft.progress import say
+
+    line = note()
+    if line:
+        say(line)
 
 
 def interrupt_note(text: str) -> None:
@@ -79,8 +95,8 @@ def main() -> None:
     interrupts.install_handlers()
     try:
         app()
-    except EdgeftError as exc:
-        _fail(exc, f"edgeft: error: {exc}", exc.exit_code)
+    except EdgeftError as exc:  # exit 0 (nothing to do) is said without "error"
+        _fail(exc, f"edgeft: error: {exc}" if exc.exit_code else f"edgeft: {exc}", exc.exit_code)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
     except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130: say what was kept

@@ -10,6 +10,11 @@ from edgeft.config import BenchConfig as C
 
 from . import app, format_choices
 
+_WHAT = "What to time"
+_ACC = "Accuracy"
+_HOW = "How long, how many threads"
+_OUT = "Output"
+
 
 def _split(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
@@ -19,37 +24,64 @@ def _split(text: str) -> tuple[str, ...]:
 def bench_command(
     models: Annotated[
         Optional[str],
-        typer.Option(help=f"Comma-separated backbones (default: {','.join(C.models)}; --quick: resnet18)."),
+        typer.Option(
+            help=f"Comma-separated backbones (default: {', '.join(C.models)}; --quick: resnet18).",
+            show_default=False,
+            rich_help_panel=_WHAT,
+        ),
     ] = None,
-    runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {format_choices()['runtimes']}.")] = ",".join(
-        C.runtimes
-    ),
+    runtimes: Annotated[
+        str,
+        typer.Option(
+            help=f"Comma-separated, of: {format_choices()['runtimes']} (default: all).",
+            show_default=False,
+            rich_help_panel=_WHAT,
+        ),
+    ] = ",".join(C.runtimes),
     precisions: Annotated[
-        str, typer.Option(help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).")
+        str,
+        typer.Option(
+            help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).",
+            rich_help_panel=_WHAT,
+        ),
     ] = "",
     batch_sizes: Annotated[
         Optional[str],
-        typer.Option(help=f"Comma-separated batch sizes (default: {','.join(map(str, C.batch_sizes))}; --quick: 1)."),
+        typer.Option(
+            help=f"Comma-separated batch sizes (default: {','.join(map(str, C.batch_sizes))}; --quick: 1).",
+            show_default=False,
+            rich_help_panel=_WHAT,
+        ),
     ] = None,
-    img_size: Annotated[int, typer.Option(help="Input side in pixels.")] = C.img_size,
+    img_size: Annotated[int, typer.Option(help="Input side in pixels.", rich_help_panel=_WHAT)] = C.img_size,
     device: Annotated[
-        str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).")
+        str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).", rich_help_panel=_WHAT)
     ] = C.device,
-    threads: Annotated[int, typer.Option(help="Intra-op threads for every runtime (0: all cores).")] = C.threads,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = C.warmup,
-    iterations: Annotated[int, typer.Option(help="Timed runs per row, at most, over all rounds.")] = C.iterations,
+    threads: Annotated[
+        int, typer.Option(help="Intra-op threads for every runtime (0: all cores).", rich_help_panel=_HOW)
+    ] = C.threads,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per row.", rich_help_panel=_HOW)] = C.warmup,
+    iterations: Annotated[
+        int, typer.Option(help="Timed runs per row, at most, over all rounds.", rich_help_panel=_HOW)
+    ] = C.iterations,
     budget_s: Annotated[
-        float, typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).")
+        float,
+        typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).", rich_help_panel=_HOW),
     ] = C.budget_s,
     rounds: Annotated[
         int,
-        typer.Option(help="Fresh processes per row, taking turns with the model's other rows; p50 is their median."),
+        typer.Option(
+            help="Fresh processes per row, taking turns with the model's other rows; p50 is their median.",
+            rich_help_panel=_HOW,
+        ),
     ] = C.rounds,
     quick: Annotated[
         bool,
         typer.Option(
-            help="A first look in a few minutes: every installed runtime and default precision, but resnet18 only, "
-            "batch 1, 1 round of <= 10 runs (<= 2 s) per row; options given explicitly still apply."
+            "--quick",
+            help="A first look in a few minutes: every installed runtime and default precision, but resnet18 "
+            "only, batch 1, 1 round of <= 10 runs (<= 2 s) per row; options given explicitly still apply.",
+            rich_help_panel=_HOW,
         ),
     ] = C.quick,
     checkpoints: Annotated[
@@ -58,18 +90,23 @@ def bench_command(
             "--checkpoints",
             "--checkpoint",
             help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.",
+            rich_help_panel=_ACC,
         ),
     ] = None,
     data: Annotated[
         Optional[str],
-        typer.Option(help="Accuracy data for --checkpoints (default: each checkpoint's validation split)."),
+        typer.Option(
+            help="Accuracy data for --checkpoints (default: each checkpoint's validation split).", rich_help_panel=_ACC
+        ),
     ] = None,
-    out: Annotated[str, typer.Option(help="Report folder.")] = C.out,
+    out: Annotated[str, typer.Option(help="Report folder.", rich_help_panel=_OUT)] = C.out,
     keep_files: Annotated[
         bool,
         typer.Option(
+            "--keep-files",
             help="Keep the files it timed in bench-<stamp>-files/ beside the report "
-            "(each row names its file; up to ~800 MB for the default backbones)."
+            "(each row names its file; up to ~800 MB for the default backbones).",
+            rich_help_panel=_OUT,
         ),
     ] = C.keep_files,
     cache: Annotated[
@@ -77,10 +114,14 @@ def bench_command(
         typer.Option(
             "--cache/--no-cache",
             help="Reuse the files an earlier bench made from the same weights, format, precision and versions.",
+            rich_help_panel=_OUT,
         ),
     ] = C.cache,
     cache_dir: Annotated[
-        Optional[str], typer.Option(help="Cache folder (default: $EDGEFT_CACHE or ~/.cache/edgeft, then bench/).")
+        Optional[str],
+        typer.Option(
+            help="Cache folder (default: $EDGEFT_CACHE or ~/.cache/edgeft, then bench/).", rich_help_panel=_OUT
+        ),
     ] = C.cache_dir,
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""

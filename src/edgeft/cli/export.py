@@ -8,14 +8,20 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from edgeft import jsonio
-from edgeft.config import DEFAULT_OPSET, OPSETS
+from edgeft import jsonio, progress
+from edgeft.config import DEFAULT_OPSET, OPSETS, PRECISIONS
 from edgeft.config import ExportConfig as C
 from edgeft.errors import GateError, InputError
+from edgeft.formats.onnx_int8 import ACTIVATION_TYPES, CALIBRATION_METHODS, QUANT_FORMATS, WEIGHT_TYPES
 
-from . import app, format_choices
+from . import THREADS_HELP, app, format_choices, load_note
+from .helptext import one_of
 
 _CHOICES = format_choices()
+_WRITE = "What to write"
+_INT8 = "int8"
+_GATE = "The gate"
+_OUTPUT = "Output"
 
 
 def _newest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -37,7 +43,8 @@ def _validation_rows(v) -> list[tuple[str, str]]:
         ("agreement", f"top-1 {v.top1_agreement:.2%}, top-5 {v.top5_agreement:.2%}"),
         ("logit difference", f"max {v.max_abs_logit_diff:.3g} (relative {v.max_rel_logit_diff:.3g})"),
         ("probability difference", f"max {v.max_prob_diff:.3g}, mean {v.mean_prob_diff:.3g}"),
-        ("images", escape(f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}, {v.provider}")),
+        ("images", escape(f"{v.n_images} at batch {' and '.join(map(str, v.batch_sizes))}, {v.dataset}")),
+        ("ran on", escape(f"{v.provider}, " + (f"{v.threads} thread(s)" if v.threads else "default threads"))),
         ("gate", "[green]passed[/]" if v.passed else f"[red]FAILED[/]: {escape(v.reason)}"),
     ]
     return rows + [("note", f"[yellow]{escape(note)}[/]") for note in v.notes]
@@ -46,22 +53,25 @@ def _validation_rows(v) -> list[tuple[str, str]]:
 @app.command("export")
 def export_command(
     checkpoint: Annotated[
-        Optional[Path], typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).")
+        Optional[Path],
+        typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).", show_default=False),
     ] = None,
     format: Annotated[
         str,
         typer.Option(
             help=f"{_CHOICES['formats']}. all: one file of each; auto: the fastest file that passes its gate, "
-            "of every edge runtime installed (see --formats)."
+            "of every edge runtime installed (see --formats).",
+            rich_help_panel=_WRITE,
         ),
     ] = C.format,
     precision: Annotated[
         Optional[str],
         typer.Option(
-            help=f"fp32 | fp16 | bf16 | int8 | auto (what each format writes: {_CHOICES['precisions']}; fp16 "
-            "TorchScript: CUDA). auto: the fastest of the format's files that passes its gate. Default: fp32, "
-            "auto with --format auto.",
+            help=f"{one_of((*PRECISIONS, 'auto'))} (each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
+            "CUDA). auto: the fastest of the format's files that passes its gate. Default: fp32; auto with "
+            "--format auto.",
             show_default=False,
+            rich_help_panel=_WRITE,
         ),
     ] = C.precision,
     candidate_formats: Annotated[
@@ -70,46 +80,45 @@ def export_command(
             "--formats",
             help=f"--format auto: the formats compared, comma-separated (default: {_CHOICES['deployable']}).",
             show_default=False,
+            rich_help_panel=_WRITE,
         ),
     ] = C.candidate_formats,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path(C.out),
-    name: Annotated[
-        Optional[str], typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).")
-    ] = C.name,
     opset: Annotated[
         Optional[int],
-        typer.Option(help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).", show_default=False),
+        typer.Option(
+            help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).",
+            show_default=False,
+            rich_help_panel=_WRITE,
+        ),
     ] = C.opset,
     device: Annotated[
-        str, typer.Option(help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.")
-    ] = C.device,
-    validate: Annotated[
-        bool,
+        str,
         typer.Option(
-            "--validate/--no-validate", help="Compare with the checkpoint on real images and gate the result."
+            help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.", rich_help_panel=_WRITE
         ),
-    ] = C.validate,
-    data: Annotated[
-        Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")
-    ] = C.data,
-    data_root: Annotated[
-        Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")
-    ] = C.data_root,
+    ] = C.device,
     calib_data: Annotated[
-        Optional[str], typer.Option(help="int8 calibration images (default: the checkpoint's training data).")
+        Optional[str],
+        typer.Option(help="Calibration images (default: the checkpoint's training data).", rich_help_panel=_INT8),
     ] = C.calib_data,
-    calib_size: Annotated[int, typer.Option(help="int8 calibration images used.")] = C.calib_size,
+    calib_size: Annotated[int, typer.Option(help="Calibration images used.", rich_help_panel=_INT8)] = C.calib_size,
     calib_method: Annotated[
-        Optional[str], typer.Option(help="int8 calibration: minmax | entropy | percentile (default: minmax).")
+        Optional[str],
+        typer.Option(help=f"Calibration: {one_of(CALIBRATION_METHODS)} (default: minmax).", rich_help_panel=_INT8),
     ] = C.calib_method,
     activation_type: Annotated[
-        Optional[str], typer.Option(help="int8 activations: uint8 | int8 (default: uint8 on x86, int8 on ARM).")
+        Optional[str],
+        typer.Option(
+            help=f"Activations: {one_of(ACTIVATION_TYPES)} (default: uint8 on x86, int8 on ARM).",
+            rich_help_panel=_INT8,
+        ),
     ] = C.activation_type,
     weight_type: Annotated[
-        Optional[str], typer.Option(help="int8 weights: int8 | uint8 (default: int8).")
+        Optional[str],
+        typer.Option(help=f"Weights: {one_of(WEIGHT_TYPES)} (default: int8).", rich_help_panel=_INT8),
     ] = C.weight_type,
     quant_format: Annotated[
-        Optional[str], typer.Option(help="int8 graph: qdq | qoperator (default: qdq).")
+        Optional[str], typer.Option(help=f"Graph: {one_of(QUANT_FORMATS)} (default: qdq).", rich_help_panel=_INT8)
     ] = C.quant_format,
     reduce_range: Annotated[
         Optional[bool],
@@ -117,6 +126,7 @@ def export_command(
             "--reduce-range/--no-reduce-range",
             help="7-bit int8 weights (default: on for x86 without VNNI).",
             show_default=False,
+            rich_help_panel=_INT8,
         ),
     ] = C.reduce_range,
     fallback: Annotated[
@@ -125,34 +135,65 @@ def export_command(
             "--fallback/--no-fallback",
             show_default=False,
             help="ONNX int8 that fails its gate: try more calibration images, another method, "
-            "first conv + classifier in float.",
+            "first conv + classifier in float (default: on).",
+            rich_help_panel=_INT8,
         ),
     ] = C.fallback,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate",
+            help="Compare with the checkpoint on real images and gate the result.",
+            rich_help_panel=_GATE,
+        ),
+    ] = C.validate,
+    data: Annotated[
+        Optional[str],
+        typer.Option(help="Validation data (default: the checkpoint's validation split).", rich_help_panel=_GATE),
+    ] = C.data,
+    data_root: Annotated[
+        Optional[str],
+        typer.Option(help="Root of torchvision datasets (default: the checkpoint's).", rich_help_panel=_GATE),
+    ] = C.data_root,
     max_acc_drop: Annotated[
-        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")
+        Optional[float],
+        typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).", rich_help_panel=_GATE),
     ] = C.max_acc_drop,
-    batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="The batch > 1 validated besides batch 1.", rich_help_panel=_GATE)
+    ] = C.batch_size,
     force: Annotated[
-        bool, typer.Option(help="Keep a file that fails its gate (marked failed in its metadata).")
+        bool,
+        typer.Option(
+            "--force", help="Keep a file that fails its gate (marked failed in its metadata).", rich_help_panel=_GATE
+        ),
     ] = C.force,
+    threads: Annotated[
+        Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_WRITE)
+    ] = C.threads,
+    out: Annotated[Path, typer.Option(help="Output folder.", rich_help_panel=_OUTPUT)] = Path(C.out),
+    name: Annotated[
+        Optional[str],
+        typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).", rich_help_panel=_OUTPUT),
+    ] = C.name,
 ) -> None:
     """Write exported files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
     from rich.console import Console
-    from rich.table import Table
-
-    from edgeft.export import export
 
     options["checkpoint"] = str(checkpoint or _newest_checkpoint())
     options["out"] = str(out)
-    result = export(C(**options))
+    config = C(**options)
+    load_note()
+    with progress.shown():
+        with progress.stage("starting (importing torch)"):
+            from edgeft.export import export
+        result = export(config)
     console = Console()
     for f in result.files:
         if f.attempts:
             console.print(_attempts_table(f.attempts, auto="auto" in (format, precision)))
-        table = Table(
-            title=escape(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)"), show_header=False
-        )
+        table = _facts_table(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)")
         if f.validation is not None:
             for row in _validation_rows(f.validation):
                 table.add_row(*row)
@@ -169,18 +210,37 @@ def export_command(
 
 
 def _attempts_table(attempts, *, auto: bool):
-    """The int8 fallback ladder's attempts, or auto's candidates, one row each."""
+    """The int8 fallback ladder's attempts, or auto's candidates, one row each between rules: a
+    long candidate name or reason wraps inside its row (at 80 columns), numbers never."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     from edgeft.candidates import attempts_table
 
     head, *rows = attempts_table(attempts)
     table = Table(
-        *head, title="candidates (the fastest that passed is kept)" if auto else "int8 attempts", title_justify="left"
+        title="candidates (the fastest that passed is kept)" if auto else "int8 attempts",
+        title_justify="left",
+        box=box.SIMPLE,
+        show_edge=False,
+        show_lines=True,  # a wrapped name stays visibly inside its own row
     )
-    for row in rows:
-        table.add_row(*map(escape, row))
-    return table
+    names = len(head) - 5  # format (where several are compared) and candidate, then the numbers
+    for column, name in enumerate(head):
+        if column < names:  # wraps, never narrower than a word
+            longest = max(len(word) for row in rows for word in row[column].split())
+            table.add_column(name, min_width=longest, overflow="fold")
+        else:
+            table.add_column(name, no_wrap=True, justify="right" if name != head[-1] else "left")
+    reasons = []
+    for *cells, result in rows:
+        outcome, _, why = result.partition(": ")  # "failed: why" -> "failed", why below the table
+        table.add_row(*map(escape, cells), escape(outcome))
+        if why:
+            reasons.append(f"{' '.join(cells[:names])}: {why}")
+    return Group(table, *(Text(line) for line in reasons))
 
 
 @app.command("validate")
@@ -192,37 +252,44 @@ def validate_command(
     data: Annotated[
         Optional[str], typer.Option(help="Validation data (default: the checkpoint's validation split).")
     ] = None,
-    data_root: Annotated[Optional[str], typer.Option(help="Root of torchvision datasets.")] = None,
+    data_root: Annotated[
+        Optional[str], typer.Option(help="Root of torchvision datasets (default: the checkpoint's).")
+    ] = None,
     max_acc_drop: Annotated[
-        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: by precision).")
+        Optional[float], typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.")] = C.batch_size,
     device: Annotated[
         str, typer.Option(help="cpu | cuda[:N]: where the exported file runs (the checkpoint runs on the CPU).")
     ] = "cpu",
     workers: Annotated[int, typer.Option(help="Threads that decode the validation images.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compare an exported file with its checkpoint on real images; exit 1 when the gate fails."""
-    from edgeft.validate import validate_file
-
-    result = validate_file(
-        file,
-        reference=reference,
-        data=data,
-        data_root=data_root,
-        max_acc_drop=max_acc_drop,
-        batch_size=batch_size,
-        device=device,
-        workers=workers,
-    )
+    if not as_json:
+        load_note()
+    with progress.shown(not as_json):
+        with progress.stage("starting (importing torch)"):
+            from edgeft.validate import validate_file
+        result = validate_file(
+            file,
+            reference=reference,
+            data=data,
+            data_root=data_root,
+            max_acc_drop=max_acc_drop,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            threads=threads,
+        )
     if as_json:
         typer.echo(jsonio.dumps(result.to_dict(), indent=2))
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=escape(str(file)), show_header=False)
+        table = _facts_table(str(file))
+        table.add_row("reference", escape(result.reference))
         for row in _validation_rows(result):
             table.add_row(*row)
         Console().print(table)
@@ -233,7 +300,7 @@ def validate_command(
 @app.command("info")
 def info_command(
     file: Annotated[Path, typer.Argument(help=f"An exported file ({_CHOICES['files']}).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole metadata document as JSON.")] = False,
 ) -> None:
     """Print the metadata embedded in an exported file."""
     from edgeft.artifact import read_metadata
@@ -243,9 +310,8 @@ def info_command(
         typer.echo(jsonio.dumps(metadata, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=escape(str(file)), show_header=False)
+    table = _facts_table(str(file))
     for name, value in _info_rows(metadata):
         table.add_row(name, escape(value))
     Console().print(table)
@@ -266,6 +332,16 @@ def _recorded_candidates(metadata: dict) -> list:
         return []
 
 
+def _facts_table(title: str):
+    """A name | value table whose values fold (a digest or path is never cut short at 80 columns)."""
+    from rich.table import Table
+
+    table = Table(title=escape(title), show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
+
+
 def _outside_delegate(delegation: dict) -> str:
     """What an ExecuTorch program runs outside the XNNPACK delegate, in one line."""
     ops = (
@@ -282,27 +358,52 @@ def _accuracies(v: dict) -> str:
 
 
 def _info_rows(metadata: dict) -> list[tuple[str, str]]:
+    """Every field the file records, one row each: the known ones in words, any other as JSON."""
     v, p, source = metadata.get("validation"), metadata["preprocess"], metadata["source_checkpoint"]
-    classes = metadata["classes"]
-    return [
-        ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
-        ("classes", ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")),
-        (
-            "input",
-            f"{metadata['input'].get('name')} float32 {metadata['input'].get('layout')} "
-            f"{metadata['input'].get('shape')}",
-        ),
-        (
+    classes, inp, out = metadata["classes"], metadata["input"], metadata.get("output") or {}
+    known = {
+        "arch": ("model", f"{metadata['arch']}, {metadata['num_classes']} classes, {metadata['precision']}"),
+        "classes": ("classes", ", ".join(classes[:20]) + (" ..." if len(classes) > 20 else "")),
+        "input": ("input", f"{inp.get('name')} {inp.get('dtype', 'float32')} {inp.get('layout')} {inp.get('shape')}"),
+        "output": ("output", f"{out.get('name')} {out.get('dtype')} {out.get('shape')}"),
+        "preprocess": (
             "preprocess",
             f"resize {p['resize']} ({p['interpolation']}), crop {p['size']}, mean {p['mean']}, std {p['std']}",
         ),
-        ("content sha256", f"{metadata['content_sha256']} (verified)"),
-        ("source", f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)"),
-        ("validation", "not run" if not v else f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}"),
-        ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
-        ("created", str(metadata.get("created"))),
-    ] + (
-        [("outside XNNPACK", _outside_delegate(metadata["delegation"]))]
-        if isinstance(metadata.get("delegation"), dict)
-        else []
-    )
+        "opset": ("opset", str(metadata.get("opset"))),
+        "quantization": ("int8 settings", _settings(metadata.get("quantization"))),
+        "precision_auto": ("auto decision", _auto_decision(metadata.get("precision_auto"))),
+        "delegation": ("outside XNNPACK", _outside_delegate(metadata.get("delegation") or {})),
+        "content_sha256": ("content sha256", f"{metadata['content_sha256']} (verified)"),
+        "source_checkpoint": (
+            "source",
+            f"runs/{source.get('run')}/{source.get('file')} (sha256 {str(source.get('sha256'))[:12]}...)",
+        ),
+        "validation": ("validation", "not run" if not v else _validation_line(v)),
+        "versions": ("versions", ", ".join(f"{k} {val}" for k, val in metadata.get("versions", {}).items())),
+        "created": ("created", str(metadata.get("created"))),
+        "format": ("metadata format", str(metadata.get("format"))),
+    }
+    shown = {*known, "num_classes", "precision"}  # the last two: in the model row
+    rows = [known[key] for key in known if metadata.get(key) is not None]
+    return rows + [(key, jsonio.dumps(value)) for key, value in metadata.items() if key not in shown]
+
+
+def _settings(settings) -> str:
+    if not isinstance(settings, dict):
+        return str(settings)
+    plain = {k: jsonio.dumps(val) if isinstance(val, (list, dict)) else val for k, val in settings.items()}
+    return ", ".join(f"{k} {val}" for k, val in plain.items())
+
+
+def _auto_decision(decision) -> str:
+    """An automatic choice: which candidate was kept, of how many (the table follows `info`'s)."""
+    if not isinstance(decision, dict) or not isinstance(decision.get("candidates"), list):
+        return str(decision)
+    return f"kept {decision.get('chosen')} of {len(decision['candidates'])} candidates (table below)"
+
+
+def _validation_line(v: dict) -> str:
+    threads = v.get("threads")
+    ran = f", {v.get('provider')}" + (f", {threads} thread(s)" if threads else "")
+    return f"{'passed' if v['passed'] else 'FAILED'}: {_accuracies(v)}{ran}"

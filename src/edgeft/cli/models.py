@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
-import typer
-
 from . import app
 
 
 @app.command("models")
 def models_command() -> None:
     """List the backbones with their size, cost at 224 px, and offline ImageNet weights."""
+    from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from edgeft.models import list_models, model_info
 
-    names = list_models()
-    table = Table(title="edgeft models")
-    table.add_column("model", no_wrap=True, min_width=max(map(len, names)))  # never cut a name short
-    for column in ("params (M)", "GFLOPs @224", "ImageNet weights"):
-        table.add_column(column, justify="right" if "(" in column or "@" in column else "left")
-    table.add_column("weights file", overflow="fold")  # whole, on narrow terminals too
-    for name in names:
+    table = Table(
+        title="edgeft models (params: millions; GMACs: multiply-adds at 224 px)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=0,  # the column separators space the columns
+    )
+    for column in ("model", "params", "GMACs", "weights", "ImageNet weights file"):  # 78 columns at most
+        table.add_column(column, no_wrap=True, justify="right" if column in ("params", "GMACs") else "left")
+    for name in list_models():
         info = model_info(name)
         table.add_row(
             escape(name),
             f"{info.params_m:.1f}",
-            f"{info.gflops:.2f}",
-            "[green]cached[/]" if info.cached else "[yellow]download needed[/]",
+            f"{info.gmacs:.2f}",
+            "[green]cached[/]" if info.cached else "[yellow]missing[/]",
             escape(info.weights_file.name),
         )
-    Console().print(table)
-    folder = info.weights_file.parent
-    typer.echo(f"ImageNet weights are read from {folder}/ (set TORCH_HOME to move it); offline, put the file there.")
+    console = Console()
+    console.print(table)
+    console.print("ImageNet weights are read from this folder (TORCH_HOME moves it); offline, put the files there:")
+    print(f"{info.weights_file.parent}/")  # whole, on a line of its own: never broken for the width

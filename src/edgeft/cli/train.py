@@ -9,11 +9,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgeft.config import AUGMENTATIONS, OPTIMIZERS, SCHEDULERS, STEMS
 from edgeft.config import TrainConfig as C
 from edgeft.errors import InputError
 
-from . import app
+from . import THREADS_HELP, app, load_note
+from .helptext import DATA_CHOICES, one_of
 
+_MODEL = "Model"
 _DATA = "Data"
 _OPT = "Optimization"
 _RUN = "Run"
@@ -22,21 +25,24 @@ _RUN = "Run"
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.")] = C.model,
+    model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.", rich_help_panel=_MODEL)] = C.model,
     data: Annotated[
         str,
-        typer.Option(
-            help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an ImageFolder path.", rich_help_panel=_DATA
-        ),
+        typer.Option(help=DATA_CHOICES, rich_help_panel=_DATA),
     ] = C.data,
     data_root: Annotated[
         str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)
     ] = C.data_root,
     weights: Annotated[
-        str, typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.")
+        str,
+        typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.", rich_help_panel=_MODEL),
     ] = C.weights,
     stem: Annotated[
-        str, typer.Option(help="torchvision | small (3x3 stride-1 conv, no max-pool) for images <= 64 px.")
+        str,
+        typer.Option(
+            help=f"{one_of(STEMS)} (small: 3x3 stride-1 conv, no max-pool, for images <= 64 px).",
+            rich_help_panel=_MODEL,
+        ),
     ] = C.stem,
     img_size: Annotated[
         Optional[int],
@@ -52,20 +58,31 @@ def train_command(
     val_split: Annotated[
         float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)
     ] = C.val_split,
-    augment: Annotated[str, typer.Option(help="none | light | standard.", rich_help_panel=_DATA)] = C.augment,
+    augment: Annotated[
+        str, typer.Option(help=f"Training augmentation: {one_of(AUGMENTATIONS)}.", rich_help_panel=_DATA)
+    ] = C.augment,
     max_bad_fraction: Annotated[
         float, typer.Option(help="Abort when more of a folder's files are unreadable.", rich_help_panel=_DATA)
     ] = C.max_bad_fraction,
-    epochs: Annotated[int, typer.Option(rich_help_panel=_OPT)] = C.epochs,
-    batch_size: Annotated[int, typer.Option(rich_help_panel=_OPT)] = C.batch_size,
-    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd.", rich_help_panel=_OPT)] = C.optimizer,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.", rich_help_panel=_OPT)] = C.epochs,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per step (split across torchrun processes).", rich_help_panel=_OPT)
+    ] = C.batch_size,
+    optimizer: Annotated[str, typer.Option(help=f"{one_of(OPTIMIZERS)}.", rich_help_panel=_OPT)] = C.optimizer,
     lr: Annotated[
         Optional[float],
-        typer.Option(help="(default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd)", rich_help_panel=_OPT),
+        typer.Option(
+            help="Peak learning rate (default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd).",
+            rich_help_panel=_OPT,
+        ),
     ] = C.lr,
-    weight_decay: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.weight_decay,
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (not on biases and norm layers).", rich_help_panel=_OPT)
+    ] = C.weight_decay,
     momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=_OPT)] = C.momentum,
-    scheduler: Annotated[str, typer.Option(help="cosine | plateau | none.", rich_help_panel=_OPT)] = C.scheduler,
+    scheduler: Annotated[
+        str, typer.Option(help=f"Learning-rate schedule: {one_of(SCHEDULERS)}.", rich_help_panel=_OPT)
+    ] = C.scheduler,
     warmup_epochs: Annotated[
         float, typer.Option(help="Linear warm-up at the start of each phase.", rich_help_panel=_OPT)
     ] = C.warmup_epochs,
@@ -76,7 +93,9 @@ def train_command(
     plateau_factor: Annotated[
         float, typer.Option(help="plateau: LR factor of each cut.", rich_help_panel=_OPT)
     ] = C.plateau_factor,
-    label_smoothing: Annotated[float, typer.Option(rich_help_panel=_OPT)] = C.label_smoothing,
+    label_smoothing: Annotated[
+        float, typer.Option(help="Label smoothing of the loss, in [0, 1).", rich_help_panel=_OPT)
+    ] = C.label_smoothing,
     freeze_epochs: Annotated[
         int,
         typer.Option(
@@ -101,7 +120,12 @@ def train_command(
     ] = C.amp,
     channels_last: Annotated[
         Optional[bool],
-        typer.Option("--channels-last/--no-channels-last", help="(default: on for CUDA)", rich_help_panel=_RUN),
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="NHWC memory layout (default: on for CUDA).",
+            show_default=False,
+            rich_help_panel=_RUN,
+        ),
     ] = C.channels_last,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)] = C.device,
     compile: Annotated[
@@ -114,8 +138,13 @@ def train_command(
         int,
         typer.Option(help="Processes on this machine: runs itself under torchrun (one per GPU).", rich_help_panel=_RUN),
     ] = 1,
-    seed: Annotated[int, typer.Option(rich_help_panel=_RUN)] = C.seed,
+    seed: Annotated[
+        int, typer.Option(help="Seed of weights init, shuffling and augmentation.", rich_help_panel=_RUN)
+    ] = C.seed,
     workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
+    threads: Annotated[
+        Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_RUN)
+    ] = C.threads,
     out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
     name: Annotated[
         Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)
@@ -132,6 +161,9 @@ def train_command(
     options = dict(locals())
     options.pop("ctx")
     if options.pop("nproc") > 1 and "WORLD_SIZE" not in os.environ:
+        from edgeft.distributed import check_nproc
+
+        check_nproc(nproc, device)
         _exec_torchrun(nproc)
     resume = options.pop("resume")
     if resume is None:
@@ -142,17 +174,20 @@ def train_command(
 
     from edgeft import train as training
 
+    load_note()
     if resume is None:
         result = training.train(config, progress=True)
     else:
-        result = training.resume(resume, epochs=_epochs_with_resume(ctx), progress=True)
+        epochs = _epochs_with_resume(ctx)
+        training.check_unfinished(resume, epochs=epochs)
+        result = training.resume(resume, epochs=epochs, progress=True)
     if not result.run_dir:  # a torchrun rank other than 0: rank 0 reports
         return
 
     table = Table(show_header=False, box=None)
     table.add_row("best val accuracy", f"{result.best_val_acc:.2%} (epoch {result.best_epoch})")
     table.add_row("epochs", f"{result.epochs}" + (" (early stop)" if result.stopped_early else ""))
-    table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}")
+    table.add_row("train images/s", f"{result.train_images_per_s:,.0f} on {result.device}, {result.threads} threads")
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     if result.img_size_from_data:
         table.add_row(

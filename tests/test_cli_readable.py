@@ -71,8 +71,8 @@ def test_help_shows_choices_from_the_registries_with_markup_escaped(helps):
     export = " ".join(helps["export"].split())
     for f in formats.all_formats():
         assert f.name in export
-        if f.extra:
-            assert f'"edgeft[{f.extra}]"' in export  # not eaten as Rich markup
+        if f.extra_to_write or f.extra:  # the extra that writes its files
+            assert f'"edgeft[{f.extra_to_write or f.extra}]"' in export  # not eaten as Rich markup
     for choice in ("fp32", "fp16", "int8", "auto", "minmax", "entropy", "qdq"):
         assert choice in export
     train = " ".join(helps["train"].split())

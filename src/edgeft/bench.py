@@ -27,7 +27,7 @@ from edgeft.cpu import cpu_description, has_bf16
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
-from edgeft.interrupts import atomic_write_text
+from edgeft.interrupts import atomic_write, atomic_write_text
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.timing import run_measurement
@@ -229,7 +229,9 @@ def _artifacts(source: _Source, run: _Run, folder: Path, needed) -> dict:
     spec = default_preprocess(size=content["preprocess"]["size"], channels=content["in_chans"])
     eager_file = checkpoint
     if source.checkpoint and run.config.keep_files and any(runtime == "eager" for runtime, _ in needed):
-        eager_file = str(shutil.copy2(checkpoint, folder / Path(checkpoint).name))  # kept with the others
+        eager_file = str(folder / Path(checkpoint).name)  # kept with the others
+        with open(checkpoint, "rb") as source, atomic_write(eager_file) as copy:
+            shutil.copyfileobj(source, copy)
     files: dict[tuple[str, str], str] = {}
     accuracy: dict[tuple[str, str], float] = {}
     for runtime, precision in needed:
@@ -305,9 +307,11 @@ def _write_random_weights(model, spec, runtime: str, precision: str, device: str
         )
 
     config = ExportConfig(checkpoint="", format=fmt.name, precision=precision, calib_size=16, device=device)
-    with tempfile.TemporaryDirectory(dir=stem.parent) as workdir:
+    with tempfile.TemporaryDirectory(dir=stem.parent) as workdir:  # the file appears whole, or not at all
         rung = fmt.int8_rungs(config)[0] if precision == "int8" else None
-        fmt.write(formats.WriteRequest(model, spec, precision, device, config, Path(workdir), rung, calibration), path)
+        request = formats.WriteRequest(model, spec, precision, device, config, Path(workdir), rung, calibration)
+        fmt.write(request, Path(workdir) / path.name)
+        fmt.replace(Path(workdir) / path.name, path)
     return str(path)
 
 

@@ -78,6 +78,8 @@ def main() -> None:
     try:
         app()
     except EdgeftError as exc:
+        if interrupts.received() is not None:  # a signal whose exception became an EdgeftError on its way up
+            _interrupted(exc)
         _fail(exc, f"edgeft: error: {exc}", exc.exit_code)
     except KeyboardInterrupt as exc:
         _interrupted(exc)

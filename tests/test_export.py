@@ -355,9 +355,11 @@ def _machine_paths() -> list[bytes]:
     return sorted({str(p).encode() for p in found if len(str(p)) > 4})
 
 
-def test_exported_files_name_no_folder_of_the_exporting_machine(exported):
-    for f in exported.values():
-        data = Path(f.path).read_bytes()
+def test_exported_files_name_no_folder_of_the_exporting_machine(exported, digits_exports):
+    from edgeft import formats
+
+    for f in [*exported.values(), *digits_exports.values()]:
+        data = b"".join(p.read_bytes() for p in formats.get(f.format).files(Path(f.path)))
         if f.format == "torchscript":
             import zipfile
 

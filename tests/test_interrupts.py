@@ -256,7 +256,13 @@ def interrupted_export(fmt, digits_checkpoint, digits_exports, tmp_path, hook: t
     return out / earlier.name
 
 
-@pytest.mark.parametrize("fmt", formats_here())
+WRITERS = [
+    p if p.id == "onnx" else pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.slow])
+    for p in formats_here()
+]
+
+
+@pytest.mark.parametrize("fmt", WRITERS)
 def test_every_format_interrupted_inside_its_writer_keeps_the_earlier_file(
     fmt, digits_checkpoint, digits_exports, tmp_path
 ):
@@ -284,10 +290,10 @@ def test_interrupted_export_keeps_the_earlier_file_or_places_the_new_one_whole(
         assert final.read_bytes() == Path(digits_exports["onnx"].path).read_bytes()
 
 
-BENCH = ["bench", "--models", "resnet18", "--img-size", "32", "--runtimes", "eager,onnxruntime", "--precisions", "fp32"]
+BENCH = ["bench", "--models", "resnet18", "--img-size", "32", "--runtimes", "onnxruntime", "--precisions", "fp32"]
 BENCH_CASES = {  # name -> target, N, signal
     "writing a timed file": ("onnx:load", 1, "SIGINT"),  # between the exporter's write and edgeft's rewrite
-    "timing a row": ("subprocess:Popen.communicate", 3, "SIGTERM"),  # after `uname -p` and the matmul peak
+    "timing the row": ("subprocess:Popen.communicate", 3, "SIGTERM"),  # after `uname -p` and the matmul peak
     "drawing the report": ("PIL.ImageFile:_save", 1, "SIGINT"),  # the PNG's header written, not its pixels
 }
 

@@ -230,8 +230,8 @@ def _artifacts(source: _Source, run: _Run, folder: Path, needed) -> dict:
     eager_file = checkpoint
     if source.checkpoint and run.config.keep_files and any(runtime == "eager" for runtime, _ in needed):
         eager_file = str(folder / Path(checkpoint).name)  # kept with the others
-        with open(checkpoint, "rb") as source, atomic_write(eager_file) as copy:
-            shutil.copyfileobj(source, copy)
+        with open(checkpoint, "rb") as original, atomic_write(eager_file) as copy:
+            shutil.copyfileobj(original, copy)
     files: dict[tuple[str, str], str] = {}
     accuracy: dict[tuple[str, str], float] = {}
     for runtime, precision in needed:

@@ -14,6 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# `PYTHONPATH=src python -m pytest` (a checkout's code, not the installed one) must mean the same
+# folder in the subprocesses the tests start in other working folders.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(map(os.path.abspath, os.environ["PYTHONPATH"].split(os.pathsep)))
+
 # Any download attempt is refused at once (nothing listens on port 9), so "offline" behaves the
 # same on a machine that happens to have a network.
 OFFLINE_PROXY = "http://127.0.0.1:9"
@@ -167,3 +172,71 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "runs"
     config = TrainConfig(img_size=16, epochs=3, batch_size=64, patience=0, out=str(out), name="r18")
     return Path(train(config).best_checkpoint)
+
+
+def formats_here() -> list:
+    """Every registered format as a pytest param (`edgeft.formats.all_formats()`: a new format
+    joins by being registered); one whose extra is not installed here is skipped, saying which."""
+    from edgeft import formats
+
+    params = []
+    for fmt in formats.all_formats():
+        missing = fmt.missing(write=True)
+        params.append(
+            pytest.param(fmt, id=fmt.name, marks=pytest.mark.skipif(missing is not None, reason=str(missing)))
+        )
+    return params
+
+
+@pytest.fixture(scope="session")
+def digits_exports(digits_checkpoint) -> dict:
+    """The fp32 file of every format installed here, exported from `digits_checkpoint` and gated,
+    in exported/ beside its runs/ folder: format name -> ExportedFile. Shared: copy before changing."""
+    from edgeft.config import ExportConfig
+    from edgeft.export import export
+
+    out = digits_checkpoint.parent.parent.parent / "exported"
+    result = export(ExportConfig(checkpoint=str(digits_checkpoint), format="all", out=str(out)))
+    assert result.passed, [f.validation for f in result.files]
+    return {f.format: f for f in result.files}
+
+
+# How weights are changed after export, for every format: name -> (state_dict key, change)
+TAMPERS = {
+    "classifier x3": ("fc.weight", lambda w: w * 3),
+    "one bias +0.3": ("fc.bias", lambda b: b + 0.3 * (np.arange(len(b)) == 0)),
+    "a conv perturbed": ("conv1.weight", lambda w: w + 0.05 * np.random.default_rng(0).standard_normal(w.shape)),
+}
+
+
+@pytest.fixture(scope="session")
+def unsealed(digits_checkpoint, tmp_path_factory):
+    """`unsealed(fmt, tamper)`: a file written by `fmt`'s own writer, without edgeft's metadata, of the
+    digits checkpoint's model with one of TAMPERS applied (None: as trained); written once, shared."""
+    import torch
+
+    from edgeft.checkpoint import load_checkpoint
+    from edgeft.config import ExportConfig
+    from edgeft.formats import WriteRequest
+    from edgeft.models import model_from_checkpoint
+    from edgeft.preprocess import Preprocess
+
+    checkpoint, folder, written = load_checkpoint(digits_checkpoint), tmp_path_factory.mktemp("unsealed"), {}
+
+    def write(fmt, tamper: str | None) -> Path:
+        if (fmt.name, tamper) not in written:
+            state = dict(checkpoint["state_dict"])
+            if tamper:
+                key, change = TAMPERS[tamper]
+                state[key] = torch.from_numpy(change(state[key].numpy()).astype(np.float32))
+            model = model_from_checkpoint({**checkpoint, "state_dict": state}).eval()
+            spec = Preprocess.from_dict(checkpoint["preprocess"])
+            config = ExportConfig(checkpoint="", format=fmt.name)
+            path = folder / f"{fmt.name}-{tamper or 'as-trained'}{fmt.suffixes[0]}".replace(" ", "_")
+            workdir = folder / f"{path.name}.work"
+            workdir.mkdir()
+            fmt.write(WriteRequest(model, spec, "fp32", "cpu", config, workdir), path)
+            written[(fmt.name, tamper)] = path
+        return written[(fmt.name, tamper)]
+
+    return write

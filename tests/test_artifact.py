@@ -11,20 +11,16 @@ import onnxruntime as ort
 import pytest
 
 from edgeft.artifact import content_digest, parse_metadata, read_metadata, write_metadata
-from edgeft.config import ExportConfig
 from edgeft.errors import InputError
-from edgeft.export import export
 
 from conftest import one_line_error, run_edgeft
 
-pytestmark = pytest.mark.slow  # every test shares a fixture that exports all three formats
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("artifact")
-    result = export(ExportConfig(checkpoint=str(digits_checkpoint), format="all", out=str(out), validate=False))
-    return {f.format: Path(f.path) for f in result.files}
+def files(digits_exports) -> dict[str, Path]:
+    return {name: Path(f.path) for name, f in digits_exports.items()}
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch"])

@@ -16,16 +16,14 @@ import torch
 from edgeft import formats
 from edgeft.artifact import content_digest, read_metadata, write_metadata
 from edgeft.checkpoint import load_checkpoint
-from edgeft.config import PRECISIONS, ExportConfig
+from edgeft.config import PRECISIONS
 from edgeft.errors import InputError
-from edgeft.export import export
 from edgeft.models import model_from_checkpoint
 from edgeft.predict import Predictor
 from edgeft.validate import FP32_LOGIT_RTOL
 
-from conftest import one_line_error, run_edgeft
+from conftest import formats_here, one_line_error, run_edgeft
 
-FORMATS = [f for f in formats.all_formats() if f.unavailable("fp32", "cpu") is None]
 _SOME_OPTIONS = {
     "opset": ["--opset", "19"],
     "calib_method": ["--calib-method", "entropy"],
@@ -34,14 +32,9 @@ _SOME_OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def written(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """Each format's fp32 file of the digits checkpoint, gated."""
-    out = tmp_path_factory.mktemp("formats")
-    files = {}
-    for fmt in FORMATS:
-        (f,) = export(ExportConfig(checkpoint=str(digits_checkpoint), format=fmt.name, out=str(out))).files
-        files[fmt.name] = (Path(f.path), f)
-    return files
+def written(digits_exports) -> dict[str, tuple[Path, object]]:
+    """Each format's fp32 file of the digits checkpoint, gated, and its export result."""
+    return {name: (Path(f.path), f) for name, f in digits_exports.items()}
 
 
 def test_the_registry_finds_every_format_module_and_maps_names_paths_and_runtimes():
@@ -55,7 +48,7 @@ def test_the_registry_finds_every_format_module_and_maps_names_paths_and_runtime
         formats.get("tflite2")
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", formats_here())
 def test_written_files_pass_the_fp32_gate_and_carry_the_metadata(written, fmt, digits_checkpoint):
     path, result = written[fmt.name]
     assert result.kept and result.validation.passed and result.validation.n_images > 0
@@ -66,7 +59,7 @@ def test_written_files_pass_the_fp32_gate_and_carry_the_metadata(written, fmt, d
     assert all(p.is_file() for p in fmt.files(path))
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", formats_here())
 def test_metadata_round_trips_without_changing_the_digest(written, fmt, tmp_path):
     source, _ = written[fmt.name]
     path = tmp_path / source.name
@@ -80,7 +73,7 @@ def test_metadata_round_trips_without_changing_the_digest(written, fmt, tmp_path
     assert proc.returncode == 0 and json.loads(proc.stdout) == after
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", formats_here())
 def test_a_changed_byte_of_the_model_is_refused(written, fmt, tmp_path):
     source, _ = written[fmt.name]
     path = tmp_path / source.name
@@ -98,7 +91,7 @@ def test_a_changed_byte_of_the_model_is_refused(written, fmt, tmp_path):
         one_line_error(proc.stderr)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", formats_here())
 def test_the_runner_agrees_with_the_checkpoint_within_the_fp32_bounds(written, fmt, digits_checkpoint):
     path, _ = written[fmt.name]
     predictor = Predictor(path, device="cpu")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,16 +22,14 @@ from edgeft.models import model_from_checkpoint
 from edgeft.predict import Predictor
 from edgeft.preprocess import Preprocess, preprocess_image
 
-from conftest import edgeft_command, offline_env, one_line_error, run_edgeft, time_limit
+from conftest import edgeft_command, formats_here, offline_env, one_line_error, run_edgeft, time_limit
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def onnx_model(digits_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("predict_model")
-    result = export(ExportConfig(checkpoint=str(digits_checkpoint), out=str(out), validate=False))
-    return result.files[0].path
+def onnx_model(digits_exports) -> str:
+    return digits_exports["onnx"].path
 
 
 def _digit(rng, size=(24, 24)) -> Image.Image:
@@ -90,10 +90,13 @@ def test_predictor_probabilities_equal_pytorch_on_real_world_files(onnx_model, d
         )
 
 
-def test_cli_reads_a_folder_reports_bad_files_and_exits_2(onnx_model, real_world_folder, tmp_path):
+@pytest.mark.parametrize("fmt", formats_here())
+def test_cli_reads_a_folder_reports_bad_files_and_exits_2(fmt, digits_exports, real_world_folder, tmp_path):
     folder, good, bad = real_world_folder
+    model = digits_exports[fmt.name].path
+    provider = fmt.open(Path(model)).provider
     proc = run_edgeft(
-        ["predict", str(folder), "--model", onnx_model, "--json", "--top-k", "3", "--batch-size", "4"],
+        ["predict", str(folder), "--model", model, "--json", "--top-k", "3", "--batch-size", "4"],
         cwd=tmp_path,
         timeout=120,
     )
@@ -103,7 +106,7 @@ def test_cli_reads_a_folder_reports_bad_files_and_exits_2(onnx_model, real_world
     assert sorted(by_name) == sorted(good + bad)
     assert [r["file"] for r in records] == sorted(r["file"] for r in records)  # input order kept
     for name in good:
-        assert len(by_name[name]["top_k"]) == 3 and by_name[name]["provider"] == "CPUExecutionProvider"
+        assert len(by_name[name]["top_k"]) == 3 and by_name[name]["provider"] == provider
     for name in bad:
         assert set(by_name[name]) == {"file", "error"} and "\n" not in by_name[name]["error"]
     assert "bomb" in by_name["bomb.png"]["error"] or "pixel" in by_name["bomb.png"]["error"]
@@ -207,12 +210,19 @@ def test_bad_option_values_exit_2_with_one_line(onnx_model, tmp_path, option, wo
     ("text", "word"),
     [("{not json", "JSON"), ("[1, 2]", "list"), ('{"arch": "resnet18"}', "classes"), (None, "metadata")],
 )
-def test_broken_metadata_is_one_line_and_exit_2(onnx_model, tmp_path, text, word):
-    broken = _with_metadata_text(onnx_model, tmp_path / "broken.onnx", text)
+@pytest.mark.parametrize("fmt", formats_here())
+def test_broken_metadata_is_one_line_and_exit_2(fmt, digits_exports, unsealed, tmp_path, text, word):
+    """A file whose edgeft metadata is broken (None: absent, as the format's writer leaves it)."""
+    source = unsealed(fmt, None) if text is None else Path(digits_exports[fmt.name].path)
+    broken = tmp_path / f"broken{fmt.suffixes[0]}"
+    for part, target in zip(fmt.files(source), fmt.files(broken)):
+        shutil.copy(part, target)
+    if text is not None:
+        fmt.write_metadata(broken, text)
     proc = run_edgeft(["predict", str(_gray(tmp_path / "x.png")), "--model", str(broken)], cwd=tmp_path)
     assert proc.returncode == 2
     line = one_line_error(proc.stderr)
-    assert "broken.onnx" in line and word in line
+    assert broken.name in line and word in line
 
 
 def test_empty_folder_is_reported_and_the_other_images_predicted(onnx_model, tmp_path):

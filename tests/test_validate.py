@@ -7,10 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from edgeft.artifact import content_digest, read_metadata, write_metadata
 from edgeft.config import ExportConfig
@@ -18,17 +15,15 @@ from edgeft.errors import InputError
 from edgeft.export import export
 from edgeft.validate import FP32_LOGIT_RTOL, FP32_PROB_ATOL, validate_file
 
-from conftest import one_line_error, run_edgeft
+from conftest import TAMPERS, formats_here, one_line_error, run_edgeft
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fp32_files(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """Untouched fp32 ONNX and TorchScript files of the digits checkpoint, beside its run folder."""
-    out = digits_checkpoint.parent.parent.parent / "exported"
-    result = export(ExportConfig(checkpoint=str(digits_checkpoint), format="all", out=str(out), validate=False))
-    return {f.format: Path(f.path) for f in result.files}
+def fp32_files(digits_exports) -> dict[str, Path]:
+    """Untouched fp32 files of every format of the digits checkpoint, in exported/ beside its runs/."""
+    return {name: Path(f.path) for name, f in digits_exports.items()}
 
 
 def _copy(path: Path, tmp_path: Path, name: str) -> Path:
@@ -43,9 +38,9 @@ def _edit_metadata(path: Path, edit) -> None:
     write_metadata(path, metadata)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "executorch"])
+@pytest.mark.parametrize("fmt", formats_here())
 def test_untouched_files_pass_the_sharper_fp32_gate(fp32_files, digits_checkpoint, fmt):
-    result = validate_file(fp32_files[fmt], reference=digits_checkpoint)
+    result = validate_file(fp32_files[fmt.name], reference=digits_checkpoint)
     assert result.passed, result.reason
     assert result.top1_agreement == 1.0 and result.top5_agreement == 1.0
     assert result.max_rel_logit_diff <= FP32_LOGIT_RTOL and result.max_prob_diff <= FP32_PROB_ATOL
@@ -70,42 +65,45 @@ def test_metadata_changed_after_export_fails_and_names_the_field(fp32_files, dig
     assert not result.passed and field in result.reason
 
 
-def _tamper_onnx(path: Path, name_part: str, change) -> None:
-    model = onnx.load(str(path))
-    tensor = next(t for t in model.graph.initializer if name_part in t.name)
-    tensor.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(tensor)).astype(np.float32), tensor.name))
-    onnx.save(model, str(path))
-
-
-TAMPERS = {
-    "classifier x3": ("fc.weight", lambda w: w * 3),
-    "one bias +0.3": ("fc.bias", lambda b: b + 0.3 * (np.arange(len(b)) == 0)),
-    "a conv perturbed": ("conv1.weight", lambda w: w + 0.05 * np.random.default_rng(0).standard_normal(w.shape)),
-}
+def _tampered(fmt, unsealed, original: Path, tamper: str, folder: Path) -> Path:
+    """The model of `original` with its weights changed (TAMPERS), written by the format's own writer,
+    carrying the metadata of `original` (its digest included): weights changed after export."""
+    path = folder / f"tampered{fmt.suffixes[0]}"
+    for source, target in zip(fmt.files(unsealed(fmt, tamper)), fmt.files(path)):
+        shutil.copy(source, target)
+    fmt.write_metadata(path, fmt.read(original)[0])
+    return path
 
 
 @pytest.mark.parametrize("tamper", list(TAMPERS))
-def test_weights_changed_after_export_are_refused_as_modified(fp32_files, digits_checkpoint, tmp_path, tamper):
-    path = _copy(fp32_files["onnx"], tmp_path, "tampered")
-    _tamper_onnx(path, *TAMPERS[tamper])
+@pytest.mark.parametrize("fmt", formats_here())
+def test_weights_changed_after_export_are_refused_as_modified(
+    fmt, fp32_files, unsealed, digits_checkpoint, tmp_path, tamper
+):
+    path = _tampered(fmt, unsealed, fp32_files[fmt.name], tamper, tmp_path)
     with pytest.raises(InputError, match="modified after export"):
         validate_file(path, reference=digits_checkpoint)
 
 
 @pytest.mark.parametrize("tamper", list(TAMPERS))
-def test_weights_changed_with_a_forged_digest_fail_the_fp32_gate(fp32_files, digits_checkpoint, tmp_path, tamper):
-    path = _copy(fp32_files["onnx"], tmp_path, "forged")
-    _tamper_onnx(path, *TAMPERS[tamper])
+@pytest.mark.parametrize("fmt", formats_here())
+def test_weights_changed_with_a_forged_digest_fail_the_fp32_gate(
+    fmt, fp32_files, unsealed, digits_checkpoint, tmp_path, tamper
+):
+    path = _tampered(fmt, unsealed, fp32_files[fmt.name], tamper, tmp_path)
     metadata = read_metadata(path, verify=False)
     write_metadata(path, {**metadata, "content_sha256": content_digest(path)})
     result = validate_file(path, reference=digits_checkpoint)
     assert not result.passed and ("logits differ" in result.reason or "probabilities differ" in result.reason)
 
 
-def test_cli_names_the_mismatch_and_exits_1(fp32_files, tmp_path):
-    path = _copy(fp32_files["onnx"], fp32_files["onnx"].parent, "renamed-classes")
+def test_cli_names_the_mismatch_and_exits_1(fp32_files, digits_checkpoint, tmp_path):
+    (tmp_path / "exported").mkdir()
+    path = _copy(fp32_files["onnx"], tmp_path / "exported", "renamed-classes")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / digits_checkpoint.parent.name).symlink_to(digits_checkpoint.parent)
     _edit_metadata(path, EDITS["class list"])
-    proc = run_edgeft(["validate", str(path)], cwd=tmp_path)  # the checkpoint is found beside exported/
+    proc = run_edgeft(["validate", str(path)], cwd=path.parent)  # the checkpoint is found beside exported/
     assert proc.returncode == 1, proc.stderr
     assert "class list" in one_line_error(proc.stderr)
 

@@ -29,7 +29,7 @@ from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
 from edgeft.filecache import FileCache, default_cache_folder
-from edgeft.interrupts import atomic_write_text
+from edgeft.interrupts import atomic_write, atomic_write_text
 from edgeft.models import get_model, list_models, model_from_checkpoint, model_info
 from edgeft.plots import plot_benchmark
 from edgeft.timing import run_measurement
@@ -286,8 +286,9 @@ def _keep_copy(path: str, runtime: str, folder: Path) -> str:
     """A copy of a timed file (every file of its artifact) in `folder`, kept with the report."""
     folder.mkdir(parents=True, exist_ok=True)
     parts = [Path(path)] if runtime == "eager" else formats.by_runtime(runtime).files(Path(path))
-    for part in parts:
-        shutil.copy2(part, folder / part.name)
+    for part in parts:  # each copy appears whole, or not at all
+        with open(part, "rb") as original, atomic_write(folder / part.name) as copy:
+            shutil.copyfileobj(original, copy)
     return str(folder / Path(path).name)
 
 
@@ -351,9 +352,11 @@ def _write_random_weights(model, spec, runtime: str, precision: str, device: str
         )
 
     config = ExportConfig(checkpoint="", format=fmt.name, precision=precision, calib_size=16, device=device)
-    with tempfile.TemporaryDirectory(dir=folder) as workdir:
+    with tempfile.TemporaryDirectory(dir=folder) as workdir:  # the file appears whole, or not at all
         rung = fmt.int8_rungs(config)[0] if precision == "int8" else None
-        fmt.write(formats.WriteRequest(model, spec, precision, device, config, Path(workdir), rung, calibration), path)
+        request = formats.WriteRequest(model, spec, precision, device, config, Path(workdir), rung, calibration)
+        fmt.write(request, Path(workdir) / path.name)
+        fmt.replace(Path(workdir) / path.name, path)
     return path
 
 

@@ -380,9 +380,7 @@ class _Job:
         kept = validation is None or validation.passed or self.config.force
         size = sum(p.stat().st_size for p in fmt.files(tmp))
         if kept:
-            with deferred_interrupts():  # every file of the artifact, or none
-                for source, target in zip(fmt.files(tmp), fmt.files(final)):
-                    os.replace(source, target)
+            fmt.replace(tmp, final)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")
         return ExportedFile(str(final), fmt.name, precision, size, validation, kept, attempts, delegation)
 

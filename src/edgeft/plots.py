@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO
 
 import matplotlib
 
@@ -11,14 +10,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from edgeft.interrupts import atomic_write  # noqa: E402
+
 __all__ = ["plot_benchmark", "plot_comparison", "plot_training_curves"]
 
 
-def plot_training_curves(
-    history: list[dict], step_losses: list[float], path: str | Path | BinaryIO, *, title: str = ""
-) -> str | Path | BinaryIO:
+def _save_png(fig, path: str | Path) -> Path:
+    """The figure as a PNG file at `path`, written whole or not at all (`atomic_write`), then closed."""
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_curves(history: list[dict], step_losses: list[float], path: str | Path, *, title: str = "") -> Path:
     """Loss and accuracy per epoch (train and val) and the loss of every iteration, as a PNG
-    file at `path` (or written to a binary file)."""
+    file at `path`."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc, ax_steps) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
@@ -36,9 +43,7 @@ def plot_training_curves(
     ax_acc.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
@@ -81,9 +86,7 @@ def plot_benchmark(rows: list[dict], path: str | Path) -> Path:
             )
         ax.set(xlabel="p50 latency (ms)", ylabel="accuracy (%)", title="accuracy against latency")
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)
 
 
 def plot_comparison(histories: dict[str, list[dict]], path: str | Path, *, title: str = "") -> Path:
@@ -103,6 +106,4 @@ def plot_comparison(histories: dict[str, list[dict]], path: str | Path, *, title
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)

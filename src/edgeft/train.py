@@ -28,7 +28,7 @@ from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImage
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError, NothingToDo
-from edgeft.interrupts import atomic_write, atomic_write_text, deferred_interrupts
+from edgeft.interrupts import atomic_write_text, deferred_interrupts
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 from edgeft.progress import bar as progress_bar
@@ -666,8 +666,8 @@ def _checkpoint(run: _Run, row: dict, *, improved: bool) -> None:
             {**run.meta, "metrics": row, "state_dict": weights, "resume": s.state_dict(wall_s=run.elapsed())},
         )
         _write_history(run.run_dir / "history.csv", s.history)
-        with atomic_write(run.run_dir / "curves.png") as f:
-            plot_training_curves(s.history, s.step_losses, f, title=f"{run.config.model} on {run.bundle.name}")
+        title = f"{run.config.model} on {run.bundle.name}"
+        plot_training_curves(s.history, s.step_losses, run.run_dir / "curves.png", title=title)
 
 
 def _finish(run: _Run) -> TrainResult:

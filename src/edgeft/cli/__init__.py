@@ -96,6 +96,8 @@ def main() -> None:
     try:
         app()
     except EdgeftError as exc:  # exit 0 (nothing to do) is said without "error"
+        if interrupts.received() is not None:  # a signal whose exception became an EdgeftError on its way up
+            _interrupted(exc)
         _fail(exc, f"edgeft: error: {exc}" if exc.exit_code else f"edgeft: {exc}", exc.exit_code)
     except KeyboardInterrupt as exc:
         _interrupted(exc)

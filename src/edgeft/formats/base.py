@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from edgeft.interrupts import deferred_interrupts
+
 __all__ = ["Format", "Gemm", "GemmShapes", "Rung", "Runner", "WriteRequest", "quiet_native_output"]
 
 log = logging.getLogger("edgeft.formats")
@@ -176,6 +178,13 @@ class Format:
     def files(self, path: Path) -> list[Path]:
         """Every file the artifact at `path` consists of (moved, kept or removed together)."""
         return [path]
+
+    def replace(self, source: Path, target: Path) -> None:
+        """Move every file of the artifact at `source` to `target` (in the same file system), all of
+        them: an interrupt arriving meanwhile waits until they are in place."""
+        with deferred_interrupts():
+            for moved, place in zip(self.files(source), self.files(target)):
+                os.replace(moved, place)
 
     def write(self, request: WriteRequest, path: Path) -> dict:
         """Write the model to `path` (no metadata yet); returns what the metadata adds."""

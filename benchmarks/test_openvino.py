@@ -128,7 +128,8 @@ def _files(arch: str, folder: Path) -> dict[str, Path]:
         rung = get(fmt).int8_rungs(config)[0] if precision == "int8" else None
         get(fmt).write(WriteRequest(model, spec, precision, "cpu", config, folder, rung, _random_batches), files[name])
     images = [image[None] for batch in _random_batches(CALIBRATION) for image in batch]
-    by_hand = nncf.quantize(ov.convert_model(model, example_input=torch.zeros(1, 3, 224, 224)), nncf.Dataset(images))
+    plain = ov.convert_model(model, example_input=torch.zeros(1, 3, 224, 224), input=[(-1, 3, 224, 224)])  # as edgeft's
+    by_hand = nncf.quantize(plain, nncf.Dataset(images))
     files["nncf defaults"] = folder / f"{arch}-nncf-defaults.xml"
     ov.save_model(by_hand, files["nncf defaults"])
     return files

@@ -112,6 +112,18 @@ def run_edgeft(args: list[str], *, cwd: Path, timeout: float = 300, env: dict | 
     )
 
 
+def export_through_cli(checkpoint: Path, out: Path, fmt: str, precision: str):
+    """`edgeft export CHECKPOINT --format FMT --precision PRECISION --out OUT`, as a user runs it:
+    (the file it keeps when it passes, the CompletedProcess)."""
+    from edgeft import formats
+
+    proc = run_edgeft(
+        ["export", str(checkpoint), "--format", fmt, "--precision", precision, "--out", str(out)], cwd=out
+    )
+    stem = checkpoint.parent.name + ("" if precision == "fp32" else f"-{precision}")
+    return out / f"{stem}{formats.get(fmt).suffixes[0]}", proc
+
+
 def class_image(label: int, *, size: int, mode: str, rng: np.random.Generator) -> Image.Image:
     """A noisy image whose class is visible: a bright block in a label-dependent place and a
     label-dependent colour (grayscale: brightness)."""

@@ -21,7 +21,7 @@ from edgeft.errors import InputError
 from edgeft.formats import WriteRequest
 from edgeft.formats.litert import FORMAT
 
-from conftest import env_without_modules, one_line_error, run_edgeft
+from conftest import env_without_modules, export_through_cli, one_line_error, run_edgeft
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("litert_torch") is None, reason="the litert-export extra is absent"
@@ -177,11 +177,7 @@ def test_without_the_extras_export_and_predict_are_one_line_naming_them(tiny, tm
 
 @pytest.fixture(scope="module")
 def int8_file(digits_checkpoint, tmp_path_factory) -> tuple:
-    out = tmp_path_factory.mktemp("litert-int8")
-    proc = run_edgeft(
-        ["export", str(digits_checkpoint), "--format", "litert", "--precision", "int8", "--out", str(out)], cwd=out
-    )
-    return out / f"{digits_checkpoint.parent.name}-int8.tflite", proc
+    return export_through_cli(digits_checkpoint, tmp_path_factory.mktemp("litert-int8"), "litert", "int8")
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from edgeft.errors import InputError
 from edgeft.formats import WriteRequest
 from edgeft.formats.openvino import FORMAT
 
-from conftest import env_without_modules, one_line_error, run_edgeft
+from conftest import env_without_modules, export_through_cli, one_line_error, run_edgeft
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the openvino extra is absent")
 
@@ -167,11 +167,7 @@ def test_without_the_extra_export_is_one_line_naming_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def int8_ir(digits_checkpoint, tmp_path_factory) -> tuple:
-    out = tmp_path_factory.mktemp("ov-int8")
-    proc = run_edgeft(
-        ["export", str(digits_checkpoint), "--format", "openvino", "--precision", "int8", "--out", str(out)], cwd=out
-    )
-    return out / f"{digits_checkpoint.parent.name}-int8.xml", proc
+    return export_through_cli(digits_checkpoint, tmp_path_factory.mktemp("ov-int8"), "openvino", "int8")
 
 
 @pytest.mark.slow

@@ -127,6 +127,8 @@ def test_console_table_fits_80_columns(report):
     text = console.export_text()
     assert max(map(len, text.splitlines())) <= 80 and "…" not in text
     assert "onnxruntime  int8" in text and "x fp32" in text
+    threads = report.settings["threads"]
+    assert f"cpu, {threads} threads, 1 round(s) taking turns, load average" in text
 
 
 def test_speed_columns_compare_with_the_same_runtime_and_batch_and_the_same_precisions_peak():

@@ -24,7 +24,7 @@ from edgeft import __version__, formats, jsonio, peak
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
-from edgeft.cpu import cpu_description, has_bf16
+from edgeft.cpu import cpu_description, has_bf16, load_average
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
@@ -109,6 +109,7 @@ def machine_info(device: str) -> dict:
         "cpu": cpu["cpu"],
         "cores": cpu["cores"],
         "cpu_features": cpu["features"],  # the flags that decide int8 / bf16 kernels
+        "load_average": load_average(),  # at start: above "cores", other work shared the timings
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": str(torch.__version__),
@@ -675,7 +676,8 @@ def markdown_report(report: BenchReport) -> str:
         f"{', '.join(f'{k} {v}' for k, v in m['runtimes'].items() if isinstance(v, str))}; {m['os']}\n"
         f"- settings: device {s['device']}, {s['img_size']} px, {s['threads']} threads, {s['warmup']} warm-up runs, "
         f"up to {s['iterations']} timed runs or {s['budget_s']} s per row; each (model, runtime, precision) in a fresh "
-        f"process (peak MB is that process's resident peak)\n"
+        f"process (peak MB is that process's resident peak); load average at start "
+        f"{'unknown' if m.get('load_average') is None else format(m['load_average'], '.1f')}\n"
         f"- int8 rows: {'; '.join(f'{runtime}: {label}' for runtime, label in s['int8'].items())}\n"
         f"- x fp32: the fp32 row's p50 (same model, runtime, batch) / this row's p50. GFLOP/s: 2 per "
         f"multiply-add (GMACs: torchvision's count at this image size) x batch / p50 (int8 rows: integer "

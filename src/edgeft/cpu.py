@@ -61,13 +61,18 @@ def use_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system does not tell)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def load_note() -> str | None:
     """One line when the machine is busier than its cores at start (speed and timings suffer), else None."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
+    load = load_average()
     cores = os.cpu_count() or 1
-    if load <= cores:
+    if load is None or load <= cores:
         return None
     return f"edgeft: note: load average {load:.1f} on {cores} cores: speed and timings will suffer"

@@ -23,7 +23,7 @@ from torch import nn
 from edgeft import __version__, jsonio
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import TrainConfig
-from edgeft.cpu import has_bf16, use_threads
+from edgeft.cpu import has_bf16, load_average, use_threads
 from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImages, iterate_batches, load_data
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
@@ -201,6 +201,7 @@ class _Run:
     loaders: FolderLoaders = field(default_factory=FolderLoaders)  # folder data: workers kept until the run ends
     net: nn.Module | None = None  # the model as trained now (DDP-wrapped, compiled)
     frozen: bool | None = None  # the phase `net` was built for
+    load_average: float | None = field(default_factory=load_average)  # at start: above the cores, speed suffered
 
     def elapsed(self) -> float:
         return self.state.wall_s + time.perf_counter() - self.started
@@ -701,6 +702,7 @@ def _finish(run: _Run) -> TrainResult:
     summary: dict[str, Any] = {k: v for k, v in asdict(result).items() if k != "history"}
     summary.update(
         ranks_identical=ranks_identical,
+        load_average=run.load_average,
         model=run.config.model,
         data=run.bundle.name,
         classes=list(run.bundle.classes),

@@ -8,7 +8,7 @@ import typer
 
 from edgeft.config import BenchConfig as C
 
-from . import app, format_choices
+from . import app, format_choices, load_note
 
 _WHAT = "What to time"
 _ACC = "Accuracy"
@@ -158,6 +158,7 @@ def bench_command(
         cache=cache,
         cache_dir=cache_dir,
     )
+    load_note()
     report = run_bench(config, progress=True)
     console = Console()
     print_report(report, console)
@@ -199,6 +200,11 @@ def print_report(report, console) -> None:
         console.print(table)
         for r in dict.fromkeys((r.runtime, r.precision, r.status) for r in rows if r.status != "ok"):
             console.print(f"[yellow]{escape(model)} {escape(r[0])} {escape(r[1])}: {escape(r[2])}[/]")
+    s, load = report.settings, report.machine["load_average"]
+    console.print(
+        f"{s['device']}, {s['threads']} threads, {s['rounds']} round(s) taking turns"
+        + ("" if load is None else f", load average {load:.1f} at start")
+    )
     measured = ", ".join(f"{precision} {cell(p['g_per_s'], '.0f')} {p['unit']}" for precision, p in peaks.items())
     console.print(f"x fp32: speed-up vs the runtime's fp32; % peak: of its precision's fastest product ({measured})")
     console.print(f"report: {escape(report.files['md'])} (+ .json, .png; every column there)")

@@ -107,10 +107,81 @@ print(json.dumps({"p50_ms": p50(lambda: session.run(None, {feed.name: x}))}))
 )
 
 
+# Each runtime's own loop, nothing from edgeft: how a user would check a reported number. The
+# OpenVINO loop takes the compile config as JSON; {"recorded": true} uses the precision the file pins.
+OPENVINO_SCRIPT = (
+    P50_SCRIPT
+    + r"""
+import json, sys
+import numpy as np, openvino as ov
+core = ov.Core()
+model = core.read_model(sys.argv[1])
+config = json.loads(sys.argv[2])
+if config.pop("recorded", False):
+    config["INFERENCE_PRECISION_HINT"] = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
+compiled = core.compile_model(model, "CPU", config)
+shape = [1, *(d.get_length() for d in list(model.inputs[0].partial_shape)[1:])]
+x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+request = compiled.create_infer_request()
+print(json.dumps({"p50_ms": p50(lambda: request.infer({0: x}))}))
+"""
+)
+
+LITERT_SCRIPT = (
+    P50_SCRIPT
+    + r"""
+import json, os, sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=os.cpu_count())
+interpreter.allocate_tensors()
+(source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+x = np.random.default_rng(1).standard_normal(source["shape"], dtype=np.float32)
+if source["dtype"] != np.float32:
+    scale, zero = source["quantization"]
+    x = np.clip(np.round(x / scale) + zero, -128, 127).astype(source["dtype"])
+def run():
+    interpreter.set_tensor(source["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(target["index"])
+print(json.dumps({"p50_ms": p50(run)}))
+"""
+)
+
+EXECUTORCH_SCRIPT = (
+    P50_SCRIPT
+    + r"""
+import json, os, sys
+import torch
+from executorch.extension.pybindings import portable_lib
+from executorch.runtime import Runtime
+portable_lib._unsafe_reset_threadpool(os.cpu_count())
+method = Runtime.get().load_program(sys.argv[1]).load_method("forward")
+x = torch.randn([1, *method.metadata.input_tensor_meta(0).sizes()[1:]], generator=torch.Generator().manual_seed(1))
+print(json.dumps({"p50_ms": p50(lambda: method.execute((x,)))}))
+"""
+)
+
+PLAIN_LOOPS = {
+    "onnx": ONNXRUNTIME_SCRIPT,
+    "openvino": OPENVINO_SCRIPT,
+    "litert": LITERT_SCRIPT,
+    "executorch": EXECUTORCH_SCRIPT,
+}
+
+
+def script_p50(script: str, path: str | Path, *args: str) -> float:
+    """The p50 in ms a timing script prints (its last line, JSON) for a file, run in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", script, str(path), *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"]
+
+
+def plain_p50(fmt: str, path: str | Path, *args: str) -> float:
+    """Batch-1 p50 in ms of a `fmt` file timed by its runtime's plain loop in a fresh process."""
+    return script_p50(PLAIN_LOOPS[fmt], path, *args)
+
+
 def independent_onnxruntime_p50(path: str | Path) -> float:
     """Batch-1 p50 in ms of an ONNX file timed by a plain onnxruntime script in a fresh process,
-    with onnxruntime's default session options: how a user would check a reported number."""
-    out = subprocess.run(
-        [sys.executable, "-c", ONNXRUNTIME_SCRIPT, str(path)], check=True, capture_output=True, text=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"]
+    with onnxruntime's default session options."""
+    return plain_p50("onnx", path)

@@ -30,7 +30,7 @@ import pytest
 
 from edgeft.cpu import cpu_description, has_vnni
 
-from conftest import P50_SCRIPT
+from conftest import plain_p50
 
 pytest.importorskip("litert_torch")
 
@@ -39,27 +39,6 @@ BACKBONES = tuple(os.environ.get("EDGEFT_BENCH_MODELS", "resnet18,resnext50_32x4
 GOAL = 2.6  # onnxruntime fp32 / LiteRT int8, batch 1, on a VNNI CPU, every backbone
 AGREEMENT = 0.15
 EDGEFT = str(Path(sys.executable).with_name("edgeft"))
-
-PLAIN_LITERT_SCRIPT = (
-    P50_SCRIPT
-    + r"""
-import json, os, sys
-import numpy as np
-from ai_edge_litert.interpreter import Interpreter
-interpreter = Interpreter(model_path=sys.argv[1], num_threads=os.cpu_count())
-interpreter.allocate_tensors()
-(source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
-x = np.random.default_rng(1).standard_normal(source["shape"], dtype=np.float32)
-if source["dtype"] != np.float32:
-    scale, zero = source["quantization"]
-    x = np.clip(np.round(x / scale) + zero, -128, 127).astype(source["dtype"])
-def run():
-    interpreter.set_tensor(source["index"], x)
-    interpreter.invoke()
-    return interpreter.get_tensor(target["index"])
-print(json.dumps({"p50_ms": p50(run)}))
-"""
-)
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +70,7 @@ def summary(machine, saved_summary):
 
 def _plain_p50(path: Path) -> float:
     """The median of 3 fresh processes' p50 of the plain ai-edge-litert loop on the file."""
-    argv = [sys.executable, "-c", PLAIN_LITERT_SCRIPT, str(path)]
-    runs = (subprocess.run(argv, check=True, capture_output=True, text=True) for _ in range(3))
-    return statistics.median(json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"] for out in runs)
+    return statistics.median(plain_p50("litert", path) for _ in range(3))
 
 
 def test_litert_int8_against_onnxruntime_fp32_executorch_int8_and_a_plain_loop(benchmark, tmp_path, summary):

@@ -33,7 +33,7 @@ import pytest
 
 from edgeft.cpu import cpu_description, has_bf16, has_vnni
 
-from conftest import P50_SCRIPT, independent_onnxruntime_p50
+from conftest import P50_SCRIPT, independent_onnxruntime_p50, plain_p50, script_p50
 
 SUMMARY = Path(__file__).parent / "results" / "openvino-cpu.json"
 BACKBONES = ("resnet18", "resnext50_32x4d", "densenet121")
@@ -53,24 +53,6 @@ from edgeft.formats.openvino import FORMAT
 runner = FORMAT.open(Path(sys.argv[1]))
 x = np.random.default_rng(1).standard_normal((1, *runner.input_shape), dtype=np.float32)
 print(json.dumps({"p50_ms": p50(lambda: runner.infer(x))}))
-"""
-)
-
-PLAIN_OPENVINO_SCRIPT = (
-    P50_SCRIPT
-    + r"""
-import json, sys
-import numpy as np, openvino as ov
-core = ov.Core()
-model = core.read_model(sys.argv[1])
-config = json.loads(sys.argv[2])
-if config.pop("recorded", False):
-    config["INFERENCE_PRECISION_HINT"] = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
-compiled = core.compile_model(model, "CPU", config)
-shape = [1, *(d.get_length() for d in list(model.inputs[0].partial_shape)[1:])]
-x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-request = compiled.create_infer_request()
-print(json.dumps({"p50_ms": p50(lambda: request.infer({0: x}))}))
 """
 )
 
@@ -138,9 +120,9 @@ def _files(arch: str, folder: Path) -> dict[str, Path]:
 def _p50(name: str, path: Path) -> float:
     if name == "onnxruntime fp32":
         return independent_onnxruntime_p50(path)
-    script, extra = (EDGEFT_SCRIPT, []) if name.startswith("edgeft") else (PLAIN_OPENVINO_SCRIPT, ["{}"])
-    out = subprocess.run([sys.executable, "-c", script, str(path), *extra], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["p50_ms"]
+    if name.startswith("edgeft"):
+        return script_p50(EDGEFT_SCRIPT, path)
+    return plain_p50("openvino", path, "{}")
 
 
 @pytest.mark.parametrize("arch", BACKBONES)
@@ -216,9 +198,8 @@ def test_bench_openvino_rows_agree_with_an_independent_timing(benchmark, tmp_pat
     ]
     checked = {}
     for row in rows:
-        script = [sys.executable, "-c", PLAIN_OPENVINO_SCRIPT, str(tmp_path / row["file"]), '{"recorded": true}']
-        runs = (subprocess.run(script, check=True, capture_output=True, text=True).stdout for _ in range(3))
-        independent = statistics.median(json.loads(out)["p50_ms"] for out in runs)
+        runs = (plain_p50("openvino", tmp_path / row["file"], '{"recorded": true}') for _ in range(3))
+        independent = statistics.median(runs)
         checked[f"{row['model']} {row['precision']}"] = {
             "bench_p50_ms": row["p50_ms"],
             "independent_p50_ms": independent,

@@ -180,6 +180,16 @@ def test_threads_recorded_and_resume_of_a_finished_run_says_so(tmp_path):
     assert "already finished" in line and "--epochs" in line and "error" not in line
     assert (run / "summary.json").read_text() == before  # nothing was redone
 
+    (run / "summary.json").unlink()  # stopped after its last checkpoint, before its summary
+    dead_pid = int(subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout)
+    dead, live = run / f".curves.png.{dead_pid}.edgeft-tmpab12", run / f".last.pt.{os.getpid()}.edgeft-tmpcd34"
+    for temporary in (dead, live):
+        temporary.write_bytes(b"half")
+    proc = run_edgeft(["train", "--resume", str(run)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["epochs"] == json.loads(before)["epochs"] == 1
+    assert not dead.exists() and live.exists()  # a killed writer's temporary goes, a live one's stays
+
 
 def test_a_busy_machine_is_named_in_one_line_and_recorded(tmp_path):
     """The load average is read at start; a test-only sitecustomize makes the machine look busy."""

@@ -49,8 +49,8 @@ def test_an_entry_without_its_manifest_is_made_again(tmp_path):
 def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     folder = tmp_path / "cache"
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = folder / f".{'a' * 64}.{int(dead_pid.stdout)}.tmp"
-    live = folder / f".{'b' * 64}.{__import__('os').getpid()}.tmp"
+    dead = folder / f".{'a' * 64}.{int(dead_pid.stdout)}.edgeft-tmp"
+    live = folder / f".{'b' * 64}.{__import__('os').getpid()}.edgeft-tmp"
     for temporary in (dead, live):
         temporary.mkdir(parents=True)
     FileCache(folder, tmp_path / "scratch")

@@ -309,9 +309,11 @@ def test_interrupted_bench_leaves_complete_files_only(case, tmp_path):
     earlier = {out / "bench-20000101-000000.md": "# an earlier report\n", out / "bench-20000101-000000.json": "{}\n"}
     for path, text in earlier.items():
         path.write_text(text)
-    args = [*BENCH, "--batch-sizes", "1", "--quick", "--keep-files", "--out", str(out)]
+    cache = tmp_path / "cache"  # its own, empty: every file is made in this run
+    args = [*BENCH, "--batch-sizes", "1", "--quick", "--keep-files", "--out", str(out), "--cache-dir", str(cache)]
     signalled(args, *BENCH_CASES[case], cwd=tmp_path, env=offline_env(tmp_path), progress="resnet18: ")
     assert all(path.read_text() == text for path, text in earlier.items())
+    assert list(cache.glob(".*")) == []  # no temporary in the cache
     left = [p for p in out.rglob("*") if p.is_file() and p not in earlier]
     assert [p.name for p in left if p.name.startswith(".")] == []  # no temporary
     for path in left:

@@ -385,7 +385,8 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert not (run_dir / "summary.json").exists(), "the kill came after the run ended"
-    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    left = [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
+    assert all(".edgeft-tmp" in name for name in left), left  # a killed write leaves only a temporary
     resumed = subprocess.run(
         [*launcher, "train", "--resume", str(run_dir)],
         cwd=cwd,
@@ -395,6 +396,7 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
         timeout=time_limit(600),
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # the resume removed them
     return run_dir
 
 

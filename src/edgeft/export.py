@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from edgeft.cpu import use_threads
 from edgeft.data import DataBundle, iterate_batches, load_checkpoint_data
 from edgeft.devices import torch_device
 from edgeft.errors import InputError, RunError
-from edgeft.interrupts import deferred_interrupts, process_alive
+from edgeft.interrupts import deferred_interrupts, remove_dead_temporaries, temporary_name
 from edgeft.models import model_from_checkpoint
 from edgeft.preprocess import Preprocess, first_images, image_files, preprocess_image
 from edgeft.progress import stage
@@ -40,8 +39,6 @@ from edgeft.validate import ValidationResult, file_sha256, gate
 __all__ = ["ExportConfig", "ExportResult", "ExportedFile", "export", "selected_formats"]
 
 log = logging.getLogger(__name__)
-
-_TEMP_TAG = "edgeft-tmp"  # temporaries are .<stem>.<pid>.edgeft-tmp<suffix>[.work], beside the final file
 
 
 @dataclass
@@ -115,14 +112,8 @@ def _prepare_out(folder: Path) -> Path:
         raise InputError(f"--out {folder}: cannot create it ({exc.strerror or exc})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"--out {folder} is not writable")
-    for stale in folder.glob(f".*.{_TEMP_TAG}*"):
-        owner = re.search(rf"\.(\d+)\.{_TEMP_TAG}", stale.name)
-        if not (owner and process_alive(int(owner.group(1)))):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-            log.info("removed %s, left by an export that did not finish", stale)
+    for stale in remove_dead_temporaries(folder):
+        log.info("removed %s, left by an export that did not finish", stale)
     return folder
 
 
@@ -172,7 +163,7 @@ def export(config: ExportConfig) -> ExportResult:
     out = _prepare_out(Path(config.out))
     stem = config.name or (source.resolve().parent.name or source.stem)
     job = _Job(config, checkpoint, model_from_checkpoint(checkpoint), bundle, _metadata(checkpoint, source, config))
-    with _scratch(out / f".{stem}.{os.getpid()}.{_TEMP_TAG}.work") as job.workdir:
+    with _scratch(out / f"{temporary_name(stem)}.work") as job.workdir:
         if _is_choice(config):
             return ExportResult([job.write_auto(chosen, out, stem)])
         return ExportResult(
@@ -395,7 +386,7 @@ def _write_metadata(tmp: Path, metadata: dict) -> None:
 def _temporary(final: Path, tag: str = "") -> Path:
     """A temporary beside `final` that `_prepare_out` can tell from a live export's."""
     label = f"{final.stem}-{tag}" if tag else final.stem
-    return final.with_name(f".{label}.{os.getpid()}.{_TEMP_TAG}{final.suffix}")
+    return final.with_name(f"{temporary_name(label)}{final.suffix}")
 
 
 def _remove(fmt: formats.Format, tmp: Path) -> None:

@@ -15,20 +15,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from edgeft import jsonio
-from edgeft.interrupts import process_alive
+from edgeft.interrupts import remove_dead_temporaries, temporary_name
 
 __all__ = ["FileCache", "default_cache_folder"]
 
 log = logging.getLogger(__name__)
 
 _MANIFEST = "made.json"  # written last into an entry: {"file": name, "key": {...}}
-_TEMP = re.compile(r"^\.(?P<digest>[0-9a-f]{64})\.(?P<pid>\d+)\.tmp$")
 
 
 def default_cache_folder() -> Path:
@@ -45,7 +43,7 @@ class FileCache:
         self.hits = self.made = 0
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-            self._remove_dead_temporaries()
+            remove_dead_temporaries(folder)
 
     def file(self, key: dict, make: Callable[[Path], Path]) -> Path:
         """The file `make(empty_folder)` writes (it returns the file's path), made once per `key`."""
@@ -59,19 +57,17 @@ class FileCache:
             self.hits += 1
             log.info("cached: %s", found)
             return found
-        temporary = _empty(self.folder / f".{digest}.{os.getpid()}.tmp")
-        made = make(temporary)
-        (temporary / _MANIFEST).write_text(jsonio.dumps({"file": made.name, "key": key}, indent=2) + "\n")
-        shutil.rmtree(entry, ignore_errors=True)  # an entry that did not read as one
-        os.replace(temporary, entry)
+        temporary = _empty(self.folder / temporary_name(digest))
+        try:
+            made = make(temporary)
+            (temporary / _MANIFEST).write_text(jsonio.dumps({"file": made.name, "key": key}, indent=2) + "\n")
+            shutil.rmtree(entry, ignore_errors=True)  # an entry that did not read as one
+            os.replace(temporary, entry)
+        except BaseException:  # a failed or interrupted make leaves no temporary behind
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
         self.made += 1
         return entry / made.name
-
-    def _remove_dead_temporaries(self) -> None:
-        for path in self.folder.glob(".*.tmp"):
-            match = _TEMP.match(path.name)
-            if match and not process_alive(int(match["pid"])):
-                shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_entry(entry: Path) -> Path | None:

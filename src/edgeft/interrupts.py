@@ -5,6 +5,8 @@ edgeft writes in place goes through `atomic_write`. Standard library only (the C
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -21,7 +23,11 @@ __all__ = [
     "install_handlers",
     "process_alive",
     "received",
+    "remove_dead_temporaries",
+    "temporary_name",
 ]
+
+TEMP_TAG = "edgeft-tmp"  # a temporary is .<name>.<pid>.edgeft-tmp<anything>, beside what it becomes
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _depth = 0  # critical sections entered and not yet left (main thread only)
@@ -109,7 +115,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     is always the old or the new complete file; a failure removes the temporary."""
     path = Path(path)
     with deferred_interrupts():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_name(path.name) + ".", dir=path.parent)
         try:
             os.chmod(tmp, 0o644)
             with os.fdopen(fd, "wb") as f:
@@ -137,3 +143,25 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+def temporary_name(name: str) -> str:
+    """The name of this process's temporary for `name` (add to it, never in front): one that
+    `remove_dead_temporaries` tells from a live process's."""
+    return f".{name}.{os.getpid()}.{TEMP_TAG}"
+
+
+def remove_dead_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in `folder` (files or folders) whose writing process is gone: what a
+    SIGKILL or a power cut left. Returns what was removed."""
+    removed = []
+    for stale in folder.glob(f".*.{TEMP_TAG}*"):
+        owner = re.search(rf"\.(\d+)\.{TEMP_TAG}", stale.name)
+        if owner and process_alive(int(owner.group(1))):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed

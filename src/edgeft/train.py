@@ -28,7 +28,7 @@ from edgeft.data import BUILTIN_DATASETS, DataBundle, FolderLoaders, TensorImage
 from edgeft.devices import torch_device
 from edgeft.distributed import Dist, init_distributed
 from edgeft.errors import InputError, NothingToDo
-from edgeft.interrupts import atomic_write_text, deferred_interrupts
+from edgeft.interrupts import atomic_write_text, deferred_interrupts, remove_dead_temporaries
 from edgeft.models import backbone_bn_eval, freeze_backbone, get_model, head_name, list_models
 from edgeft.plots import plot_training_curves
 from edgeft.progress import bar as progress_bar
@@ -232,13 +232,23 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool = F
     return _fit(config, checkpoint=checkpoint, run_dir=last.parent, progress=progress)
 
 
+def _summary_epochs(run_dir: Path) -> int | None:
+    """The epochs the run folder's summary.json reports (None: no readable summary)."""
+    try:
+        return jsonio.loads((run_dir / "summary.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_unfinished(run_dir: str | Path, *, epochs: int | None = None) -> None:
-    """Raise NothingToDo (one line, exit 0, how to extend) when resuming `run_dir` would train
-    nothing: the run finished or stopped early, and `epochs` does not extend it."""
+    """Raise NothingToDo (one line, exit 0, how to extend) when resuming `run_dir` would do
+    nothing: the run finished or stopped early and wrote its summary, and `epochs` does not extend
+    it. A run stopped after its last epoch but before its summary is finished by the resume."""
     last, checkpoint = _read_last(run_dir)
     state, planned = checkpoint["resume"], checkpoint["config"].get("epochs")
     done = state.get("epoch", 0)
-    if (epochs is None or epochs == planned) and (done >= planned or state.get("stopped_early")):
+    ended = (done >= planned or state.get("stopped_early")) and _summary_epochs(last.parent) == done
+    if (epochs is None or epochs == planned) and ended:
         how = "stopped early" if state.get("stopped_early") else "finished"
         raise NothingToDo(
             f"{last.parent} already {how} after {done} of {planned} epochs; nothing to resume "
@@ -375,6 +385,9 @@ def _build(config: TrainConfig, checkpoint: dict | None, run_dir: Path | None) -
         state.load_state_dict(checkpoint)
         log.info("resuming %s at epoch %d", run_dir, state.epoch + 1)
         say(f"edgeft: resuming {run_dir} at epoch {state.epoch + 1} of {config.epochs}")
+    if ctx.is_main and run_dir is not None:  # resumed: what a killed write left goes
+        for stale in remove_dead_temporaries(run_dir):
+            log.info("removed %s, left by a write that was killed", stale)
     if ctx.is_main:
         run_dir = run_dir or _new_run_dir(config)
         atomic_write_text(run_dir / "config.json", jsonio.dumps(asdict(config), indent=2) + "\n")

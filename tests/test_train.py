@@ -460,7 +460,7 @@ def test_compiled_training_saves_plain_weights(tmp_path):
 
     result = train(
         TrainConfig(
-            model="mobilenet_v3_small", img_size=16, epochs=1, compile=True, out=str(tmp_path / "runs"), name="compiled"
+            model="resnet18", img_size=16, epochs=1, compile=True, out=str(tmp_path / "runs"), name="compiled"
         )
     )
     state = load_checkpoint(result.best_checkpoint)["state_dict"]

@@ -459,9 +459,7 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     from edgeft.export import export
 
     result = train(
-        TrainConfig(
-            model="resnet18", img_size=16, epochs=1, compile=True, out=str(tmp_path / "runs"), name="compiled"
-        )
+        TrainConfig(model="resnet18", img_size=16, epochs=1, compile=True, out=str(tmp_path / "runs"), name="compiled")
     )
     state = load_checkpoint(result.best_checkpoint)["state_dict"]
     assert not any(key.startswith(("_orig_mod.", "module.")) for key in state)

@@ -356,6 +356,30 @@ def last_state(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "last.pt")["state_dict"]
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | None = None, env=None) -> Path:
     """Run `edgeft <args> --name killed`, SIGKILL it (the whole process group) during its second
     epoch or later, resume it with `--resume`, and return the run folder."""
@@ -378,8 +402,13 @@ def run_killed_and_resumed(args: list[str], cwd: Path, *, launcher: list[str] | 
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.3 * float(read_history(run_dir)[0]["seconds"]))  # inside epoch 2
+        workers = descendants(proc.pid)  # torchrun's ranks run in sessions of their own
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=time_limit(30))
+        ended = time.monotonic() + time_limit(10)
+        while time.monotonic() < ended and any(map(running, workers)):
+            time.sleep(0.05)
+        assert not any(map(running, workers)), "a process of the killed run trains on"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -3,7 +3,10 @@ fit loop needs. With no torchrun around, a single process that does nothing spec
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +82,7 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         launched=True,
     )
+    _end_with_the_launcher()
     if device.type == "cuda":
         if ctx.local_rank >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} CUDA device(s) here")
@@ -87,6 +91,19 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ctx, device
+
+
+def _end_with_the_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a launcher killed outright (SIGKILL,
+    the OOM killer) would leave its ranks training on, writing the run folder that a `--resume`
+    then reads. On Linux the kernel kills this rank when its launcher dies (PR_SET_PDEATHSIG);
+    a rank whose launcher is already gone stops here."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_nproc(nproc: int, device: str) -> None:

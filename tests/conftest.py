@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -48,6 +49,15 @@ def private_file_cache(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("edgeft-cache")
     os.environ["EDGEFT_CACHE"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_delivered() -> None:
+    """A suite started in the background without job control (`cmd &` in a script) inherits SIGINT
+    ignored, and edgeft rightly keeps an ignored SIGINT ignored; the interrupt tests need it
+    delivered as from a terminal, in this process and the ones it starts."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -97,8 +97,9 @@ def _end_with_the_launcher() -> None:
     """torchrun starts each rank in a session of its own, so a launcher killed outright (SIGKILL,
     the OOM killer) would leave its ranks training on, writing the run folder that a `--resume`
     then reads. On Linux the kernel kills this rank when its launcher dies (PR_SET_PDEATHSIG);
-    a rank whose launcher is already gone stops here."""
-    if not sys.platform.startswith("linux"):
+    a rank whose launcher is already gone stops here. Only under torchrun's agent: a rank started
+    by hand from a shell must not end with that shell."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return
     launcher = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG

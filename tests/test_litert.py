@@ -103,13 +103,15 @@ def test_fp16_stores_fp16_weights_behind_float_io(tiny, tmp_path):
     assert 0 < difference.max() <= 1e-2 * max(1.0, np.abs(reference).max())  # fp16 weights: not bit-exact
 
 
-def test_int8_takes_int8_in_the_runner_quantizes_and_the_classifier_rung_gives_float_out(tiny, tmp_path):
+def test_int8_takes_int8_in_the_runner_quantizes_and_the_dynamic_rung_keeps_float_io(tiny, tmp_path):
     model, _, x, reference = tiny
-    for rung, output in ((0, np.int8), (1, np.float32)):
+    for rung, io in ((0, np.int8), (1, np.float32)):
         path = _write(tmp_path, "int8", model, rung)
         interpreter = _stock(path)
-        assert interpreter.get_input_details()[0]["dtype"] == np.int8
-        assert interpreter.get_output_details()[0]["dtype"] == output
+        assert interpreter.get_input_details()[0]["dtype"] == io
+        assert interpreter.get_output_details()[0]["dtype"] == io
+        weights = [t for t in interpreter.get_tensor_details() if len(t["shape"]) == 4 and t["shape"][0] == 16]
+        assert weights and all(np.dtype(t["dtype"]) == np.int8 for t in weights)  # int8 convolution weights
         logits = FORMAT.open(path).infer(x)
         assert logits.dtype == np.float32
         assert np.abs(logits - reference).max() <= 0.1 * np.abs(reference).max()  # int8 of a random model
@@ -233,7 +235,7 @@ def _stock_top1(path: Path, images: list[str]) -> list[str]:
 def test_a_gate_that_fails_climbs_the_ladder_and_keeps_nothing(digits_checkpoint, tmp_path):
     args = ["export", str(digits_checkpoint), "--format", "litert", "--precision", "int8", "--out", str(tmp_path)]
     proc = run_edgeft([*args, "--max-acc-drop", "-100"], cwd=tmp_path)
-    assert proc.returncode == 1 and "per-channel" in proc.stdout and "classifier" in proc.stdout  # (table cells wrap)
+    assert proc.returncode == 1 and "per-channel" in proc.stdout and "dynamic" in proc.stdout  # (table cells wrap)
     assert not list(tmp_path.glob("*.tflite"))
     proc = run_edgeft([*args, "--max-acc-drop", "-100", "--no-fallback"], cwd=tmp_path)
-    assert proc.returncode == 1 and "classifier" not in proc.stdout
+    assert proc.returncode == 1 and "dynamic" not in proc.stdout

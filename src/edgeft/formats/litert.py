@@ -14,7 +14,8 @@ int8 I/O: litert-torch's static PT2E conversion folds the first quantize and the
 into the model's input and output (float I/O is not an option of the converter), so an int8 file
 takes int8 in and gives int8 out, as int8 apps on a device feed it. The runner quantizes the input
 with the input tensor's scale and zero point and dequantizes the output (numpy); a float32 tensor is
-passed as is (the classifier-float rung gives float32 out), so the runner takes either kind.
+passed as is (the dynamic rung, int8 weights with activations quantized at run time, keeps float32
+I/O), so the runner takes either kind.
 Threads: all cores unless told (`threads`); the interpreter's own default leaves it to the runtime.
 
 The edgeft metadata is the model's metadata table entry `edgeft` (`Model.metadata`, which LiteRT's
@@ -50,13 +51,15 @@ _U32 = 4
 
 @dataclass(frozen=True)
 class PtqRung(Rung):
-    """One setting of litert-torch's PT2E quantizer (symmetric int8, per-channel weights); a rung may
-    keep the classifier (the model's Linear layers) in float."""
+    """One setting of litert-torch's PT2E quantizer (symmetric int8, per-channel weights): static
+    (activation ranges calibrated, every tensor int8) or dynamic (int8 weights, activations
+    quantized at run time by the kernels: slower, and it keeps the accuracy where a static graph
+    loses it, as DenseNet's concatenations do)."""
 
-    float_classifier: bool = False
+    dynamic: bool = False
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "float_classifier": self.float_classifier}
+        return {**super().to_dict(), "dynamic": self.dynamic}
 
 
 class LiteRtFormat(Format):
@@ -76,7 +79,7 @@ class LiteRtFormat(Format):
         first = PtqRung("pt2e per-channel", config.calib_size)
         if config.fallback is False:
             return [first]
-        return [first, PtqRung("pt2e per-channel, classifier float", config.calib_size, float_classifier=True)]
+        return [first, PtqRung("pt2e per-channel, dynamic activations", config.calib_size, dynamic=True)]
 
     def write(self, request: WriteRequest, path: Path) -> dict:
         with quiet_native_output():
@@ -145,17 +148,14 @@ def _quantized(model, example, request: WriteRequest) -> tuple[bytes, dict]:
 
     rung = request.rung
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=rung.dynamic)
     )
-    if rung.float_classifier:
-        linear = torch.nn.Linear  # torch.export records module types by their qualified names
-        quantizer.set_module_type(f"{linear.__module__}.{linear.__qualname__}", None)
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(model, (example[0].repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
     prepared = prepare_pt2e(exported.module(), quantizer)
     seen = 0
-    with torch.no_grad():
-        for images in request.calibration(rung.calibration_size):
+    with torch.no_grad():  # the weights' observers too run on a forward pass: one batch for a dynamic rung
+        for images in request.calibration(1 if rung.dynamic else rung.calibration_size):
             prepared(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
             seen += len(images)
     if not seen:

@@ -213,3 +213,23 @@ def test_a_gate_that_fails_climbs_the_ladder_and_keeps_nothing(digits_checkpoint
     assert not list(tmp_path.glob("*.xml")) and not list(tmp_path.glob("*.bin"))
     proc = run_edgeft([*args, "--max-acc-drop", "-100", "--no-fallback"], cwd=tmp_path)
     assert proc.returncode == 1 and "mixed" not in proc.stdout
+
+
+def test_bench_counts_the_weights_beside_the_graph_in_the_file_size(tmp_path):
+    from edgeft.bench import run_bench
+    from edgeft.config import BenchConfig
+
+    config = BenchConfig(
+        models=("resnet18",),
+        runtimes=("onnxruntime", "openvino"),
+        precisions=("fp32",),
+        batch_sizes=(1,),
+        img_size=32,
+        device="cpu",
+        quick=True,
+        out=str(tmp_path),
+        cache=False,
+    )
+    rows = {r.runtime: r for r in run_bench(config).rows}
+    assert rows["openvino"].status == "ok", rows["openvino"].status
+    assert rows["openvino"].file_mb == pytest.approx(rows["onnxruntime"].file_mb, rel=0.1)  # the same f32 weights

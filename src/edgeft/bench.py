@@ -525,12 +525,13 @@ def _fill_measured(
     """Copy the measurements into `rows` (one per batch size) with the file's size, the model's
     size and cost, the export's accuracy, and with `keep_files` the file's path."""
     file = art["files"][key]
+    file_mb = formats.for_path(Path(file)).size(Path(file)) / 2**20  # an OpenVINO .xml with its .bin
     gflops = model_info(arch).gmacs * (art["size"] / 224) ** 2
     for row, result in zip(rows, measured, strict=True):
         for name, value in result.items():
             if name != "batch":
                 setattr(row, name, value)
-        row.file_mb = Path(file).stat().st_size / 2**20
+        row.file_mb = file_mb
         row.params_m = art["params_m"]
         row.gflops = gflops
         row.accuracy = art["accuracy"].get(key)

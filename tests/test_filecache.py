@@ -3,14 +3,18 @@ temporaries of dead processes are removed, and a second bench reuses every file.
 
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from edgeft.bench import run_bench
 from edgeft.config import BenchConfig
+from edgeft.errors import InputError
 from edgeft.filecache import FileCache, default_cache_folder
 
 
@@ -61,6 +65,42 @@ def test_without_a_folder_every_file_is_made_in_the_scratch_folder(tmp_path):
     cache, calls = FileCache(None, tmp_path / "scratch"), []
     first, second = (cache.file({"k": 1}, maker(calls, text)) for text in ("one", "two"))
     assert calls == ["one", "two"] and first.is_relative_to(tmp_path / "scratch") and cache.hits == 0
+
+
+def write_pid(text: str, folder: Path) -> Path:
+    """A make for spawned processes (it pickles): the file holds its text and its maker's pid."""
+    path = folder / "model.onnx"
+    path.write_text(f"{text} {os.getpid()}")
+    return path
+
+
+def fail_or_wait(seconds: float, folder: Path) -> Path:
+    (folder / "model.onnx").write_text("half")
+    if seconds == 0:
+        raise InputError("cannot make this one")
+    time.sleep(seconds)
+    return folder / "model.onnx"
+
+
+def test_missing_files_are_made_in_other_processes_and_found_ones_reused(tmp_path):
+    cache = FileCache(tmp_path / "cache", tmp_path / "scratch")
+    found = cache.file({"k": 0}, functools.partial(write_pid, "zero"))
+    requests = [({"k": k}, functools.partial(write_pid, text)) for k, text in enumerate(["again", "one", "two"])]
+    paths = cache.files(requests, workers=2)
+    texts = [path.read_text().split() for path in paths]
+    assert paths[0] == found and texts[0] == ["zero", str(os.getpid())]
+    assert [t[0] for t in texts[1:]] == ["one", "two"] and all(int(t[1]) != os.getpid() for t in texts[1:])
+    assert (cache.hits, cache.made) == (1, 3)
+
+
+def test_a_failed_make_stops_the_others_and_leaves_no_temporary(tmp_path):
+    cache = FileCache(tmp_path / "cache", tmp_path / "scratch")
+    requests = [({"k": k}, functools.partial(fail_or_wait, seconds)) for k, seconds in (("slow", 120), ("bad", 0))]
+    started = time.monotonic()
+    with pytest.raises(InputError, match="cannot make"):
+        cache.files(requests, workers=2)
+    assert time.monotonic() - started < 60  # the slow make was stopped, not waited for
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no entry, no temporary
 
 
 def test_the_default_folder_follows_the_environment(monkeypatch, tmp_path):

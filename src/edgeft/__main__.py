@@ -2,4 +2,5 @@
 
 from edgeft.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned process (the bench's file makers) imports it
+    main()

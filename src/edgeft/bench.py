@@ -24,7 +24,7 @@ from edgeft import __version__, formats, jsonio, peak
 from edgeft.artifact import read_metadata
 from edgeft.checkpoint import load_checkpoint, save_checkpoint
 from edgeft.config import BenchConfig, ExportConfig
-from edgeft.cpu import cpu_description, has_bf16, load_average
+from edgeft.cpu import cpu_description, has_bf16, load_average, use_threads
 from edgeft.data import default_preprocess
 from edgeft.devices import cuda_index, torch_device
 from edgeft.export import export
@@ -223,43 +223,56 @@ def _folder_name(label: str) -> str:
     return re.sub(r"[^\w.-]+", "-", label).strip("-")
 
 
-def _artifacts(source: _Source, run: _Run, cache: FileCache, needed, keep: Path | None) -> dict:
-    """The files each (runtime, precision) loads (made once per key, see `edgeft.filecache`), their
-    sizes, and accuracies with a checkpoint; with `keep`, copies of them in that folder."""
-    checkpoint = source.checkpoint or str(_random_weights_checkpoint(source.arch, run, cache))
-    content = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(content)
-    spec = default_preprocess(size=content["preprocess"]["size"], channels=content["in_chans"])
-    weights = file_sha256(checkpoint)
-    files: dict[tuple[str, str], str] = {}
-    accuracy: dict[tuple[str, str], float] = {}
-    for runtime, precision in needed:
-        key = (runtime, precision)
-        if runtime == "eager":
-            files[key] = checkpoint
-        elif source.checkpoint:  # a real export, with its validation
-            made = cache.file(
-                _file_key(weights, runtime, precision, run),
-                lambda folder, r=runtime, p=precision: _export_checkpoint(source, r, p, run, folder),
-            )
-            files[key] = str(made)
-            validation = read_metadata(made).get("validation") or {}
+def _make_files(sources: list[_Source], needed, run: _Run, cache: FileCache, update) -> dict[str, dict]:
+    """Per source label, the file each (runtime, precision) of `needed` loads: found in the cache or
+    made (exported, for a checkpoint), the missing ones of every source `_MAKERS` at a time."""
+    checkpoints = {s.label: s.checkpoint or str(_random_weights_checkpoint(s.arch, run, cache)) for s in sources}
+    requests = {
+        (source.label, runtime, precision): (
+            _file_key(file_sha256(checkpoints[source.label]), runtime, precision, run),
+            functools.partial(_export_checkpoint, source, runtime, precision, run)
+            if source.checkpoint
+            else functools.partial(_write_random_weights, checkpoints[source.label], runtime, precision, run.device),
+        )
+        for source in sources
+        for runtime, precision in needed
+        if runtime != "eager"
+    }
+    labels = ", ".join(s.label for s in sources)
+    update(description=f"{labels}: exporting")
+    counted = iter(range(1, len(requests) + 1))
+    made = cache.files(
+        list(requests.values()),
+        workers=_MAKERS,
+        setup=functools.partial(use_threads, max(1, run.threads // _MAKERS)),
+        done=lambda: update(description=f"{labels}: exporting, {next(counted)} of {len(requests)} made"),
+    )
+    files = {s.label: {("eager", "fp32"): checkpoints[s.label]} if ("eager", "fp32") in needed else {} for s in sources}
+    for (label, runtime, precision), path in zip(requests, made, strict=True):
+        files[label][(runtime, precision)] = str(path)
+    return {s.label: {"checkpoint": checkpoints[s.label], "files": files[s.label]} for s in sources}
+
+
+_MAKERS = 2  # files made at once: lowering and converting are mostly single-threaded Python
+
+
+def _artifacts(source: _Source, made: dict, keep: Path | None) -> dict:
+    """The files of `source` to time, their sizes, and accuracies with a checkpoint; with `keep`,
+    copies of the files in that folder."""
+    content = load_checkpoint(made["checkpoint"])
+    files, accuracy = made["files"], {}
+    for key, path in files.items():
+        validation = (read_metadata(path).get("validation") or {}) if source.checkpoint and key[0] != "eager" else {}
+        if validation:  # a checkpoint's export, validated
             accuracy[key], accuracy[("eager", "fp32")] = validation.get("exported_acc"), validation.get("reference_acc")
-        else:
-            files[key] = str(
-                cache.file(
-                    _file_key(weights, runtime, precision, run),
-                    lambda folder, r=runtime, p=precision: _write_random_weights(model, spec, r, p, run.device, folder),
-                )
-            )
     if keep is not None:
         files = {key: _keep_copy(path, key[0], keep) for key, path in files.items()}
     return {
         "files": files,
         "accuracy": accuracy,
-        "size": spec.size,
+        "size": content["preprocess"]["size"],
         "channels": content["in_chans"],
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "params_m": sum(p.numel() for p in model_from_checkpoint(content).parameters()) / 1e6,
     }
 
 
@@ -283,11 +296,15 @@ def _library_versions() -> dict[str, str]:
     return {"edgeft": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
+def _parts(path: str, runtime: str) -> list[Path]:
+    """Every file a timed row loads: a checkpoint, or every file of an exported artifact."""
+    return [Path(path)] if runtime == "eager" else formats.by_runtime(runtime).files(Path(path))
+
+
 def _keep_copy(path: str, runtime: str, folder: Path) -> str:
     """A copy of a timed file (every file of its artifact) in `folder`, kept with the report."""
     folder.mkdir(parents=True, exist_ok=True)
-    parts = [Path(path)] if runtime == "eager" else formats.by_runtime(runtime).files(Path(path))
-    for part in parts:  # each copy appears whole, or not at all
+    for part in _parts(path, runtime):  # each copy appears whole, or not at all
         with open(part, "rb") as original, atomic_write(folder / part.name) as copy:
             shutil.copyfileobj(original, copy)
     return str(folder / Path(path).name)
@@ -339,9 +356,12 @@ def _export_checkpoint(source: _Source, runtime: str, precision: str, run: _Run,
     return Path(result.files[0].path)
 
 
-def _write_random_weights(model, spec, runtime: str, precision: str, device: str, folder: Path) -> Path:
-    """The file `runtime` loads for a model without a checkpoint (only speed is measured), written
+def _write_random_weights(checkpoint: str, runtime: str, precision: str, device: str, folder: Path) -> Path:
+    """The file `runtime` loads for a random-weights checkpoint (only speed is measured), written
     by its format into `folder`; int8 with the format's first setting, calibrated on random images."""
+    content = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(content)
+    spec = default_preprocess(size=content["preprocess"]["size"], channels=content["in_chans"])
     fmt = formats.by_runtime(runtime)
     path = folder / f"{precision}{fmt.suffixes[0]}"
     rng = np.random.default_rng(0)
@@ -416,9 +436,14 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
         _file_cache(config) as cache,
     ):
         update = functools.partial(bar.update, bar.add_task("bench", total=len(sources) * len(plan)))
+        runnable = [(r, p) for r, p, reason in plan if reason is None]
+        made = _make_files(sources, runnable, run, cache, update) if runnable else {}
+        if hasattr(os, "sync"):
+            os.sync()  # the files just written are flushed now, not by the kernel while a row is timed
         for source in sources:
             keep = kept / _folder_name(source.label) if config.keep_files else None
-            report.rows += _bench_source(source, plan, run, cache, keep, update)
+            art = _artifacts(source, made[source.label], keep) if runnable else None
+            report.rows += _bench_source(source, plan, run, art, update)
         if config.keep_files:
             report.files["timed"] = str(kept)
         report.settings["cache"] = {
@@ -431,14 +456,10 @@ def run_bench(config: BenchConfig, *, progress: bool = False) -> BenchReport:
     return report
 
 
-def _bench_source(source: _Source, plan, run: _Run, cache: FileCache, keep: Path | None, update) -> list[BenchRow]:
-    """The rows of one model: its files made (exported, for a checkpoint) or found in the cache,
-    then timed in `run.rounds` rounds, each row once per round in a fresh process."""
+def _bench_source(source: _Source, plan, run: _Run, art: dict | None, update) -> list[BenchRow]:
+    """The rows of one model, its files (`art`) timed in `run.rounds` rounds, each row once per
+    round in a fresh process."""
     runnable = [(r, p) for r, p, reason in plan if reason is None]
-    update(description=f"{source.label}: exporting")
-    art = _artifacts(source, run, cache, runnable, keep) if runnable else None
-    if hasattr(os, "sync"):
-        os.sync()  # the files just written are flushed now, not by the kernel while the first row is timed
     update(description=f"{source.label}: timing")
     measured = {
         **{(r, p): reason for r, p, reason in plan if reason is not None},
@@ -525,7 +546,7 @@ def _fill_measured(
     """Copy the measurements into `rows` (one per batch size) with the file's size, the model's
     size and cost, the export's accuracy, and with `keep_files` the file's path."""
     file = art["files"][key]
-    file_mb = formats.for_path(Path(file)).size(Path(file)) / 2**20  # an OpenVINO .xml with its .bin
+    file_mb = sum(part.stat().st_size for part in _parts(file, key[0])) / 2**20  # an OpenVINO .xml with its .bin
     gflops = model_info(arch).gmacs * (art["size"] / 224) ** 2
     for row, result in zip(rows, measured, strict=True):
         for name, value in result.items():

@@ -8,15 +8,20 @@ versions of edgeft, torch and the format's libraries. A second run with the same
 file; any change makes a new one. An entry is written in a temporary folder and renamed into
 place whole, so an interrupted write never leaves a half entry; temporaries of dead processes
 are removed. The cache is plain files: delete the folder to empty it.
+
+Most of a cold bench is lowering and converting, which is single-threaded Python: `FileCache.files`
+makes the missing files of a run two (or more) at a time, each in its own spawned process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgeft import jsonio
@@ -47,7 +52,7 @@ class FileCache:
 
     def file(self, key: dict, make: Callable[[Path], Path]) -> Path:
         """The file `make(empty_folder)` writes (it returns the file's path), made once per `key`."""
-        digest = hashlib.sha256(jsonio.dumps(key, sort_keys=True).encode()).hexdigest()
+        digest = _digest(key)
         if self.folder is None:
             self.made += 1
             return make(_empty(self.scratch / digest[:16]))
@@ -68,6 +73,54 @@ class FileCache:
             raise
         self.made += 1
         return entry / made.name
+
+    def files(
+        self, requests: Sequence[tuple[dict, Callable[[Path], Path]]], workers: int = 1, setup=None, done=None
+    ) -> list[Path]:
+        """`file` for each (key, make). With `workers` > 1 and more than one file missing, the
+        missing ones are made `workers` at a time, each in a spawned process that ran `setup()`
+        first (`make` and `setup` must pickle); `done()` is called as each is ready. An error or
+        interrupt stops the other makes and leaves no temporary behind."""
+        missing = [i for i, (key, _) in enumerate(requests) if self._missing(key)]
+        if workers < 2 or len(missing) < 2:
+            return [self.file(key, make) for key, make in requests]
+        made: dict[int, Path] = {}
+        tasks = [(i, self.folder, self.scratch, *requests[i]) for i in missing]
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(missing)), _start_worker, (setup,))
+        try:
+            for i, path in pool.imap_unordered(_make_in_worker, tasks):
+                made[i] = path
+                self.made += 1
+                if done:
+                    done()
+            pool.close()
+        except BaseException:
+            pool.terminate()  # the makes still running
+            raise
+        finally:
+            pool.join()
+            if self.folder is not None:
+                remove_dead_temporaries(self.folder)
+        return [made[i] if i in made else self.file(key, make) for i, (key, make) in enumerate(requests)]
+
+    def _missing(self, key: dict) -> bool:
+        return self.folder is None or _read_entry(self.folder / _digest(key)) is None
+
+
+def _start_worker(setup) -> None:
+    """A making process leaves interrupts to the bench that started it (which stops it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if setup is not None:
+        setup()
+
+
+def _make_in_worker(task: tuple) -> tuple[int, Path]:
+    index, folder, scratch, key, make = task
+    return index, FileCache(folder, scratch).file(key, make)
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(jsonio.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _read_entry(entry: Path) -> Path | None:

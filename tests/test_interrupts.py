@@ -326,3 +326,17 @@ def test_interrupted_bench_leaves_complete_files_only(case, tmp_path):
             load_checkpoint(path)
         elif path.suffix != ".md":
             formats.for_path(path).open(path).infer(np.zeros((1, 3, 32, 32), np.float32))  # a whole model
+
+
+def test_bench_interrupted_while_making_files_in_parallel_leaves_no_temporary(tmp_path):
+    """SIGINT after the first of four files made in other processes: the makers are stopped, and
+    the cache holds complete entries only."""
+    cache = tmp_path / "cache"
+    runtimes_and_precisions = ["--runtimes", "onnxruntime,openvino", "--precisions", "fp32,int8"]
+    args = [*BENCH[:5], *runtimes_and_precisions, "--batch-sizes", "1", "--quick", "--cache-dir", str(cache)]
+    hook = ("multiprocessing.pool:IMapIterator.__next__", 2, "SIGINT")
+    signalled(args, *hook, cwd=tmp_path, env=offline_env(tmp_path), progress="resnet18: ")
+    entries = list(cache.iterdir())
+    assert [e.name for e in entries if e.name.startswith(".")] == []  # no temporary
+    assert all((entry / "made.json").is_file() for entry in entries)
+    assert len(entries) < 1 + 4  # the random-weights checkpoint and fewer than the four files

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -108,8 +109,10 @@ class FileCache:
 
 
 def _start_worker(setup) -> None:
-    """A making process leaves interrupts to the bench that started it (which stops it)."""
+    """A making process leaves interrupts to the bench that started it, and when that stops it
+    (SIGTERM) it exits as Python does, removing its temporary and what its libraries registered."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if setup is not None:
         setup()
 

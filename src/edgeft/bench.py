@@ -227,9 +227,10 @@ def _make_files(sources: list[_Source], needed, run: _Run, cache: FileCache, upd
     """Per source label, the file each (runtime, precision) of `needed` loads: found in the cache or
     made (exported, for a checkpoint), the missing ones of every source `_MAKERS` at a time."""
     checkpoints = {s.label: s.checkpoint or str(_random_weights_checkpoint(s.arch, run, cache)) for s in sources}
+    weights = {label: file_sha256(path) for label, path in checkpoints.items()}  # once per checkpoint
     requests = {
         (source.label, runtime, precision): (
-            _file_key(file_sha256(checkpoints[source.label]), runtime, precision, run),
+            _file_key(weights[source.label], runtime, precision, run),
             functools.partial(_export_checkpoint, source, runtime, precision, run)
             if source.checkpoint
             else functools.partial(_write_random_weights, checkpoints[source.label], runtime, precision, run.device),

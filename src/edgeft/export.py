@@ -369,7 +369,7 @@ class _Job:
     ) -> ExportedFile:
         """Move every file of the artifact into place (the one named last) when it is kept."""
         kept = validation is None or validation.passed or self.config.force
-        size = fmt.size(tmp)
+        size = sum(p.stat().st_size for p in fmt.files(tmp))
         if kept:
             fmt.replace(tmp, final)
         log.info("%s: %s", final, "kept" if kept else "removed, failed its gate")

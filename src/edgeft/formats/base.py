@@ -179,10 +179,6 @@ class Format:
         """Every file the artifact at `path` consists of (moved, kept or removed together)."""
         return [path]
 
-    def size(self, path: Path) -> int:
-        """The bytes of every file of the artifact at `path`."""
-        return sum(part.stat().st_size for part in self.files(path))
-
     def replace(self, source: Path, target: Path) -> None:
         """Move every file of the artifact at `source` to `target` (in the same file system), all of
         them: an interrupt arriving meanwhile waits until they are in place."""

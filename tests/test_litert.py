@@ -117,6 +117,40 @@ def test_int8_takes_int8_in_the_runner_quantizes_and_the_dynamic_rung_keeps_floa
         assert np.abs(logits - reference).max() <= 0.1 * np.abs(reference).max()  # int8 of a random model
 
 
+class _GroupedBlock(nn.Module):
+    """A ResNeXt-like residual block: a grouped 3x3 convolution of 4 channels per group, an addition."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.grouped(x) + x))
+
+
+def test_int8_widens_grouped_convolutions_exactly_and_keeps_additions_int8(tmp_path, monkeypatch):
+    import edgeft.formats.litert as litert
+
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    wide = _write(tmp_path, "int8", _GroupedBlock().eval())
+    (tmp_path / "narrow").mkdir()
+    monkeypatch.setattr(litert, "GROUP_WIDTH", 0)  # the groups as they were
+    narrow = _write(tmp_path / "narrow", "int8", _GroupedBlock().eval())
+    filters = {}
+    for name, path in (("wide", wide), ("narrow", narrow)):
+        interpreter = _stock(path)
+        ops = [op["op_name"] for op in interpreter._get_ops_details()]
+        assert "ADD" in ops and "DEQUANTIZE" not in ops and "QUANTIZE" not in ops  # the addition runs in int8
+        shapes = [tuple(t["shape"]) for t in interpreter.get_tensor_details() if len(t["shape"]) == 4]
+        filters[name] = sorted(s for s in shapes if s[0] == 16 and s[1:3] == (3, 3))  # [out, kh, kw, in/group]
+    assert filters == {"wide": [(16, 3, 3, 3), (16, 3, 3, 16)], "narrow": [(16, 3, 3, 3), (16, 3, 3, 4)]}
+    np.testing.assert_array_equal(FORMAT.open(wide).infer(x), FORMAT.open(narrow).infer(x))  # the same function
+
+
 def test_metadata_is_the_last_entry_of_the_metadata_table_and_keeps_the_digest(tiny, tmp_path):
     from ai_edge_litert import schema_py_generated as schema
 

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 METADATA_KEY = b"edgeft"
 _IDENTIFIER = b"TFL3"  # the flatbuffer file identifier at bytes 4..8
 _MAX_METADATA = 16 * 2**20
+# int8 grouped convolutions are written with this many input channels per group (see
+# _widen_grouped_convolutions): XNNPACK's int8 kernels in LiteRT run a narrow group far below their speed
+# (resnext50_32x4d, 4 to 32 channels per group: 17 ms; widened to 64: 6.8 ms, to 32: 8.0, to 128: 7.6;
+# benchmarks/README.md); its fp32 kernels gain nothing, so fp32 and fp16 files keep the groups
+GROUP_WIDTH = 64
 _U32 = 4
 
 
@@ -150,8 +155,11 @@ def _quantized(model, example, request: WriteRequest) -> tuple[bytes, dict]:
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=rung.dynamic)
     )
+    widened = _widen_grouped_convolutions(model)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    exported = torch.export.export(model, (example[0].repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
+    # strict: the quantizer finds additions and concatenations by their source (torch.add, torch.cat), which
+    # only a strict export records; without it they stay float between a DEQUANTIZE and a QUANTIZE
+    exported = torch.export.export(model, (example[0].repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},), strict=True)
     prepared = prepare_pt2e(exported.module(), quantizer)
     seen = 0
     with torch.no_grad():  # the weights' observers too run on a forward pass: one batch for a dynamic rung
@@ -162,7 +170,47 @@ def _quantized(model, example, request: WriteRequest) -> tuple[bytes, dict]:
         raise InputError("int8 LiteRT export: the calibration data is empty")
     converted = convert_pt2e(prepared, fold_quantize=False)
     edge = litert_torch.convert(converted, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    return edge.model_content(), {**rung.to_dict(), "calibration_images": seen}
+    settings = {**rung.to_dict(), "calibration_images": seen}
+    if widened:
+        settings["grouped_convolutions"] = {"widened": widened, "channels_per_group": GROUP_WIDTH}
+    return edge.model_content(), settings
+
+
+def _widen_grouped_convolutions(model) -> int:
+    """Give each grouped convolution with fewer than GROUP_WIDTH input channels per group (not a
+    depthwise one) GROUP_WIDTH channels per group: neighbouring groups merged, their weights laid
+    block-diagonally, zero elsewhere. The same function, exactly (the zeros add nothing, and each
+    output channel's int8 scale comes from the weights it had). Returns how many were widened."""
+    import torch
+
+    widened = 0
+    for parent in list(model.modules()):
+        for name, conv in list(parent.named_children()):
+            if type(conv) is not torch.nn.Conv2d:
+                continue
+            per_group = conv.in_channels // conv.groups
+            if per_group == 1:  # depthwise: kernels of its own
+                continue
+            fits = (f for f in range(2, conv.groups + 1) if conv.groups % f == 0 and f * per_group <= GROUP_WIDTH)
+            merge = max(fits, default=1)
+            if merge > 1:
+                setattr(parent, name, _merged_groups(conv, merge))
+                widened += 1
+    return widened
+
+
+def _merged_groups(conv, merge: int):
+    """`conv` with every `merge` neighbouring groups as one, the weights block-diagonal."""
+    import torch
+
+    groups, out_per_group, in_per_group = conv.groups // merge, conv.out_channels // conv.groups, conv.weight.shape[1]
+    blocks = conv.weight.detach().reshape(groups, merge, out_per_group, in_per_group, *conv.kernel_size)
+    weight = torch.zeros(groups, merge, out_per_group, merge, in_per_group, *conv.kernel_size)
+    for j in range(merge):
+        weight[:, j, :, j] = blocks[:, j]
+    wide = copy.deepcopy(conv)
+    wide.groups, wide.weight = groups, torch.nn.Parameter(weight.reshape(conv.out_channels, -1, *conv.kernel_size))
+    return wide
 
 
 def _with_metadata_entry(flatbuffer: bytes) -> bytes:

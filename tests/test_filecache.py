@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import edgeft.bench
 from edgeft.bench import run_bench
 from edgeft.config import BenchConfig
 from edgeft.errors import InputError
@@ -112,7 +113,7 @@ def test_the_default_folder_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_bench_reuses_every_file_and_a_new_precision_makes_only_its_own(tmp_path):
+def test_a_second_bench_reuses_every_file_and_a_new_precision_or_writer_makes_its_own(tmp_path, monkeypatch):
     def bench(precisions: tuple[str, ...]):
         config = BenchConfig(
             models=("resnet18",),
@@ -134,3 +135,6 @@ def test_a_second_bench_reuses_every_file_and_a_new_precision_makes_only_its_own
     assert third.settings["cache"]["made"] == 1 and third.settings["cache"]["reused"] == 2  # only the int8 file
     measured = {(row.runtime, row.precision) for row in third.rows if row.status == "ok" and row.p50_ms > 0}
     assert measured == {("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")}
+    monkeypatch.setattr(edgeft.bench, "_writers_digest", lambda: "a changed writer, the same version number")
+    fourth = bench(("fp32", "int8"))
+    assert fourth.settings["cache"]["made"] == 3 and fourth.settings["cache"]["reused"] == 0

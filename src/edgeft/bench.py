@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -294,7 +295,21 @@ def _file_key(weights_sha256: str, runtime: str, precision: str, run: _Run) -> d
 def _library_versions() -> dict[str, str]:
     import torchvision
 
-    return {"edgeft": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    return {
+        "edgeft": __version__,
+        "edgeft_writers": _writers_digest(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+    }
+
+
+@functools.cache
+def _writers_digest() -> str:
+    """A digest of the code that builds and writes the files (models, export, every format module):
+    a changed writer makes new files even where edgeft's version number stays the same."""
+    package = Path(__file__).parent
+    sources = sorted([package / "models.py", package / "export.py", *(package / "formats").glob("*.py")])
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
 
 
 def _parts(path: str, runtime: str) -> list[Path]:

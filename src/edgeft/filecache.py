@@ -3,8 +3,9 @@
 Lowering a program or calibrating an int8 file takes longer than timing it, so a bench keeps each
 file it writes in `<cache>/<key>/`, where the key is a digest of everything that decides the
 file's content: the model's weights (a checkpoint's SHA-256, or the architecture and seed of
-random weights), the format and precision, the image size, the device, the int8 settings and the
-versions of edgeft, torch and the format's libraries. A second run with the same key reuses the
+random weights), the format and precision, the image size, the device, the int8 settings, the
+versions of edgeft, torch and the format's libraries, and a digest of edgeft's code that writes the
+file (a changed writer under the same version number makes new files). A second run with the same key reuses the
 file; any change makes a new one. An entry is written in a temporary folder and renamed into
 place whole, so an interrupted write never leaves a half entry; temporaries of dead processes
 are removed. The cache is plain files: delete the folder to empty it.

@@ -59,7 +59,7 @@ class PtqRung(Rung):
     """One setting of litert-torch's PT2E quantizer (symmetric int8, per-channel weights): static
     (activation ranges calibrated, every tensor int8) or dynamic (int8 weights, activations
     quantized at run time by the kernels: slower, and it keeps the accuracy where a static graph
-    loses it, as DenseNet's concatenations do)."""
+    loses it)."""
 
     dynamic: bool = False
 

@@ -12,6 +12,7 @@ the same for every format. Heavy libraries are imported inside the methods that 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -106,9 +107,9 @@ class Gemm:
     operations: int  # per run: 2 per multiply-add
 
 
-class Format:
-    """One exported format. Subclasses set the class attributes and implement the methods
-    that raise NotImplementedError; the others have defaults that fit one-file formats."""
+class Format(abc.ABC):
+    """One exported format. Subclasses set the class attributes and implement the abstract
+    methods; the others have defaults that fit one-file formats."""
 
     name: ClassVar[str]  # --format value and the metadata's "exported_format"
     title: ClassVar[str]  # how people write it: ONNX, TorchScript, ExecuTorch
@@ -186,22 +187,22 @@ class Format:
             for moved, place in zip(self.files(source), self.files(target)):
                 os.replace(moved, place)
 
+    @abc.abstractmethod
     def write(self, request: WriteRequest, path: Path) -> dict:
         """Write the model to `path` (no metadata yet); returns what the metadata adds."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, path: Path) -> tuple[str | None, str]:
         """(the metadata text, or None; the sha256 of the model content) of the file at `path`.
         The digest covers everything the runtime reads except the metadata."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_metadata(self, path: Path, text: str) -> None:
         """Embed (or replace) the metadata text, in place, leaving the content digest as it was."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def open(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> Runner:
         """The file opened for inference on `device` with `threads` (None: the runtime's default)."""
-        raise NotImplementedError
 
 
 def _importable(module: str) -> bool:

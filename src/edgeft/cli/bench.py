@@ -20,111 +20,130 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+_ModelsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"Comma-separated backbones (default: {', '.join(C.models)}; --quick: resnet18).",
+        show_default=False,
+        rich_help_panel=_WHAT,
+    ),
+]
+_RuntimesOption = Annotated[
+    str,
+    typer.Option(
+        help=f"Comma-separated, of: {format_choices()['runtimes']} (default: all).",
+        show_default=False,
+        rich_help_panel=_WHAT,
+    ),
+]
+_PrecisionsOption = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).",
+        rich_help_panel=_WHAT,
+    ),
+]
+_BatchSizesOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"Comma-separated batch sizes (default: {','.join(map(str, C.batch_sizes))}; --quick: 1).",
+        show_default=False,
+        rich_help_panel=_WHAT,
+    ),
+]
+_ImgSizeOption = Annotated[int, typer.Option(help="Input side in pixels.", rich_help_panel=_WHAT)]
+_DeviceOption = Annotated[
+    str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).", rich_help_panel=_WHAT)
+]
+_ThreadsOption = Annotated[
+    int, typer.Option(help="Intra-op threads for every runtime (0: all cores).", rich_help_panel=_HOW)
+]
+_WarmupOption = Annotated[int, typer.Option(help="Untimed runs per row.", rich_help_panel=_HOW)]
+_IterationsOption = Annotated[
+    int, typer.Option(help="Timed runs per row, at most, over all rounds.", rich_help_panel=_HOW)
+]
+_BudgetSOption = Annotated[
+    float,
+    typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).", rich_help_panel=_HOW),
+]
+_RoundsOption = Annotated[
+    int,
+    typer.Option(
+        help="Fresh processes per row, taking turns with the model's other rows; p50 is their median.",
+        rich_help_panel=_HOW,
+    ),
+]
+_QuickOption = Annotated[
+    bool,
+    typer.Option(
+        "--quick",
+        help="A first look in a few minutes: every installed runtime and default precision, but resnet18 "
+        "only, batch 1, 1 round of <= 10 runs (<= 2 s) per row; options given explicitly still apply.",
+        rich_help_panel=_HOW,
+    ),
+]
+_CheckpointsOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--checkpoints",
+        "--checkpoint",
+        help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.",
+        rich_help_panel=_ACC,
+    ),
+]
+_DataOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Accuracy data for --checkpoints (default: each checkpoint's validation split).", rich_help_panel=_ACC
+    ),
+]
+_OutOption = Annotated[str, typer.Option(help="Report folder.", rich_help_panel=_OUT)]
+_KeepFilesOption = Annotated[
+    bool,
+    typer.Option(
+        "--keep-files",
+        help="Keep the files it timed in bench-<stamp>-files/ beside the report "
+        "(each row names its file; up to ~800 MB for the default backbones).",
+        rich_help_panel=_OUT,
+    ),
+]
+_CacheOption = Annotated[
+    bool,
+    typer.Option(
+        "--cache/--no-cache",
+        help="Reuse the files an earlier bench made from the same weights, format, precision and versions.",
+        rich_help_panel=_OUT,
+    ),
+]
+_CacheDirOption = Annotated[
+    Optional[str],
+    typer.Option(help="Cache folder (default: $EDGEFT_CACHE or ~/.cache/edgeft, then bench/).", rich_help_panel=_OUT),
+]
+
+
 @app.command("bench")
 def bench_command(
-    models: Annotated[
-        Optional[str],
-        typer.Option(
-            help=f"Comma-separated backbones (default: {', '.join(C.models)}; --quick: resnet18).",
-            show_default=False,
-            rich_help_panel=_WHAT,
-        ),
-    ] = None,
-    runtimes: Annotated[
-        str,
-        typer.Option(
-            help=f"Comma-separated, of: {format_choices()['runtimes']} (default: all).",
-            show_default=False,
-            rich_help_panel=_WHAT,
-        ),
-    ] = ",".join(C.runtimes),
-    precisions: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated fp32, fp16, int8 (default: fp32 + int8 on CPU, fp32 + fp16 on CUDA).",
-            rich_help_panel=_WHAT,
-        ),
-    ] = "",
-    batch_sizes: Annotated[
-        Optional[str],
-        typer.Option(
-            help=f"Comma-separated batch sizes (default: {','.join(map(str, C.batch_sizes))}; --quick: 1).",
-            show_default=False,
-            rich_help_panel=_WHAT,
-        ),
-    ] = None,
-    img_size: Annotated[int, typer.Option(help="Input side in pixels.", rich_help_panel=_WHAT)] = C.img_size,
-    device: Annotated[
-        str, typer.Option(help="auto | cpu | cuda[:N] (CUDA that is not usable here: exit 2).", rich_help_panel=_WHAT)
-    ] = C.device,
-    threads: Annotated[
-        int, typer.Option(help="Intra-op threads for every runtime (0: all cores).", rich_help_panel=_HOW)
-    ] = C.threads,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per row.", rich_help_panel=_HOW)] = C.warmup,
-    iterations: Annotated[
-        int, typer.Option(help="Timed runs per row, at most, over all rounds.", rich_help_panel=_HOW)
-    ] = C.iterations,
-    budget_s: Annotated[
-        float,
-        typer.Option(help="Seconds per row, at most, over all rounds (after 5 runs a round).", rich_help_panel=_HOW),
-    ] = C.budget_s,
-    rounds: Annotated[
-        int,
-        typer.Option(
-            help="Fresh processes per row, taking turns with the model's other rows; p50 is their median.",
-            rich_help_panel=_HOW,
-        ),
-    ] = C.rounds,
-    quick: Annotated[
-        bool,
-        typer.Option(
-            "--quick",
-            help="A first look in a few minutes: every installed runtime and default precision, but resnet18 "
-            "only, batch 1, 1 round of <= 10 runs (<= 2 s) per row; options given explicitly still apply.",
-            rich_help_panel=_HOW,
-        ),
-    ] = C.quick,
-    checkpoints: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--checkpoints",
-            "--checkpoint",
-            help="An edgeft checkpoint (repeatable): benchmark its model, with each export's accuracy.",
-            rich_help_panel=_ACC,
-        ),
-    ] = None,
-    data: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Accuracy data for --checkpoints (default: each checkpoint's validation split).", rich_help_panel=_ACC
-        ),
-    ] = None,
-    out: Annotated[str, typer.Option(help="Report folder.", rich_help_panel=_OUT)] = C.out,
-    keep_files: Annotated[
-        bool,
-        typer.Option(
-            "--keep-files",
-            help="Keep the files it timed in bench-<stamp>-files/ beside the report "
-            "(each row names its file; up to ~800 MB for the default backbones).",
-            rich_help_panel=_OUT,
-        ),
-    ] = C.keep_files,
-    cache: Annotated[
-        bool,
-        typer.Option(
-            "--cache/--no-cache",
-            help="Reuse the files an earlier bench made from the same weights, format, precision and versions.",
-            rich_help_panel=_OUT,
-        ),
-    ] = C.cache,
-    cache_dir: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Cache folder (default: $EDGEFT_CACHE or ~/.cache/edgeft, then bench/).", rich_help_panel=_OUT
-        ),
-    ] = C.cache_dir,
+    models: _ModelsOption = None,
+    runtimes: _RuntimesOption = ",".join(C.runtimes),
+    precisions: _PrecisionsOption = "",
+    batch_sizes: _BatchSizesOption = None,
+    img_size: _ImgSizeOption = C.img_size,
+    device: _DeviceOption = C.device,
+    threads: _ThreadsOption = C.threads,
+    warmup: _WarmupOption = C.warmup,
+    iterations: _IterationsOption = C.iterations,
+    budget_s: _BudgetSOption = C.budget_s,
+    rounds: _RoundsOption = C.rounds,
+    quick: _QuickOption = C.quick,
+    checkpoints: _CheckpointsOption = None,
+    data: _DataOption = None,
+    out: _OutOption = C.out,
+    keep_files: _KeepFilesOption = C.keep_files,
+    cache: _CacheOption = C.cache,
+    cache_dir: _CacheDirOption = C.cache_dir,
 ) -> None:
     """Latency, throughput, load time, memory, size and accuracy per backbone x runtime x precision."""
+    options = {name: value for name, value in locals().items() if name not in ("batch_sizes", "checkpoints")}
     from rich.console import Console
 
     from edgeft.bench import run_bench
@@ -139,24 +158,9 @@ def bench_command(
     except ValueError:
         raise InputError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
     config = C(
-        models=_split(models),
-        runtimes=_split(runtimes),
-        precisions=_split(precisions),
+        **{**options, "models": _split(models), "runtimes": _split(runtimes), "precisions": _split(precisions)},
         batch_sizes=sizes,
-        img_size=img_size,
-        device=device,
-        threads=threads,
-        warmup=warmup,
-        iterations=iterations,
-        budget_s=budget_s,
-        rounds=rounds,
-        quick=quick,
         checkpoints=tuple(checkpoints or ()),
-        data=data,
-        out=out,
-        keep_files=keep_files,
-        cache=cache,
-        cache_dir=cache_dir,
     )
     load_note()
     report = run_bench(config, progress=True)

@@ -50,137 +50,156 @@ def _validation_rows(v) -> list[tuple[str, str]]:
     return rows + [("note", f"[yellow]{escape(note)}[/]") for note in v.notes]
 
 
+_CheckpointArgument = Annotated[
+    Optional[Path],
+    typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).", show_default=False),
+]
+_FormatOption = Annotated[
+    str,
+    typer.Option(
+        help=f"{_CHOICES['formats']}. all: one file of each; auto: the fastest file that passes its gate, "
+        "of every edge runtime installed (see --formats).",
+        rich_help_panel=_WRITE,
+    ),
+]
+_PrecisionOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"{one_of((*PRECISIONS, 'auto'))} (each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
+        "CUDA). auto: the fastest of the format's files that passes its gate. Default: fp32; auto with "
+        "--format auto.",
+        show_default=False,
+        rich_help_panel=_WRITE,
+    ),
+]
+_CandidateFormatsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--formats",
+        help=f"--format auto: the formats compared, comma-separated (default: {_CHOICES['deployable']}).",
+        show_default=False,
+        rich_help_panel=_WRITE,
+    ),
+]
+_OpsetOption = Annotated[
+    Optional[int],
+    typer.Option(
+        help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).",
+        show_default=False,
+        rich_help_panel=_WRITE,
+    ),
+]
+_DeviceOption = Annotated[
+    str,
+    typer.Option(
+        help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.", rich_help_panel=_WRITE
+    ),
+]
+_CalibDataOption = Annotated[
+    Optional[str],
+    typer.Option(help="Calibration images (default: the checkpoint's training data).", rich_help_panel=_INT8),
+]
+_CalibSizeOption = Annotated[int, typer.Option(help="Calibration images used.", rich_help_panel=_INT8)]
+_CalibMethodOption = Annotated[
+    Optional[str],
+    typer.Option(help=f"Calibration: {one_of(CALIBRATION_METHODS)} (default: minmax).", rich_help_panel=_INT8),
+]
+_ActivationTypeOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help=f"Activations: {one_of(ACTIVATION_TYPES)} (default: uint8 on x86, int8 on ARM).",
+        rich_help_panel=_INT8,
+    ),
+]
+_WeightTypeOption = Annotated[
+    Optional[str],
+    typer.Option(help=f"Weights: {one_of(WEIGHT_TYPES)} (default: int8).", rich_help_panel=_INT8),
+]
+_QuantFormatOption = Annotated[
+    Optional[str], typer.Option(help=f"Graph: {one_of(QUANT_FORMATS)} (default: qdq).", rich_help_panel=_INT8)
+]
+_ReduceRangeOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--reduce-range/--no-reduce-range",
+        help="7-bit int8 weights (default: on for x86 without VNNI).",
+        show_default=False,
+        rich_help_panel=_INT8,
+    ),
+]
+_FallbackOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--fallback/--no-fallback",
+        show_default=False,
+        help="ONNX int8 that fails its gate: try more calibration images, another method, "
+        "first conv + classifier in float (default: on).",
+        rich_help_panel=_INT8,
+    ),
+]
+_ValidateOption = Annotated[
+    bool,
+    typer.Option(
+        "--validate/--no-validate",
+        help="Compare with the checkpoint on real images and gate the result.",
+        rich_help_panel=_GATE,
+    ),
+]
+_DataOption = Annotated[
+    Optional[str],
+    typer.Option(help="Validation data (default: the checkpoint's validation split).", rich_help_panel=_GATE),
+]
+_DataRootOption = Annotated[
+    Optional[str],
+    typer.Option(help="Root of torchvision datasets (default: the checkpoint's).", rich_help_panel=_GATE),
+]
+_MaxAccDropOption = Annotated[
+    Optional[float],
+    typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).", rich_help_panel=_GATE),
+]
+_BatchSizeOption = Annotated[int, typer.Option(help="The batch > 1 validated besides batch 1.", rich_help_panel=_GATE)]
+_ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Keep a file that fails its gate (marked failed in its metadata).", rich_help_panel=_GATE
+    ),
+]
+_ThreadsOption = Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_WRITE)]
+_OutOption = Annotated[Path, typer.Option(help="Output folder.", rich_help_panel=_OUTPUT)]
+_NameOption = Annotated[
+    Optional[str],
+    typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).", rich_help_panel=_OUTPUT),
+]
+
+
 @app.command("export")
 def export_command(
-    checkpoint: Annotated[
-        Optional[Path],
-        typer.Argument(help="An edgeft checkpoint (default: the newest runs/*/best.pt).", show_default=False),
-    ] = None,
-    format: Annotated[
-        str,
-        typer.Option(
-            help=f"{_CHOICES['formats']}. all: one file of each; auto: the fastest file that passes its gate, "
-            "of every edge runtime installed (see --formats).",
-            rich_help_panel=_WRITE,
-        ),
-    ] = C.format,
-    precision: Annotated[
-        Optional[str],
-        typer.Option(
-            help=f"{one_of((*PRECISIONS, 'auto'))} (each format writes: {_CHOICES['precisions']}; fp16 TorchScript: "
-            "CUDA). auto: the fastest of the format's files that passes its gate. Default: fp32; auto with "
-            "--format auto.",
-            show_default=False,
-            rich_help_panel=_WRITE,
-        ),
-    ] = C.precision,
-    candidate_formats: Annotated[
-        Optional[str],
-        typer.Option(
-            "--formats",
-            help=f"--format auto: the formats compared, comma-separated (default: {_CHOICES['deployable']}).",
-            show_default=False,
-            rich_help_panel=_WRITE,
-        ),
-    ] = C.candidate_formats,
-    opset: Annotated[
-        Optional[int],
-        typer.Option(
-            help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET}).",
-            show_default=False,
-            rich_help_panel=_WRITE,
-        ),
-    ] = C.opset,
-    device: Annotated[
-        str,
-        typer.Option(
-            help="cpu | cuda[:N]: where TorchScript is traced and the files are validated.", rich_help_panel=_WRITE
-        ),
-    ] = C.device,
-    calib_data: Annotated[
-        Optional[str],
-        typer.Option(help="Calibration images (default: the checkpoint's training data).", rich_help_panel=_INT8),
-    ] = C.calib_data,
-    calib_size: Annotated[int, typer.Option(help="Calibration images used.", rich_help_panel=_INT8)] = C.calib_size,
-    calib_method: Annotated[
-        Optional[str],
-        typer.Option(help=f"Calibration: {one_of(CALIBRATION_METHODS)} (default: minmax).", rich_help_panel=_INT8),
-    ] = C.calib_method,
-    activation_type: Annotated[
-        Optional[str],
-        typer.Option(
-            help=f"Activations: {one_of(ACTIVATION_TYPES)} (default: uint8 on x86, int8 on ARM).",
-            rich_help_panel=_INT8,
-        ),
-    ] = C.activation_type,
-    weight_type: Annotated[
-        Optional[str],
-        typer.Option(help=f"Weights: {one_of(WEIGHT_TYPES)} (default: int8).", rich_help_panel=_INT8),
-    ] = C.weight_type,
-    quant_format: Annotated[
-        Optional[str], typer.Option(help=f"Graph: {one_of(QUANT_FORMATS)} (default: qdq).", rich_help_panel=_INT8)
-    ] = C.quant_format,
-    reduce_range: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--reduce-range/--no-reduce-range",
-            help="7-bit int8 weights (default: on for x86 without VNNI).",
-            show_default=False,
-            rich_help_panel=_INT8,
-        ),
-    ] = C.reduce_range,
-    fallback: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--fallback/--no-fallback",
-            show_default=False,
-            help="ONNX int8 that fails its gate: try more calibration images, another method, "
-            "first conv + classifier in float (default: on).",
-            rich_help_panel=_INT8,
-        ),
-    ] = C.fallback,
-    validate: Annotated[
-        bool,
-        typer.Option(
-            "--validate/--no-validate",
-            help="Compare with the checkpoint on real images and gate the result.",
-            rich_help_panel=_GATE,
-        ),
-    ] = C.validate,
-    data: Annotated[
-        Optional[str],
-        typer.Option(help="Validation data (default: the checkpoint's validation split).", rich_help_panel=_GATE),
-    ] = C.data,
-    data_root: Annotated[
-        Optional[str],
-        typer.Option(help="Root of torchvision datasets (default: the checkpoint's).", rich_help_panel=_GATE),
-    ] = C.data_root,
-    max_acc_drop: Annotated[
-        Optional[float],
-        typer.Option(help="Accuracy-drop gate in points (default: fp32 0, fp16 0.1, int8 1.0).", rich_help_panel=_GATE),
-    ] = C.max_acc_drop,
-    batch_size: Annotated[
-        int, typer.Option(help="The batch > 1 validated besides batch 1.", rich_help_panel=_GATE)
-    ] = C.batch_size,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="Keep a file that fails its gate (marked failed in its metadata).", rich_help_panel=_GATE
-        ),
-    ] = C.force,
-    threads: Annotated[
-        Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_WRITE)
-    ] = C.threads,
-    out: Annotated[Path, typer.Option(help="Output folder.", rich_help_panel=_OUTPUT)] = Path(C.out),
-    name: Annotated[
-        Optional[str],
-        typer.Option(help="File stem (default: the run's name, plus -fp16/-int8).", rich_help_panel=_OUTPUT),
-    ] = C.name,
+    checkpoint: _CheckpointArgument = None,
+    format: _FormatOption = C.format,
+    precision: _PrecisionOption = C.precision,
+    candidate_formats: _CandidateFormatsOption = C.candidate_formats,
+    opset: _OpsetOption = C.opset,
+    device: _DeviceOption = C.device,
+    calib_data: _CalibDataOption = C.calib_data,
+    calib_size: _CalibSizeOption = C.calib_size,
+    calib_method: _CalibMethodOption = C.calib_method,
+    activation_type: _ActivationTypeOption = C.activation_type,
+    weight_type: _WeightTypeOption = C.weight_type,
+    quant_format: _QuantFormatOption = C.quant_format,
+    reduce_range: _ReduceRangeOption = C.reduce_range,
+    fallback: _FallbackOption = C.fallback,
+    validate: _ValidateOption = C.validate,
+    data: _DataOption = C.data,
+    data_root: _DataRootOption = C.data_root,
+    max_acc_drop: _MaxAccDropOption = C.max_acc_drop,
+    batch_size: _BatchSizeOption = C.batch_size,
+    force: _ForceOption = C.force,
+    threads: _ThreadsOption = C.threads,
+    out: _OutOption = Path(C.out),
+    name: _NameOption = C.name,
 ) -> None:
     """Write exported files that carry their classes and preprocessing, proven on real images."""
     options = dict(locals())
-    from rich.console import Console
-
     options["checkpoint"] = str(checkpoint or _newest_checkpoint())
     options["out"] = str(out)
     config = C(**options)
@@ -189,10 +208,20 @@ def export_command(
         with progress.stage("starting (importing torch)"):
             from edgeft.export import export
         result = export(config)
+    _print_files(result.files, auto="auto" in (format, precision))
+    failed = [f for f in result.files if f.validation is not None and not f.validation.passed]
+    if failed:
+        raise GateError("; ".join(f"{Path(f.path).name}: {f.validation.reason}" for f in failed))
+
+
+def _print_files(files, *, auto: bool) -> None:
+    """Each written file: its attempts (int8 ladder, auto's candidates), then its facts and gate."""
+    from rich.console import Console
+
     console = Console()
-    for f in result.files:
+    for f in files:
         if f.attempts:
-            console.print(_attempts_table(f.attempts, auto="auto" in (format, precision)))
+            console.print(_attempts_table(f.attempts, auto=auto))
         table = _facts_table(f"{f.path} ({f.format}, {f.precision}, {f.size_bytes / 2**20:.1f} MiB)")
         if f.validation is not None:
             for row in _validation_rows(f.validation):
@@ -204,9 +233,6 @@ def export_command(
         if not f.kept:
             table.add_row("file", "[red]removed[/] (use --force to keep it, marked failed)")
         console.print(table)
-    failed = [f for f in result.files if f.validation is not None and not f.validation.passed]
-    if failed:
-        raise GateError("; ".join(f"{Path(f.path).name}: {f.validation.reason}" for f in failed))
 
 
 def _attempts_table(attempts, *, auto: bool):

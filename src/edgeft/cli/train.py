@@ -22,156 +22,173 @@ _OPT = "Optimization"
 _RUN = "Run"
 
 
+_ModelOption = Annotated[str, typer.Option(help="Backbone, see `edgeft models`.", rich_help_panel=_MODEL)]
+_DataOption = Annotated[
+    str,
+    typer.Option(help=DATA_CHOICES, rich_help_panel=_DATA),
+]
+_DataRootOption = Annotated[str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)]
+_WeightsOption = Annotated[
+    str,
+    typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.", rich_help_panel=_MODEL),
+]
+_StemOption = Annotated[
+    str,
+    typer.Option(
+        help=f"{one_of(STEMS)} (small: 3x3 stride-1 conv, no max-pool, for images <= 64 px).",
+        rich_help_panel=_MODEL,
+    ),
+]
+_ImgSizeOption = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Input side in pixels (default: 32 for built-in data; folders: 224 with ImageNet weights, "
+        "else from the images).",
+        rich_help_panel=_DATA,
+    ),
+]
+_ChannelsOption = Annotated[Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)]
+_ValSplitOption = Annotated[
+    float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)
+]
+_AugmentOption = Annotated[
+    str, typer.Option(help=f"Training augmentation: {one_of(AUGMENTATIONS)}.", rich_help_panel=_DATA)
+]
+_MaxBadFractionOption = Annotated[
+    float, typer.Option(help="Abort when more of a folder's files are unreadable.", rich_help_panel=_DATA)
+]
+_EpochsOption = Annotated[int, typer.Option(help="Passes over the training data.", rich_help_panel=_OPT)]
+_BatchSizeOption = Annotated[
+    int, typer.Option(help="Images per step (split across torchrun processes).", rich_help_panel=_OPT)
+]
+_OptimizerOption = Annotated[str, typer.Option(help=f"{one_of(OPTIMIZERS)}.", rich_help_panel=_OPT)]
+_LrOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Peak learning rate (default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd).",
+        rich_help_panel=_OPT,
+    ),
+]
+_WeightDecayOption = Annotated[
+    float, typer.Option(help="Weight decay (not on biases and norm layers).", rich_help_panel=_OPT)
+]
+_MomentumOption = Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=_OPT)]
+_SchedulerOption = Annotated[
+    str, typer.Option(help=f"Learning-rate schedule: {one_of(SCHEDULERS)}.", rich_help_panel=_OPT)
+]
+_WarmupEpochsOption = Annotated[
+    float, typer.Option(help="Linear warm-up at the start of each phase.", rich_help_panel=_OPT)
+]
+_PlateauPatienceOption = Annotated[
+    int,
+    typer.Option(help="plateau: cut the LR after this many epochs without lower val loss.", rich_help_panel=_OPT),
+]
+_PlateauFactorOption = Annotated[float, typer.Option(help="plateau: LR factor of each cut.", rich_help_panel=_OPT)]
+_LabelSmoothingOption = Annotated[
+    float, typer.Option(help="Label smoothing of the loss, in [0, 1).", rich_help_panel=_OPT)
+]
+_FreezeEpochsOption = Annotated[
+    int,
+    typer.Option(help="Epochs training only the new head (backbone and its BatchNorm frozen).", rich_help_panel=_OPT),
+]
+_UnfreezeLrScaleOption = Annotated[float, typer.Option(help="LR factor after unfreezing.", rich_help_panel=_OPT)]
+_PatienceOption = Annotated[
+    int,
+    typer.Option(help="Early stop after this many epochs without lower val loss; 0 never.", rich_help_panel=_OPT),
+]
+_AmpOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--amp/--no-amp",
+        help="Autocast: bf16 (fp16 + loss scaling on GPUs without bf16; CPUs: only with native bf16) "
+        "(default: on for CUDA).",
+        rich_help_panel=_RUN,
+    ),
+]
+_ChannelsLastOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="NHWC memory layout (default: on for CUDA).",
+        show_default=False,
+        rich_help_panel=_RUN,
+    ),
+]
+_DeviceOption = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)]
+_CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)]
+_SyncBnOption = Annotated[
+    bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun ranks (CUDA).", rich_help_panel=_RUN)
+]
+_NprocOption = Annotated[
+    int,
+    typer.Option(help="Processes on this machine: runs itself under torchrun (one per GPU).", rich_help_panel=_RUN),
+]
+_SeedOption = Annotated[
+    int, typer.Option(help="Seed of weights init, shuffling and augmentation.", rich_help_panel=_RUN)
+]
+_WorkersOption = Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)]
+_ThreadsOption = Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_RUN)]
+_OutOption = Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)]
+_NameOption = Annotated[
+    Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)
+]
+_ResumeOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Continue a run (its folder or last.pt) with its own config; with --epochs, extend it.",
+        rich_help_panel=_RUN,
+    ),
+]
+
+
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="Backbone, see `edgeft models`.", rich_help_panel=_MODEL)] = C.model,
-    data: Annotated[
-        str,
-        typer.Option(help=DATA_CHOICES, rich_help_panel=_DATA),
-    ] = C.data,
-    data_root: Annotated[
-        str, typer.Option(help="Folder of the torchvision datasets.", rich_help_panel=_DATA)
-    ] = C.data_root,
-    weights: Annotated[
-        str,
-        typer.Option(help="none | imagenet | path of an edgeft checkpoint or state_dict.", rich_help_panel=_MODEL),
-    ] = C.weights,
-    stem: Annotated[
-        str,
-        typer.Option(
-            help=f"{one_of(STEMS)} (small: 3x3 stride-1 conv, no max-pool, for images <= 64 px).",
-            rich_help_panel=_MODEL,
-        ),
-    ] = C.stem,
-    img_size: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Input side in pixels (default: 32 for built-in data; folders: 224 with ImageNet weights, "
-            "else from the images).",
-            rich_help_panel=_DATA,
-        ),
-    ] = C.img_size,
-    channels: Annotated[
-        Optional[int], typer.Option(help="1 or 3 (default: the data's).", rich_help_panel=_DATA)
-    ] = C.channels,
-    val_split: Annotated[
-        float, typer.Option(help="Held-out fraction when the data has no val split.", rich_help_panel=_DATA)
-    ] = C.val_split,
-    augment: Annotated[
-        str, typer.Option(help=f"Training augmentation: {one_of(AUGMENTATIONS)}.", rich_help_panel=_DATA)
-    ] = C.augment,
-    max_bad_fraction: Annotated[
-        float, typer.Option(help="Abort when more of a folder's files are unreadable.", rich_help_panel=_DATA)
-    ] = C.max_bad_fraction,
-    epochs: Annotated[int, typer.Option(help="Passes over the training data.", rich_help_panel=_OPT)] = C.epochs,
-    batch_size: Annotated[
-        int, typer.Option(help="Images per step (split across torchrun processes).", rich_help_panel=_OPT)
-    ] = C.batch_size,
-    optimizer: Annotated[str, typer.Option(help=f"{one_of(OPTIMIZERS)}.", rich_help_panel=_OPT)] = C.optimizer,
-    lr: Annotated[
-        Optional[float],
-        typer.Option(
-            help="Peak learning rate (default: 3e-3 from scratch, 1e-3 fine-tuning, x10 for sgd).",
-            rich_help_panel=_OPT,
-        ),
-    ] = C.lr,
-    weight_decay: Annotated[
-        float, typer.Option(help="Weight decay (not on biases and norm layers).", rich_help_panel=_OPT)
-    ] = C.weight_decay,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=_OPT)] = C.momentum,
-    scheduler: Annotated[
-        str, typer.Option(help=f"Learning-rate schedule: {one_of(SCHEDULERS)}.", rich_help_panel=_OPT)
-    ] = C.scheduler,
-    warmup_epochs: Annotated[
-        float, typer.Option(help="Linear warm-up at the start of each phase.", rich_help_panel=_OPT)
-    ] = C.warmup_epochs,
-    plateau_patience: Annotated[
-        int,
-        typer.Option(help="plateau: cut the LR after this many epochs without lower val loss.", rich_help_panel=_OPT),
-    ] = C.plateau_patience,
-    plateau_factor: Annotated[
-        float, typer.Option(help="plateau: LR factor of each cut.", rich_help_panel=_OPT)
-    ] = C.plateau_factor,
-    label_smoothing: Annotated[
-        float, typer.Option(help="Label smoothing of the loss, in [0, 1).", rich_help_panel=_OPT)
-    ] = C.label_smoothing,
-    freeze_epochs: Annotated[
-        int,
-        typer.Option(
-            help="Epochs training only the new head (backbone and its BatchNorm frozen).", rich_help_panel=_OPT
-        ),
-    ] = C.freeze_epochs,
-    unfreeze_lr_scale: Annotated[
-        float, typer.Option(help="LR factor after unfreezing.", rich_help_panel=_OPT)
-    ] = C.unfreeze_lr_scale,
-    patience: Annotated[
-        int,
-        typer.Option(help="Early stop after this many epochs without lower val loss; 0 never.", rich_help_panel=_OPT),
-    ] = C.patience,
-    amp: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--amp/--no-amp",
-            help="Autocast: bf16 (fp16 + loss scaling on GPUs without bf16; CPUs: only with native bf16) "
-            "(default: on for CUDA).",
-            rich_help_panel=_RUN,
-        ),
-    ] = C.amp,
-    channels_last: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--channels-last/--no-channels-last",
-            help="NHWC memory layout (default: on for CUDA).",
-            show_default=False,
-            rich_help_panel=_RUN,
-        ),
-    ] = C.channels_last,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_RUN)] = C.device,
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)
-    ] = C.compile,
-    sync_bn: Annotated[
-        bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun ranks (CUDA).", rich_help_panel=_RUN)
-    ] = C.sync_bn,
-    nproc: Annotated[
-        int,
-        typer.Option(help="Processes on this machine: runs itself under torchrun (one per GPU).", rich_help_panel=_RUN),
-    ] = 1,
-    seed: Annotated[
-        int, typer.Option(help="Seed of weights init, shuffling and augmentation.", rich_help_panel=_RUN)
-    ] = C.seed,
-    workers: Annotated[int, typer.Option(help="DataLoader workers (folder data).", rich_help_panel=_RUN)] = C.workers,
-    threads: Annotated[
-        Optional[int], typer.Option(help=THREADS_HELP, show_default=False, rich_help_panel=_RUN)
-    ] = C.threads,
-    out: Annotated[str, typer.Option(help="Parent folder of the run folder.", rich_help_panel=_RUN)] = C.out,
-    name: Annotated[
-        Optional[str], typer.Option(help="Run folder name (default: <model>-<data>, numbered).", rich_help_panel=_RUN)
-    ] = C.name,
-    resume: Annotated[
-        Optional[Path],
-        typer.Option(
-            help="Continue a run (its folder or last.pt) with its own config; with --epochs, extend it.",
-            rich_help_panel=_RUN,
-        ),
-    ] = None,
+    model: _ModelOption = C.model,
+    data: _DataOption = C.data,
+    data_root: _DataRootOption = C.data_root,
+    weights: _WeightsOption = C.weights,
+    stem: _StemOption = C.stem,
+    img_size: _ImgSizeOption = C.img_size,
+    channels: _ChannelsOption = C.channels,
+    val_split: _ValSplitOption = C.val_split,
+    augment: _AugmentOption = C.augment,
+    max_bad_fraction: _MaxBadFractionOption = C.max_bad_fraction,
+    epochs: _EpochsOption = C.epochs,
+    batch_size: _BatchSizeOption = C.batch_size,
+    optimizer: _OptimizerOption = C.optimizer,
+    lr: _LrOption = C.lr,
+    weight_decay: _WeightDecayOption = C.weight_decay,
+    momentum: _MomentumOption = C.momentum,
+    scheduler: _SchedulerOption = C.scheduler,
+    warmup_epochs: _WarmupEpochsOption = C.warmup_epochs,
+    plateau_patience: _PlateauPatienceOption = C.plateau_patience,
+    plateau_factor: _PlateauFactorOption = C.plateau_factor,
+    label_smoothing: _LabelSmoothingOption = C.label_smoothing,
+    freeze_epochs: _FreezeEpochsOption = C.freeze_epochs,
+    unfreeze_lr_scale: _UnfreezeLrScaleOption = C.unfreeze_lr_scale,
+    patience: _PatienceOption = C.patience,
+    amp: _AmpOption = C.amp,
+    channels_last: _ChannelsLastOption = C.channels_last,
+    device: _DeviceOption = C.device,
+    compile: _CompileOption = C.compile,
+    sync_bn: _SyncBnOption = C.sync_bn,
+    nproc: _NprocOption = 1,
+    seed: _SeedOption = C.seed,
+    workers: _WorkersOption = C.workers,
+    threads: _ThreadsOption = C.threads,
+    out: _OutOption = C.out,
+    name: _NameOption = C.name,
+    resume: _ResumeOption = None,
 ) -> None:
     """Fine-tune (--weights imagenet|PATH) or train from scratch; writes runs/<name>/."""
     options = dict(locals())
     options.pop("ctx")
     if options.pop("nproc") > 1 and "WORLD_SIZE" not in os.environ:
-        from edgeft.distributed import check_nproc
-
-        check_nproc(nproc, device)
-        _exec_torchrun(nproc)
+        _exec_torchrun(nproc, device)
     resume = options.pop("resume")
     if resume is None:
         config = C(**options)  # every value checked here, before anything is written
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     from edgeft import train as training
 
     load_note()
@@ -181,8 +198,15 @@ def train_command(
         epochs = _epochs_with_resume(ctx)
         training.check_unfinished(resume, epochs=epochs)
         result = training.resume(resume, epochs=epochs, progress=True)
-    if not result.run_dir:  # a torchrun rank other than 0: rank 0 reports
-        return
+    if result.run_dir:  # empty on a torchrun rank other than 0: rank 0 reports
+        _print_result(result)
+
+
+def _print_result(result) -> None:
+    """The run's summary and the next command."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
 
     table = Table(show_header=False, box=None)
     table.add_row("best val accuracy", f"{result.best_val_acc:.2%} (epoch {result.best_epoch})")
@@ -216,8 +240,12 @@ def _epochs_with_resume(context: typer.Context) -> int | None:
     return context.params["epochs"] if "epochs" in given else None
 
 
-def _exec_torchrun(nproc: int) -> None:
-    """Replace this process with `torchrun --standalone --nproc_per_node N -m edgeft <same args>`."""
+def _exec_torchrun(nproc: int, device: str) -> None:
+    """Replace this process with `torchrun --standalone --nproc_per_node N -m edgeft <same args>`,
+    once `nproc` is checked against `device`."""
+    from edgeft.distributed import check_nproc
+
+    check_nproc(nproc, device)
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:

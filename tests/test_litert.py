@@ -151,6 +151,69 @@ def test_int8_widens_grouped_convolutions_exactly_and_keeps_additions_int8(tmp_p
     np.testing.assert_array_equal(FORMAT.open(wide).infer(x), FORMAT.open(narrow).infer(x))  # the same function
 
 
+class _DenseBlock(nn.Module):
+    """DenseNet's shape in small: a padded max pool after a ReLU, layers (batch norm, ReLU, convolution)
+    each reading the concatenation of every earlier map (up to 6 inputs), a 2x2 average pool, and a
+    concatenation of all 7 maps in reverse (no earlier one to build on)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1))
+        widths = [8 + 4 * i for i in range(6)]
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(w), nn.ReLU(), nn.Conv2d(w, 4, 3, padding=1)) for w in widths
+        )
+        for norm in (layer[0] for layer in self.layers):  # a trained network's statistics, not the identity
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.bias.data.uniform_(-1, 1)
+        self.pool = nn.AvgPool2d(2, 2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(self.pool(torch.cat(features[::-1], 1)))
+
+
+def _graph(path: Path) -> tuple[list[str], list[int]]:
+    """The stock interpreter's operator names on the file, and each concatenation's input count."""
+    ops = _stock(path)._get_ops_details()
+    return [op["op_name"] for op in ops], [len(op["inputs"]) for op in ops if op["op_name"] == "CONCATENATION"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_xnnpack_takes_the_whole_graph_of_a_dense_block_and_computes_the_same(tmp_path, monkeypatch, precision):
+    import edgeft.formats.litert as litert
+
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    rewritten = _write(tmp_path, precision, _DenseBlock().eval())
+    (tmp_path / "as-converted").mkdir()
+    monkeypatch.setattr(litert, "delegable", lambda flatbuffer: (flatbuffer, {}))
+    converted = _write(tmp_path / "as-converted", precision, _DenseBlock().eval())
+    ops, inputs = _graph(converted)
+    assert ops.count("DELEGATE") > 1 and max(inputs) > 5 and "PADV2" in ops  # as litert-torch writes it
+    ops, inputs = _graph(rewritten)
+    assert ops.count("DELEGATE") == 1 and max(inputs) <= 5 and "PADV2" not in ops
+    ours, theirs = FORMAT.open(rewritten).infer(x), FORMAT.open(converted).infer(x)
+    if precision == "fp32":
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    else:  # the average as a convolution may round an exact half the other way
+        scale = _stock(rewritten).get_output_details()[0]["quantization"][0]
+        assert np.abs(ours - theirs).max() <= 2 * scale
+
+
+def test_a_padded_max_pool_over_negative_values_keeps_its_lowest_value_padding(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, padding=1), nn.Flatten(), nn.Linear(4 * 7 * 7, 5))
+    path = _write(tmp_path, "fp32", model.eval())
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(x)).numpy()
+    assert "PADV2" in _graph(path)[0]  # padding with zero would raise windows of negative values
+    np.testing.assert_allclose(FORMAT.open(path).infer(x), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_metadata_is_the_last_entry_of_the_metadata_table_and_keeps_the_digest(tiny, tmp_path):
     from ai_edge_litert import schema_py_generated as schema
 
@@ -224,6 +287,7 @@ def test_int8_passes_its_gate_and_describes_itself(int8_file, digits_checkpoint)
     metadata = read_metadata(path)
     assert metadata["validation"]["passed"] and metadata["quantization"]["label"] == "pt2e per-channel"
     assert metadata["litert"]["io"] == {"input": "int8", "output": "int8"} and metadata["versions"]["litert_torch"]
+    assert metadata["litert"]["xnnpack"] == {"rewritten": {"max_pool_paddings": 1}, "partitions": 1}  # resnet18's stem
     fp32_size = sum(p.numel() for p in torch.load(digits_checkpoint, weights_only=False)["state_dict"].values()) * 4
     assert path.stat().st_size < 0.35 * fp32_size
 

@@ -18,6 +18,11 @@ passed as is (the dynamic rung, int8 weights with activations quantized at run t
 I/O), so the runner takes either kind.
 Threads: all cores unless told (`threads`); the interpreter's own default leaves it to the runtime.
 
+Before the metadata goes in, `litert_xnnpack` rewrites operators XNNPACK cannot take (concatenations
+of more than 5 inputs, PyTorch's padded max pooling, int8 average pooling) into ones it can, each the
+same function, so the delegate runs the whole graph (densenet121 int8: 47 parts to 1, 30 % faster).
+The file records what was rewritten and how many parts XNNPACK runs (`litert.xnnpack`).
+
 The edgeft metadata is the model's metadata table entry `edgeft` (`Model.metadata`, which LiteRT's
 loaders and the stock interpreter ignore), whose buffer is the last thing in the file: rewriting it
 leaves every byte before it as it was. The content digest is the sha256 of the file up to that
@@ -38,6 +43,7 @@ import numpy as np
 
 from edgeft.errors import InputError
 from edgeft.formats.base import Format, Rung, Runner, WriteRequest, quiet_native_output
+from edgeft.formats.litert_xnnpack import delegable
 
 __all__ = ["FORMAT", "LiteRtFormat", "PtqRung"]
 
@@ -89,8 +95,10 @@ class LiteRtFormat(Format):
     def write(self, request: WriteRequest, path: Path) -> dict:
         with quiet_native_output():
             flatbuffer, quantization = _convert(request)
+            flatbuffer, rewritten = delegable(flatbuffer)
             path.write_bytes(_with_metadata_entry(flatbuffer))
-        extra = {"litert": {"layout": "NCHW", "io": _io_types(path)}}
+        xnnpack = {"rewritten": {k: n for k, n in rewritten.items() if n}, "partitions": _partitions(path)}
+        extra = {"litert": {"layout": "NCHW", "io": _io_types(path), "xnnpack": xnnpack}}
         return {**extra, "quantization": quantization} if quantization else extra
 
     def read(self, path: Path) -> tuple[str | None, str]:
@@ -298,6 +306,11 @@ def _io_types(path: Path) -> dict[str, str]:
     interpreter = _interpreter(path, 1)
     first = (interpreter.get_input_details()[0], interpreter.get_output_details()[0])
     return {side: np.dtype(d["dtype"]).name for side, d in zip(("input", "output"), first)}
+
+
+def _partitions(path: Path) -> int:
+    """How many parts of the graph XNNPACK runs (1: the whole graph, as written by edgeft)."""
+    return sum(op["op_name"] == "DELEGATE" for op in _interpreter(path, 1)._get_ops_details())
 
 
 def _runner(path: Path, threads: int) -> Runner:

@@ -75,13 +75,13 @@ class _Graph:
         return [op for op in self.operators if tensor in op.inputs]
 
     def constant(self, tensor: int) -> np.ndarray | None:
-        """The tensor's value if it is a constant of the model."""
-        data = self.model.buffers[self.tensors[tensor].buffer].data
-        if data is None or not len(data):
+        """The tensor's value if it is a constant of the model (of a type read here)."""
+        types = self.schema.TensorType
+        kinds = {types.INT32: np.int32, types.INT8: np.int8, types.FLOAT32: np.float32, types.FLOAT16: np.float16}
+        data, kind = self.model.buffers[self.tensors[tensor].buffer].data, kinds.get(self.tensors[tensor].type)
+        if data is None or not len(data) or kind is None:
             return None
-        kind = {self.schema.TensorType.INT32: np.int32, self.schema.TensorType.INT8: np.int8}
-        dtype = kind.get(self.tensors[tensor].type, np.float32)
-        return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=dtype)
+        return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=kind)
 
     def add_tensor(self, like, shape, quantization=None, data: np.ndarray | None = None, kind=None) -> int:
         """A new tensor shaped `shape`, of the type (unless `kind`) and quantization (unless given) of

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,22 @@ def test_a_failed_make_stops_the_others_and_leaves_no_temporary(tmp_path):
     with pytest.raises(InputError, match="cannot make"):
         cache.files(requests, workers=2)
     assert time.monotonic() - started < 60  # the slow make was stopped, not waited for
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no entry, no temporary
+
+
+def deaf_to_sigterm() -> None:
+    """A maker's setup (it pickles) as a library can leave it: SIGTERM's exit swallowed (raised
+    inside a finalizer, or caught), so a stopped maker goes on."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+
+def test_a_failed_make_stops_makers_that_do_not_exit_on_sigterm(tmp_path):
+    cache = FileCache(tmp_path / "cache", tmp_path / "scratch")
+    requests = [({"k": k}, functools.partial(fail_or_wait, seconds)) for k, seconds in (("slow", 120), ("bad", 0))]
+    started = time.monotonic()
+    with pytest.raises(InputError, match="cannot make"):
+        cache.files(requests, workers=2, setup=deaf_to_sigterm)
+    assert time.monotonic() - started < 60  # killed after a grace period, not waited for
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no entry, no temporary
 
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ __all__ = ["FileCache", "default_cache_folder"]
 log = logging.getLogger(__name__)
 
 _MANIFEST = "made.json"  # written last into an entry: {"file": name, "key": {...}}
+_GRACE_S = 10.0  # how long a stopped maker may take to exit as Python does before it is killed
 
 
 def default_cache_folder() -> Path:
@@ -97,7 +99,7 @@ class FileCache:
                     done()
             pool.close()
         except BaseException:
-            pool.terminate()  # the makes still running
+            _terminate(pool)  # the makes still running
             raise
         finally:
             pool.join()
@@ -116,6 +118,18 @@ def _start_worker(setup) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if setup is not None:
         setup()
+
+
+def _terminate(pool) -> None:
+    """`pool.terminate()`, and SIGKILL for a maker not gone within _GRACE_S. SIGTERM reaches the
+    process, and any of its threads may take it: when a library's thread does, a maker's main thread
+    blocked waiting for work never runs the handler, and `terminate` would wait for it for ever."""
+    killer = threading.Timer(_GRACE_S, lambda: [child.kill() for child in multiprocessing.active_children()])
+    killer.start()
+    try:
+        pool.terminate()
+    finally:
+        killer.cancel()
 
 
 def _make_in_worker(task: tuple) -> tuple[int, Path]:

@@ -97,8 +97,9 @@ class LiteRtFormat(Format):
             flatbuffer, quantization = _convert(request)
             flatbuffer, rewritten = delegable(flatbuffer)
             path.write_bytes(_with_metadata_entry(flatbuffer))
-        xnnpack = {"rewritten": {k: n for k, n in rewritten.items() if n}, "partitions": _partitions(path)}
-        extra = {"litert": {"layout": "NCHW", "io": _io_types(path), "xnnpack": xnnpack}}
+        io, partitions = _described(path)
+        xnnpack = {"rewritten": {k: n for k, n in rewritten.items() if n}, "partitions": partitions}
+        extra = {"litert": {"layout": "NCHW", "io": io, "xnnpack": xnnpack}}
         return {**extra, "quantization": quantization} if quantization else extra
 
     def read(self, path: Path) -> tuple[str | None, str]:
@@ -301,16 +302,13 @@ def _interpreter(path: Path, threads: int):
     return interpreter
 
 
-def _io_types(path: Path) -> dict[str, str]:
-    """The element types of the file's input and output tensors, e.g. {"input": "int8", ...}."""
+def _described(path: Path) -> tuple[dict[str, str], int]:
+    """The element types of the file's input and output tensors (e.g. {"input": "int8", ...}), and
+    how many parts of the graph XNNPACK runs (1: all of it, where every operator is one it takes)."""
     interpreter = _interpreter(path, 1)
     first = (interpreter.get_input_details()[0], interpreter.get_output_details()[0])
-    return {side: np.dtype(d["dtype"]).name for side, d in zip(("input", "output"), first)}
-
-
-def _partitions(path: Path) -> int:
-    """How many parts of the graph XNNPACK runs (1: the whole graph, as written by edgeft)."""
-    return sum(op["op_name"] == "DELEGATE" for op in _interpreter(path, 1)._get_ops_details())
+    io = {side: np.dtype(d["dtype"]).name for side, d in zip(("input", "output"), first)}
+    return io, sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
 
 
 def _runner(path: Path, threads: int) -> Runner:

@@ -20,8 +20,9 @@ Threads: all cores unless told (`threads`); the interpreter's own default leaves
 
 Before the metadata goes in, `litert_xnnpack` rewrites operators XNNPACK cannot take (concatenations
 of more than 5 inputs, PyTorch's padded max pooling, int8 average pooling) into ones it can, each the
-same function, so the delegate runs the whole graph (densenet121 int8: 47 parts to 1, 30 % faster).
-The file records what was rewritten and how many parts XNNPACK runs (`litert.xnnpack`).
+same function (an int8 average up to the rounding of a half), so the delegate runs the whole graph
+(densenet121 int8: 47 parts to 1, 30 % faster). The file records what was rewritten and how many
+parts XNNPACK runs (`litert.xnnpack`).
 
 The edgeft metadata is the model's metadata table entry `edgeft` (`Model.metadata`, which LiteRT's
 loaders and the stock interpreter ignore), whose buffer is the last thing in the file: rewriting it

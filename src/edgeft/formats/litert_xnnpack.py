@@ -1,6 +1,7 @@
-"""Rewrites of a LiteRT flatbuffer, each the same function, that let XNNPACK (the interpreter's CPU
-delegate) take the whole graph. An operator XNNPACK cannot run cuts the graph into partitions with
-the interpreter's own single-threaded kernels between them: densenet121 from litert-torch ran as 47
+"""Rewrites of a LiteRT flatbuffer, each the same function (an int8 average up to the rounding of a
+half), that let XNNPACK (the interpreter's CPU delegate) take the whole graph. An operator XNNPACK
+cannot run cuts the graph into partitions with the interpreter's own single-threaded kernels
+between them: densenet121 from litert-torch ran as 47
 (int8) and 44 (fp32) partitions; resnet18 and resnext50 as 2.
 
 - A CONCATENATION of more than 5 inputs (XNNPACK takes 2 to 5; DenseNet concatenates every earlier
@@ -12,7 +13,9 @@ the interpreter's own single-threaded kernels between them: densenet121 from lit
   ReLU's output (PyTorch's padded max pooling after a ReLU, padded with the lowest value): a PAD,
   which pads with that zero. Every window keeps a real value at least as large, so no max changes.
 - An int8 AVERAGE_POOL_2D without padding (XNNPACK averages float tensors only): a
-  DEPTHWISE_CONV_2D of ones with the scale 1/(kh*kw), the same average (rounding of exact halves aside).
+  DEPTHWISE_CONV_2D of ones with the scale 1/(kh*kw): the same average, except that one falling on
+  an exact half rounds to even, not away from zero (one step, about 1 value in 8; the gate judges
+  the file as any int8 file).
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def _window(pool) -> tuple[int, int]:
 
 def _average_pools_as_depthwise_convolutions(graph: _Graph) -> int:
     """Each int8 average pool without padding, over per-tensor quantized input, as a depthwise
-    convolution of ones scaled by 1/(kh*kw) (int32 zero bias): the same sums, the same requantization."""
+    convolution of ones scaled by 1/(kh*kw) (int32 zero bias): the same sums, requantized once."""
     schema, changed = graph.schema, 0
     for op in list(graph.operators):
         if graph.code(op) == schema.BuiltinOperator.AVERAGE_POOL_2D and _is_unpadded_int8(graph, op):

@@ -309,7 +309,12 @@ def _described(path: Path) -> tuple[dict[str, str], int]:
     interpreter = _interpreter(path, 1)
     first = (interpreter.get_input_details()[0], interpreter.get_output_details()[0])
     io = {side: np.dtype(d["dtype"]).name for side, d in zip(("input", "output"), first)}
-    return io, sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+    return io, _xnnpack_parts(interpreter)
+
+
+def _xnnpack_parts(interpreter) -> int:
+    """How many parts of the loaded graph the XNNPACK delegate runs (0: none)."""
+    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
 
 
 def _runner(path: Path, threads: int) -> Runner:
@@ -333,7 +338,7 @@ def _runner(path: Path, threads: int) -> Runner:
             return run(x)
         return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)])
 
-    delegated = any(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+    delegated = _xnnpack_parts(interpreter) > 0
     classes = tuple(int(d) for d in target["shape"][1:])
     return Runner(infer, "litert:xnnpack" if delegated else "litert", input_shape=tuple(shape), output_shape=classes)
 

@@ -37,7 +37,7 @@ def delegable(flatbuffer: bytes) -> tuple[bytes, dict[str, int]]:
     model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
     changed = {"concatenations": 0, "max_pool_paddings": 0, "average_pools": 0}
     for subgraph in model.subgraphs or []:
-        graph = _Graph(model, subgraph)
+        graph = _Graph(schema, model, subgraph)
         changed["concatenations"] += _split_concatenations(graph)
         changed["max_pool_paddings"] += _max_pool_paddings_as_pads(graph)
         changed["average_pools"] += _average_pools_as_depthwise_convolutions(graph)
@@ -51,9 +51,7 @@ def delegable(flatbuffer: bytes) -> tuple[bytes, dict[str, int]]:
 class _Graph:
     """One subgraph of a model being rewritten, and the lookups the rewrites share."""
 
-    def __init__(self, model, subgraph):
-        from ai_edge_litert import schema_py_generated as schema
-
+    def __init__(self, schema, model, subgraph):
         self.schema, self.model, self.subgraph = schema, model, subgraph
         self.tensors, self.operators = subgraph.tensors, subgraph.operators
 
